@@ -1,0 +1,180 @@
+"""The `gptlab` command: parses arguments, calls the library, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gptlab.errors import GptlabError
+
+
+def _split_config_and_overrides(items: list[str], extra: list[str]) -> tuple[str | None, list[str]]:
+    """First positional ending in .yaml/.yml is the config; `key=value` and `--key=value` are overrides."""
+    config, overrides = None, []
+    for item in items:
+        if "=" not in item and item.endswith((".yaml", ".yml")) and config is None:
+            config = item
+        elif "=" in item:
+            overrides.append(item)
+        else:
+            raise GptlabError(f"unexpected argument '{item}'", "give a .yaml config and key=value overrides")
+    for item in extra:
+        if not (item.startswith("--") and "=" in item):
+            raise GptlabError(f"unknown option '{item}'", "see `gptlab --help`; overrides are written key=value")
+        overrides.append(item)
+    return config, overrides
+
+
+def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.config import load_config
+    from gptlab.data.shards import prepare
+
+    path, overrides = _split_config_and_overrides(args.args, extra)
+    cfg = load_config(path, overrides)
+    result = prepare(cfg.data, overwrite=args.overwrite, quiet=args.quiet)
+    m = result.meta
+    state = "up to date" if result.skipped else "prepared"
+    print(
+        f"{state}: {result.dir} ({m['train_tokens']:,} train + {m['val_tokens']:,} val tokens, vocab {m['vocab_size']})"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.config import load_config
+    from gptlab.train.trainer import Trainer
+
+    path, overrides = _split_config_and_overrides(args.args, extra)
+    if args.resume:
+        if path is not None:
+            raise GptlabError("--resume takes its config from the run directory", "drop the .yaml argument")
+        path = str(Path(args.resume) / "config.yaml")
+        if not Path(path).is_file():
+            raise GptlabError(f"no run to resume in '{args.resume}' (config.yaml missing)", "check the path")
+        overrides = [*overrides, f"train.out_dir={args.resume}"]
+    cfg = load_config(path, overrides)
+    trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet).fit()
+    last = trainer.history[-1] if trainer.history else None
+    summary = f", val loss {last['val_loss']:.4f}" if last else ""
+    print(f"trained {trainer.step} steps into {trainer.run_dir}{summary}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.generate import Generator
+    from gptlab.train.checkpoint import load_run
+    from gptlab.train.trainer import select_device, select_dtype
+
+    if extra:
+        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab sample --help`")
+    device = select_device(args.device)
+    cfg, model, tokenizer = load_run(args.run_dir, args.checkpoint, device)
+    model = model.to(select_dtype(args.dtype, device))
+    s = cfg.sample
+    start = args.start if args.start is not None else s.start
+    if start.startswith("FILE:"):
+        prompt_path = Path(start[5:])
+        if not prompt_path.is_file():
+            raise GptlabError(f"prompt file '{prompt_path}' not found", "check the path after FILE:")
+        start = prompt_path.read_text(encoding="utf-8")
+    ids = tokenizer.encode(start)
+    if not ids:
+        raise GptlabError("the prompt is empty", "give --start some text")
+    if len(ids) > model.cfg.block_size:
+        raise GptlabError(
+            f"the prompt has {len(ids)} tokens, more than the context of {model.cfg.block_size}", "shorten --start"
+        )
+    n = args.num_samples if args.num_samples is not None else s.num_samples
+    out = Generator(model).generate(
+        [ids] * n,
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else s.max_new_tokens,
+        temperature=args.temperature if args.temperature is not None else s.temperature,
+        top_k=args.top_k if args.top_k is not None else s.top_k,
+        top_p=args.top_p if args.top_p is not None else s.top_p,
+        eos_id=tokenizer.eos_id,
+        seed=args.seed if args.seed is not None else s.seed,
+    )
+    for i, toks in enumerate(out):
+        if i:
+            print("-" * 40)
+        print(start + tokenizer.decode(toks))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.config import load_config
+    from gptlab.train.bench import bench
+
+    path, overrides = _split_config_and_overrides(args.args, extra)
+    cfg = load_config(path, overrides)
+    print(bench(cfg, steps=args.steps, warmup=args.warmup, vocab_size=args.vocab_size))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptlab", description="Train, sample and benchmark GPT models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="a YAML preset, then dotted overrides")
+        p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+
+    p = sub.add_parser("prepare", help="tokenize data.source into data.dir (train.bin, val.bin, meta.json)")
+    with_config(p)
+    p.add_argument("--overwrite", action="store_true", help="replace data prepared from another source")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model: gptlab train configs/shakespeare-char.yaml train.max_iters=100")
+    with_config(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a trained run")
+    p.add_argument("run_dir", help="the run directory (train.out_dir)")
+    p.add_argument("--start", help="prompt text, or FILE:prompt.txt (default: the config's sample.start)")
+    p.add_argument("--num-samples", "--num_samples", type=int, dest="num_samples")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-k", "--top_k", type=int, dest="top_k")
+    p.add_argument("--top-p", "--top_p", type=float, dest="top_p")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder such as step_500")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto: bf16 on CUDA, fp32 elsewhere",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("bench", help="time training steps on synthetic data and report MFU")
+    with_config(p)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--vocab-size", "--vocab_size", type=int, default=0, dest="vocab_size")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `gptlab` console script; returns the exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return args.func(args, extra)
+    except GptlabError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

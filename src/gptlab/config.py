@@ -1,0 +1,311 @@
+"""Typed configuration: dataclasses merged from a YAML preset plus dotted overrides.
+
+`load_config("configs/shakespeare-char.yaml", ["train.max_iters=2000"])` returns a `Config`.
+Every field is documented where it is declared; unknown keys and wrong types are user errors
+that name the key and suggest the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from gptlab.errors import GptlabError
+
+ARCHES = ("modern", "gpt2")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and switches of the GPT; `arch` fills every switch left at null."""
+
+    arch: str = "modern"  # "modern": RoPE+RMSNorm+SwiGLU, no bias, untied; "gpt2": the GPT-2 block
+    vocab_size: int = 0  # 0 = take it from the prepared data's meta.json
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int | None = None  # key/value heads for grouped-query attention; null = n_head
+    n_embd: int = 384
+    d_ff: int | None = None  # MLP hidden size; null = 4*n_embd (gelu) or ~8/3*n_embd (swiglu)
+    dropout: float = 0.0
+    position: str | None = None  # "rope" or "learned"
+    norm: str | None = None  # "rmsnorm" or "layernorm"
+    mlp: str | None = None  # "swiglu" or "gelu"
+    bias: bool | None = None  # biases in linear layers and norms
+    tie_embeddings: bool | None = None  # share the token embedding with the output head
+    qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def resolved(self) -> ModelConfig:
+        """Return a copy with every null switch filled from `arch` and checked."""
+        if self.arch not in ARCHES:
+            raise _choice_error("model.arch", self.arch, ARCHES)
+        gpt2 = self.arch == "gpt2"
+        defaults = {
+            "position": "learned" if gpt2 else "rope",
+            "norm": "layernorm" if gpt2 else "rmsnorm",
+            "mlp": "gelu" if gpt2 else "swiglu",
+            "bias": gpt2,
+            "tie_embeddings": gpt2,
+            "n_kv_head": self.n_head,
+        }
+        values = asdict(self)
+        for key, default in defaults.items():
+            if values[key] is None:
+                values[key] = default
+        if values["d_ff"] is None:
+            if values["mlp"] == "gelu":
+                values["d_ff"] = 4 * self.n_embd
+            else:  # SwiGLU: 2/3 of 4*n_embd keeps the parameter count, rounded up to a multiple of 64
+                values["d_ff"] = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        cfg = ModelConfig(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Check choices and shape constraints of a resolved config."""
+        for key, choices in (
+            ("position", ("rope", "learned")),
+            ("norm", ("rmsnorm", "layernorm")),
+            ("mlp", ("swiglu", "gelu")),
+        ):
+            if getattr(self, key) not in choices:
+                raise _choice_error(f"model.{key}", getattr(self, key), choices)
+        for key in ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "d_ff"):
+            if getattr(self, key) < 1:
+                raise GptlabError(f"model.{key} must be at least 1", f"got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise GptlabError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}",
+                "pick n_embd as a multiple of n_head",
+            )
+        if self.n_head % self.n_kv_head:
+            raise GptlabError(
+                f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}",
+                "pick n_kv_head as a divisor of n_head",
+            )
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise GptlabError(
+                "rotary positions need an even head size",
+                f"n_embd/n_head is {self.n_embd // self.n_head}; change n_embd or n_head",
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptlabError(f"model.dropout must be in [0, 1), got {self.dropout}", "set e.g. model.dropout=0.1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and where its prepared token files live."""
+
+    source: str = "shakespeare"  # "shakespeare" (built-in complete works), a text file or a folder of .txt files
+    dir: str = "data/shakespeare-char"  # prepared data: train.bin, val.bin, meta.json, tokenizer.json
+    tokenizer: str = "char"  # tokenizer kind to build when preparing
+    val_fraction: float = 0.1  # the last fraction of the text becomes the validation split
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, its budget, precision, evaluation and checkpoints."""
+
+    out_dir: str = "runs/shakespeare-char"  # the run directory
+    seed: int = 1337
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
+    compile: bool | None = None  # torch.compile the model; null = where measured faster (CUDA)
+    batch_size: int = 64  # global sequences per optimizer step (all ranks, all micro-steps)
+    micro_batch_size: int | None = None  # sequences per forward on one rank; null = the whole rank batch
+    data_mode: str = "random"  # "random" windows (nanoGPT) or "epoch" (every token once per epoch)
+    max_iters: int | None = 5000  # budget in optimizer steps; the smallest budget set wins
+    max_tokens: int | None = None  # budget in training tokens
+    max_epochs: int | None = None  # budget in epochs (in random mode an epoch is eval_interval steps)
+    optimizer: str = "adamw"  # "adamw", or "muon" (Muon on hidden matrices, AdamW for the rest)
+    lr: float = 1e-3  # peak AdamW learning rate
+    muon_lr: float = 0.02  # peak Muon learning rate for hidden matrices
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    weight_decay: float = 0.1  # on matmul and embedding weights only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    schedule: str = "cosine"  # cosine, linear, constant, onecycle, wsd (all with linear warmup)
+    warmup_iters: int = 100
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
+    eval_interval: int = 250  # steps between evaluations (random mode)
+    eval_iters: int = 20  # validation batches per evaluation
+    log_interval: int = 10  # steps between progress-bar updates
+    keep_last: int = 2  # step checkpoints kept besides the best
+    monitor: str = "val_loss"  # the metric that picks the best checkpoint
+    monitor_mode: str = "min"  # "min" or "max"
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for `gptlab sample`."""
+
+    start: str = "\n"  # prompt text, or FILE:path to read it from a file
+    num_samples: int = 3
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    seed: int = 1337
+
+
+@dataclass
+class Config:
+    """A whole experiment: model, data, training and sampling."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
+
+# nanoGPT's flat names that differ from ours, so `--learning_rate=1e-3` keeps working
+NANOGPT_ALIASES = {"learning_rate": "train.lr", "dataset": "data.dir"}
+
+
+def _choice_error(key: str, value: Any, choices: tuple[str, ...]) -> GptlabError:
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "valid: " + ", ".join(choices)
+    return GptlabError(f"{key} has no option '{value}'", hint)
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. 'train.lr'."""
+    return [f"{name}.{f.name}" for name, cls in SECTION_CLASSES.items() for f in fields(cls)]
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:  # a misspelt leaf under the right section still deserves a hint
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in all_keys()}
+        near = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.5)
+        close = [leaves[near[0]]] if near else []
+    return f"did you mean '{close[0]}'?" if close else "see `gptlab train --help` for the keys"
+
+
+def normalize_override(arg: str) -> str:
+    """Turn `--key=value`, `--n_layer=4` or `model.n_layer=4` into a dotted `section.key=value`."""
+    text = arg[2:] if arg.startswith("--") else arg
+    if "=" not in text:
+        raise GptlabError(f"override '{arg}' has no value", "write it as key=value, e.g. train.max_iters=100")
+    key, value = text.split("=", 1)
+    key = key.replace("-", "_")
+    if "." not in key:  # a flat nanoGPT-style key: find the one section that has it
+        if NANOGPT_ALIASES.get(key):
+            key = NANOGPT_ALIASES[key]
+        else:
+            owners = [s for s, cls in SECTION_CLASSES.items() if key in {f.name for f in fields(cls)}]
+            if len(owners) == 1:
+                key = f"{owners[0]}.{key}"
+            elif len(owners) > 1:
+                raise GptlabError(
+                    f"override '{key}' is ambiguous",
+                    "prefix it with its section: " + " or ".join(f"{o}.{key}" for o in owners),
+                )
+            else:
+                raise GptlabError(f"unknown config key '{key}'", _suggest(key))
+    return f"{key}={value}"
+
+
+def _merge(base: Any, other: Any, origin: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        raise GptlabError(f"unknown config key '{key}' in {origin}", _suggest(key)) from e
+    except ValidationError as e:
+        key = e.full_key or str(e.key)
+        raise GptlabError(
+            f"config key '{key}' in {origin} has a wrong type: {e.msg.splitlines()[0]}",
+            "give a value of the declared type, see configs/ for examples",
+        ) from e
+    except OmegaConfBaseException as e:
+        raise GptlabError(f"invalid config in {origin}: {e.msg.splitlines()[0]}", "check the YAML syntax") from e
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Merge defaults <- YAML file <- dotted overrides into a checked `Config`."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise GptlabError(f"config file '{path}' not found", "pass a YAML file, e.g. configs/shakespeare-char.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise GptlabError(
+                f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}", "fix the YAML"
+            ) from e
+        if not isinstance(data, dict):
+            raise GptlabError(f"config file '{path}' is not a mapping", "write sections model:, data:, train:, sample:")
+        cfg = _merge(cfg, OmegaConf.create(data), str(path))
+    dotlist = [normalize_override(o) for o in overrides or []]
+    if dotlist:
+        try:
+            other = OmegaConf.from_dotlist(dotlist)
+        except OmegaConfBaseException as e:
+            raise GptlabError(f"cannot parse overrides: {e.msg.splitlines()[0]}", "write them as key=value") from e
+        cfg = _merge(cfg, other, "overrides")
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    """Check the cross-field rules that types alone cannot express."""
+    t = cfg.train
+    choices = {
+        "train.data_mode": (t.data_mode, ("random", "epoch")),
+        "train.optimizer": (t.optimizer, ("adamw", "muon")),
+        "train.schedule": (t.schedule, ("cosine", "linear", "constant", "onecycle", "wsd")),
+        "train.dtype": (t.dtype, ("auto", "float32", "bfloat16", "float16")),
+        "train.monitor_mode": (t.monitor_mode, ("min", "max")),
+        "data.tokenizer": (cfg.data.tokenizer, ("char",)),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise _choice_error(key, value, allowed)
+    if t.batch_size < 1:
+        raise GptlabError(f"train.batch_size must be at least 1, got {t.batch_size}", "set e.g. train.batch_size=32")
+    if t.micro_batch_size is not None and t.micro_batch_size < 1:
+        raise GptlabError("train.micro_batch_size must be at least 1", "set it to null or a positive number")
+    if all(b is None for b in (t.max_iters, t.max_tokens, t.max_epochs)):
+        raise GptlabError("no training budget is set", "set train.max_iters, train.max_tokens or train.max_epochs")
+    for key in ("max_iters", "max_tokens", "max_epochs"):
+        if getattr(t, key) is not None and getattr(t, key) < 1:
+            raise GptlabError(f"train.{key} must be at least 1, got {getattr(t, key)}", "or null to leave it unset")
+    if t.eval_interval < 1 or t.eval_iters < 1 or t.log_interval < 1:
+        raise GptlabError("train.eval_interval, eval_iters and log_interval must be at least 1", "raise them")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise GptlabError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}", "e.g. 0.1")
+    if t.keep_last < 1:
+        raise GptlabError("train.keep_last must be at least 1", "keep at least the latest checkpoint")
+    if cfg.model.arch not in ARCHES:
+        raise _choice_error("model.arch", cfg.model.arch, ARCHES)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The config as YAML text, as written into a run directory."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict[str, Any], origin: str = "run directory") -> Config:
+    """Rebuild a `Config` from a plain dict (e.g. a run's config.yaml)."""
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(data), origin)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

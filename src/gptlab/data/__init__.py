@@ -1,0 +1,1 @@
+"""Text sources, prepared token files and the batches read from them."""

@@ -1,0 +1,264 @@
+"""The GPT: a decoder-only transformer in one file.
+
+Two blocks share this code, chosen by `ModelConfig.arch`:
+- "modern" (the default, measured best at a fixed budget): rotary positions in the rotate-half
+  layout of Hugging Face Llama, RMSNorm, SwiGLU, no biases, an untied output head.
+- "gpt2": learned positions, LayerNorm, GELU, biases, tied embeddings, as GPT-2 and nanoGPT.
+Every switch can also be set on its own. The model returns logits; the loss and the optimizer live in
+the trainer, so the same module serves training, generation and export unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, with a length per row.
+
+    Row b holds its tokens in slots 0..lengths[b]-1. New tokens are written from slot lengths[b] on,
+    and a token's position id is its slot, so rows of different lengths decode in one batch: a
+    right-padded prompt is prefilled whole, then `lengths` is set to the real prompt lengths and
+    the padding slots are overwritten by the next tokens.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def positions(self, t: int) -> torch.Tensor:
+        """Position ids (B, t) for t new tokens per row."""
+        return self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
+
+    def store(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, t, kv_heads, head_dim) keys/values at `pos`; return the layer's filled slots."""
+        end = int(pos.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: position {end - 1} >= {self.max_len}")
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer, rows, pos] = k.to(self.k.dtype)
+        self.v[layer, rows, pos] = v.to(self.v.dtype)
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def advance(self, counts: torch.Tensor | int) -> None:
+        """Mark `counts` more tokens per row as filled."""
+        self.lengths += counts
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with optional grouped-query heads, QK-norm and rotary positions."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # one fused projection for q, k and v: a single matmul is faster than three
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        pos: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        sizes = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
+        q, k, v = self.qkv(x).split(sizes, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        gqa = self.n_kv_head != self.n_head
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                is_causal=True,
+                dropout_p=dropout,
+                enable_gqa=gqa,
+            )
+        else:
+            k_all, v_all = cache.store(layer, k, v, pos)
+            # slot j is visible to a query at position p when j <= p (its own row's past and itself)
+            slots = torch.arange(k_all.shape[1], device=x.device)
+            mask = slots[None, None, None, :] <= pos[:, None, :, None]
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k_all.transpose(1, 2).to(q.dtype), v_all.transpose(1, 2).to(q.dtype),
+                attn_mask=mask, enable_gqa=gqa,
+            )  # fmt: skip
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return F.dropout(self.proj(y), dropout, self.training)
+
+
+class MLP(nn.Module):
+    """SwiGLU (gate * silu, fused gate/up matmul) or the GPT-2 GELU MLP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.d_ff, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return F.dropout(self.proj(h), self.dropout, self.training)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); pre-norm is what trains."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg, cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, pos, cache, layer):  # noqa: ANN001, ANN201 - internal
+        x = x + self.attn(self.norm1(x), rope, pos, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg = cfg.resolved()
+        if cfg.vocab_size < 1:
+            raise ValueError("model.vocab_size must be set (it comes from the prepared data)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.position == "rope":
+            inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+            angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)  # rotate-half layout, as HF Llama
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer).
+
+        Each block adds two projections to the residual stream; scaling them keeps its variance
+        from growing with depth.
+        """
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+            elif p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for each position (or only the last with `last_only`).
+
+        Without a cache, positions default to 0..T-1 and attention is causal. With a cache, the
+        new tokens' keys and values are stored at `positions` (default: each row's length onward);
+        the caller advances `cache.lengths` afterwards.
+        """
+        B, T = idx.shape
+        if positions is None and cache is not None:
+            positions = cache.positions(T)
+        if positions is None:  # the training path: no data-dependent checks, so compile sees one graph
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than the context of {self.cfg.block_size}")
+            positions = torch.arange(T, device=idx.device)[None]
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else x.dtype
+            rope = (self.rope_cos[positions][:, :, None].to(dtype), self.rope_sin[positions][:, :, None].to(dtype))
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        pos = positions.expand(B, T) if cache is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, pos, cache, i)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm_f(x))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; without the position embedding (and untied token embedding) by default."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N plus attention, as in the PaLM appendix."""
+        cfg, T = self.cfg, seq_len or self.cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache sized for this model (up to its context)."""
+        p = self.lm_head.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.block_size, p.device, dtype or p.dtype)

@@ -1,0 +1,1 @@
+"""Training: optimizers, schedules, checkpoints, callbacks and the trainer loop."""

@@ -1,0 +1,140 @@
+"""Callbacks on the trainer's events: logging, progress, evaluation, checkpointing, history."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+from gptlab.progress import console, progress_bar
+from gptlab.train.checkpoint import prune_checkpoints, read_pointer, write_pointer
+
+if TYPE_CHECKING:
+    from gptlab.train.trainer import Trainer
+
+
+class Callback:
+    """Override any of these; each receives the trainer and the event's metrics."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+class MetricsLogger(Callback):
+    """Appends one JSON line per step and per evaluation to metrics.jsonl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self.path.exists():  # on resume, drop what the lost steps after the checkpoint had logged
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= trainer.step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a", buffering=1)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._write(metrics)
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._write(metrics)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.file:
+            self.file.close()
+
+
+class ProgressCallback(Callback):
+    """A rich progress bar with the latest loss and throughput."""
+
+    def __init__(self, log_interval: int, enabled: bool = True) -> None:
+        self.log_interval, self.enabled = log_interval, enabled
+        self.bar = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.bar = progress_bar()
+        self.task = self.bar.add_task(
+            "train", total=trainer.total_steps, completed=trainer.step, info="", visible=self.enabled
+        )
+        self.bar.start()
+        self.val = ""
+
+    def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if metrics["step"] % self.log_interval == 0 or metrics["step"] == trainer.total_steps:
+            info = f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s{self.val}"
+            self.bar.update(self.task, completed=metrics["step"], info=info)
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.val = f" val {metrics['val_loss']:.4f}"
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.bar.stop()
+
+
+class Evaluator(Callback):
+    """At each epoch end: validation loss and perplexity, then the `eval` event."""
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        val_loss = trainer.evaluate()
+        record = {**metrics, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        trainer.history.append(record)
+        trainer.fire("on_eval", {"step": trainer.step, **{k: record[k] for k in ("epoch", "val_loss", "val_ppl")}})
+
+
+class Checkpointer(Callback):
+    """After each evaluation: save a checkpoint, track the best by a metric, keep the last N."""
+
+    def __init__(self, monitor: str, mode: str, keep_last: int) -> None:
+        self.monitor, self.mode, self.keep_last = monitor, mode, keep_last
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        value = metrics.get(self.monitor)
+        best = trainer.best_metric
+        improved = value is not None and (
+            best is None or (value < best if self.mode == "min" else value > best)
+        )  # fmt: skip
+        if improved:
+            trainer.best_metric = value
+        path = trainer.save_checkpoint()
+        if improved:
+            write_pointer(path.parent / "best", path.name)
+        prune_checkpoints(path.parent, self.keep_last)
+        trainer.fire("on_checkpoint", path)
+
+
+class HistoryPrinter(Callback):
+    """Prints the per-epoch history table at the end of the run and saves it as history.json."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.path.write_text(json.dumps(trainer.history, indent=2))
+        if not self.enabled or not trainer.history:
+            return
+        table = Table(title=f"history ({trainer.run_dir})")
+        for col in ("epoch", "step", "train loss", "val loss", "val ppl", "lr"):
+            table.add_column(col, justify="right")
+        best = read_pointer(trainer.run_dir / "checkpoints" / "best")
+        for h in trainer.history:
+            mark = " *" if best == f"step_{h['step']}" else ""
+            table.add_row(
+                str(h["epoch"]), f"{h['step']}{mark}", f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}",
+                f"{h['val_ppl']:.2f}", f"{h['lr']:.2e}",
+            )  # fmt: skip
+        console.print(table)

@@ -1,0 +1,212 @@
+"""Checkpoints in a run directory, written atomically and loaded without unpickling objects.
+
+Layout: checkpoints/step_N/{model.safetensors, state.pt, meta.json} plus the pointer files
+`latest` and `best`, each holding a folder name. A checkpoint is built in a temporary folder, each
+file fsynced, then renamed into place; the pointers are replaced last. A crash at any moment leaves
+the previous checkpoint and pointers intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+
+FORMAT_VERSION = 1
+WEIGHTS, STATE, META = "model.safetensors", "state.pt", "meta.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_pointer(path: Path, target: str) -> None:
+    """Atomically make the pointer file `path` name `target`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(target + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def read_pointer(path: Path) -> str | None:
+    return path.read_text().strip() if path.is_file() else None
+
+
+def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's weights for safetensors: a tied head is stored once, as the embedding."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def load_model_tensors(model: GPT, tensors: dict[str, torch.Tensor], origin: str) -> None:
+    """Load weights into `model`, turning any name or shape mismatch into a user error."""
+    expected = model_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {unexpected[:3]}"
+            if unexpected
+            else f"shape of {wrong[0]}"
+        )
+        raise GptlabError(
+            f"checkpoint '{origin}' does not match the model config: {detail}",
+            "load it with the config.yaml of the run that wrote it",
+        )
+    model.load_state_dict(tensors, strict=False)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of python, numpy, torch and cuda as tensors and plain values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: GPT, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write checkpoints/step_N atomically and point `latest` at it."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step}"
+    final = ckpt_root / name
+    if not final.exists():
+        tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(model_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        torch.save(state, tmp / STATE)
+        meta = {"format_version": FORMAT_VERSION, "step": step, **meta}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        for f in (WEIGHTS, STATE, META):
+            _fsync_file(tmp / f)
+        tmp.rename(final)
+        _fsync_dir(ckpt_root)
+    write_pointer(ckpt_root / "latest", name)
+    return final
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+    """Delete step folders beyond the newest `keep_last`, never the one `best` names."""
+    keep = {read_pointer(ckpt_root / "best"), read_pointer(ckpt_root / "latest")}
+    steps = sorted(
+        (p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+    )
+    for p in steps[:-keep_last]:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in ckpt_root.glob(".tmp-step_*"):  # leftovers of a crashed write
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
+    """The checkpoint folder for `which`: 'latest', 'best' or a folder name like 'step_200'."""
+    root = Path(run_dir) / "checkpoints"
+    if not Path(run_dir).is_dir():
+        raise GptlabError(f"run directory '{run_dir}' not found", "train a model first with `gptlab train`")
+    name = read_pointer(root / which) if which in ("latest", "best") else which
+    if name is None:
+        raise GptlabError(f"run '{run_dir}' has no '{which}' checkpoint", "train longer, or pick another checkpoint")
+    path = root / name
+    if not path.is_dir():
+        raise GptlabError(f"checkpoint '{path}' is missing", "pick another checkpoint, e.g. --checkpoint latest")
+    return path
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json, checked for a format this version reads."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise GptlabError(f"checkpoint '{path}' is corrupted: meta.json unreadable", "pick an older checkpoint") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise GptlabError(
+            f"checkpoint '{path}' has format version {meta.get('format_version')}, expected {FORMAT_VERSION}",
+            "use the gptlab version that wrote it",
+        )
+    return meta
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a checkpoint folder."""
+    try:
+        return load_file(str(path / WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise GptlabError(
+            f"checkpoint '{path}' is corrupted: {WEIGHTS} unreadable ({e})", "pick an older checkpoint"
+        ) from e
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The training state of a checkpoint folder, loaded with weights_only=True."""
+    try:
+        return torch.load(path / STATE, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... on damaged files
+        raise GptlabError(f"checkpoint '{path}' is corrupted: {STATE} unreadable", "pick an older checkpoint") from e
+
+
+def load_run(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu") -> tuple[Any, GPT, Any]:
+    """(config, model in eval mode, tokenizer) of a run directory's checkpoint ('best' falls back to 'latest')."""
+    import yaml
+
+    from gptlab.config import from_dict
+    from gptlab.tokenizers import Tokenizer
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise GptlabError(
+            f"'{run_dir}' is not a run directory (config.yaml missing)", "pass the train.out_dir of a run"
+        )
+    cfg = from_dict(yaml.safe_load(config_path.read_text()), str(config_path))
+    if which == "best" and read_pointer(run_dir / "checkpoints" / "best") is None:
+        which = "latest"
+    path = find_checkpoint(run_dir, which)
+    read_meta(path)
+    model = GPT(cfg.model)
+    load_model_tensors(model, load_weights(path), str(path))
+    return cfg, model.to(device).eval(), Tokenizer.load(run_dir / "tokenizer.json")

@@ -1,0 +1,368 @@
+"""The training loop: batches -> forward/backward -> optimizer step, with events for callbacks.
+
+The batch of step s is a pure function of (seed, epoch, s) and the learning rate a pure function of
+s, so a checkpoint needs only weights, optimizer state, RNG states and the step to resume exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from gptlab.config import Config, TrainConfig, from_dict, to_yaml
+from gptlab.data.batches import IGNORE_INDEX, Batches, load_prepared
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+from gptlab.progress import console
+from gptlab.train import checkpoint as ckpt
+from gptlab.train.callbacks import Callback, Checkpointer, Evaluator, HistoryPrinter, MetricsLogger, ProgressCallback
+from gptlab.train.optim import build_optimizers, set_lr
+from gptlab.train.schedules import lr_factor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# keys that define the model or the stream of batches: a resumed run must keep them
+FROZEN_ON_RESUME = ("model", "data", "train.seed", "train.batch_size", "train.data_mode")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; anything else is checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise GptlabError(f"unknown device '{name}'", "use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GptlabError("device 'cuda' was asked for but CUDA is not available", "use train.device=auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GptlabError("device 'mps' was asked for but MPS is not available", "use train.device=auto or cpu")
+    return device
+
+
+def select_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 autocast on CUDA where supported, fp32 elsewhere (bf16 on CPU is measured slower)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for `dtype`, a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over targets that are not IGNORE_INDEX (in fp32)."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )  # fmt: skip
+
+
+def micro_batch_size(t: TrainConfig, world: int) -> int:
+    """Sequences per forward on one rank: train.micro_batch_size, which must divide the rank's batch."""
+    per_rank = t.batch_size // world
+    micro = t.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise GptlabError(
+            f"train.micro_batch_size={micro} does not divide the per-rank batch of {per_rank}",
+            "pick a divisor of train.batch_size",
+        )
+    return micro
+
+
+def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+class TrainStep:
+    """Forward, backward and optimizer step of one batch; shared by the trainer and `gptlab bench`."""
+
+    def __init__(self, model: GPT, t: TrainConfig, device: torch.device, micro_batch_size: int) -> None:
+        self.model, self.device, self.micro_batch_size = model, device, micro_batch_size
+        self.dtype = select_dtype(t.dtype, device)
+        self.grad_clip = t.grad_clip
+        use_compile = t.compile if t.compile is not None else device.type == "cuda"
+        self.forward = torch.compile(model) if use_compile else model
+        self.optimizers = build_optimizers(model, t, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+    def to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def __call__(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's rows, split into micro-batches; returns (loss, grad norm)."""
+        n_valid = max(1, int((y != IGNORE_INDEX).sum()))
+        total = torch.zeros((), device=self.device)
+        for i in range(0, len(x), self.micro_batch_size):
+            xb = self.to_device(x[i : i + self.micro_batch_size])
+            yb = self.to_device(y[i : i + self.micro_batch_size])
+            with autocast(self.device, self.dtype):
+                logits = self.forward(xb)
+            loss = lm_loss(logits, yb) / n_valid  # normalised by the whole batch, so accumulation is exact
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        for opt in self.optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+
+class Trainer:
+    """Trains a GPT on prepared data into a run directory; `fit()` runs it.
+
+    Events (`on_train_start`, `on_step`, `on_epoch_end`, `on_eval`, `on_checkpoint`, `on_train_end`)
+    go to the callbacks in order; evaluation and checkpointing are callbacks too.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        callbacks: list[Callback] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.run_dir = Path(cfg.train.out_dir)
+        self.resume, self.quiet = resume, quiet
+        self.data = load_prepared(cfg.data.dir)
+        cfg = self._with_vocab(cfg)
+        self.cfg = cfg
+        t = cfg.train
+        self._prepare_run_dir(overwrite)
+
+        self.device = select_device(t.device)
+        torch.manual_seed(t.seed)
+        self.model = GPT(cfg.model).to(self.device)
+        self.micro_batch_size = micro_batch_size(t, world=1)
+        self.stepper = TrainStep(self.model, t, self.device, self.micro_batch_size)
+        self.dtype, self.forward = self.stepper.dtype, self.stepper.forward
+        self.optimizers, self.scaler = self.stepper.optimizers, self.stepper.scaler
+        T = cfg.model.block_size
+        self.train_batches = Batches(self.data.train, T, t.batch_size, t.data_mode, t.seed, t.eval_interval)
+        # validation batches are the same every evaluation, so the numbers compare across steps
+        self.val_batches = Batches(self.data.val, T, t.batch_size, t.data_mode, t.seed + 1, t.eval_iters, split="val")
+        self.steps_per_epoch = self.train_batches.steps_per_epoch
+        self.tokens_per_step = t.batch_size * T
+        budgets = [t.max_iters]
+        if t.max_tokens is not None:
+            budgets.append(math.ceil(t.max_tokens / self.tokens_per_step))
+        if t.max_epochs is not None:
+            budgets.append(t.max_epochs * self.steps_per_epoch)
+        self.total_steps = min(b for b in budgets if b is not None)
+
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_metric: float | None = None
+        self._epoch_loss, self._epoch_steps = 0.0, 0
+        self._stop_requested = False
+        if resume:
+            self._load_latest()
+        self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
+
+    # ----- set-up -----------------------------------------------------------------------------
+    def _with_vocab(self, cfg: Config) -> Config:
+        data_vocab = int(self.data.meta["vocab_size"])
+        model_cfg = cfg.model
+        if model_cfg.vocab_size == 0:
+            model_cfg = replace(model_cfg, vocab_size=data_vocab)
+        elif model_cfg.vocab_size < data_vocab:
+            raise GptlabError(
+                f"vocabulary mismatch: the data in '{self.data.dir}' has {data_vocab} token ids, "
+                f"model.vocab_size is {model_cfg.vocab_size}",
+                "set model.vocab_size=0 to take it from the data, or prepare the data with the model's tokenizer",
+            )
+        return replace(cfg, model=model_cfg.resolved())
+
+    def _prepare_run_dir(self, overwrite: bool) -> None:
+        config_path = self.run_dir / "config.yaml"
+        if self.resume:
+            if not config_path.is_file():
+                raise GptlabError(
+                    f"no run to resume in '{self.run_dir}' (config.yaml missing)", "train it first without --resume"
+                )
+            old = yaml.safe_load(config_path.read_text())
+            old = asdict(replace(from_dict(old), model=from_dict(old).model.resolved()))
+            changed = [k for k in _diff_keys(old, asdict(self.cfg)) if k.startswith(FROZEN_ON_RESUME)]
+            if changed:
+                raise GptlabError(
+                    f"cannot resume with a changed {changed[0]}",
+                    "resume keeps the model, data, seed, batch size and data mode; start a new run to change them",
+                )
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
+            if not overwrite:
+                raise GptlabError(
+                    f"run directory '{self.run_dir}' already exists",
+                    "pass --resume to continue it, --overwrite to start over, or set train.out_dir",
+                )
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = config_path.with_name(".config.yaml.tmp")
+        tmp.write_text(to_yaml(self.cfg))
+        tmp.replace(config_path)
+        shutil.copyfile(self.data.tokenizer_path, self.run_dir / "tokenizer.json")
+
+    def default_callbacks(self) -> list[Callback]:
+        t = self.cfg.train
+        return [
+            MetricsLogger(self.run_dir / "metrics.jsonl"),
+            ProgressCallback(t.log_interval, enabled=not self.quiet),
+            Evaluator(),
+            Checkpointer(t.monitor, t.monitor_mode, t.keep_last),
+            HistoryPrinter(self.run_dir / "history.json", enabled=not self.quiet),
+        ]
+
+    def fire(self, event: str, payload: Any = None) -> None:
+        """Send an event to every callback, in order."""
+        for cb in self.callbacks:
+            getattr(cb, event)(self, payload) if payload is not None else getattr(cb, event)(self)
+
+    # ----- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write the full training state at the current step (atomically)."""
+        state = {
+            "step": self.step,
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "best_metric": self.best_metric,
+            "history": self.history,
+            "epoch_loss": self._epoch_loss,
+            "epoch_steps": self._epoch_steps,
+        }
+        meta = {"world_size": 1, "epoch": self.step // self.steps_per_epoch, "tokens": self.step * self.tokens_per_step}
+        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, state, meta)
+
+    def _load_latest(self) -> None:
+        path = ckpt.find_checkpoint(self.run_dir, "latest")
+        meta = ckpt.read_meta(path)
+        ckpt.load_model_tensors(self.model, ckpt.load_weights(path), str(path))
+        state = ckpt.load_state(path)
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise GptlabError(
+                f"checkpoint '{path}' was written with another optimizer", "resume with its train.optimizer"
+            )
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = meta["step"]
+        self.best_metric, self.history = state["best_metric"], state["history"]
+        self._epoch_loss, self._epoch_steps = state["epoch_loss"], state["epoch_steps"]
+
+    # ----- the loop ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches."""
+        self.model.eval()
+        losses = []
+        for k in range(self.cfg.train.eval_iters):
+            x, y = self.val_batches.batch(k)
+            s, n = 0.0, 0
+            for i in range(0, len(x), self.micro_batch_size):
+                xb = self.stepper.to_device(x[i : i + self.micro_batch_size])
+                yb = self.stepper.to_device(y[i : i + self.micro_batch_size])
+                with autocast(self.device, self.dtype):
+                    logits = self.forward(xb)
+                s += float(lm_loss(logits, yb))
+                n += int((yb != IGNORE_INDEX).sum())
+            losses.append(s / max(1, n))
+        self.model.train()
+        return float(np.mean(losses))
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        console.print("[yellow]interrupted: saving a checkpoint after this step (Ctrl-C again to abort)[/]")
+
+    def fit(self) -> Trainer:
+        """Train until the budget (or Ctrl-C, which saves a checkpoint first); returns self."""
+        t = self.cfg.train
+        self.model.train()
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        self.fire("on_train_start")
+        try:
+            self._loop(t)
+        except torch.OutOfMemoryError as e:
+            raise GptlabError(
+                f"out of memory with micro-batches of {self.micro_batch_size} x {self.cfg.model.block_size} tokens",
+                "lower train.micro_batch_size (the batch is kept by accumulation), model.block_size or the model size",
+            ) from e
+        finally:
+            signal.signal(signal.SIGINT, old_handler)
+            self.fire("on_train_end")
+        return self
+
+    def _loop(self, t: Any) -> None:
+        while self.step < self.total_steps:
+            if self._stop_requested:
+                path = self.save_checkpoint()
+                console.print(f"saved {path}")
+                return
+            factor = lr_factor(self.step, self.total_steps, t)
+            set_lr(self.optimizers, factor)
+            t0 = time.perf_counter()
+            x, y = self.train_batches.batch(self.step)
+            loss_t, norm_t = self.stepper(x, y)
+            loss = float(loss_t)  # one sync per step: needed for the NaN guard and the log
+            if not math.isfinite(loss):
+                raise GptlabError(
+                    f"loss is {loss} at step {self.step + 1}",
+                    "lower train.lr or use train.dtype=float32; "
+                    f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}",
+                )
+            self.step += 1
+            dt = time.perf_counter() - t0
+            self._epoch_loss += loss
+            self._epoch_steps += 1
+            epoch = (self.step - 1) // self.steps_per_epoch
+            self.fire(
+                "on_step",
+                {
+                    "step": self.step, "epoch": epoch, "loss": loss, "lr": t.lr * factor,
+                    "grad_norm": float(norm_t), "tokens_per_s": self.tokens_per_step / dt,
+                },
+            )  # fmt: skip
+            if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                metrics = {
+                    "epoch": epoch, "step": self.step, "lr": t.lr * factor,
+                    "train_loss": self._epoch_loss / max(1, self._epoch_steps),
+                }  # fmt: skip
+                self._epoch_loss, self._epoch_steps = 0.0, 0
+                self.fire("on_epoch_end", metrics)
