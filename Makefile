@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # the main job: prepare the built-in corpus, train a character-level GPT, sample from it
+CONFIG ?= configs/shakespeare-char.yaml
+OVERRIDES ?=
+RUN_DIR ?= runs/shakespeare-char
 run: install
-	$(GPTLAB) prepare configs/shakespeare-char.yaml
-	$(GPTLAB) train configs/shakespeare-char.yaml --overwrite
-	$(GPTLAB) sample runs/shakespeare-char
+	$(GPTLAB) prepare $(CONFIG) $(OVERRIDES)
+	$(GPTLAB) train $(CONFIG) $(OVERRIDES) --overwrite
+	$(GPTLAB) sample $(RUN_DIR)
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -19,8 +19,8 @@ def _split_config_and_overrides(items: list[str], extra: list[str]) -> tuple[str
             overrides.append(item)
         else:
             raise GptlabError(f"unexpected argument '{item}'", "give a .yaml config and key=value overrides")
-    for item in extra:
-        if not (item.startswith("--") and "=" in item):
+    for item in extra:  # argparse leaves --key=value here, and any key=value that follows one
+        if "=" not in item:
             raise GptlabError(f"unknown option '{item}'", "see `gptlab --help`; overrides are written key=value")
         overrides.append(item)
     return config, overrides

@@ -221,7 +221,7 @@ class Trainer:
             changed = [k for k in _diff_keys(old, asdict(self.cfg)) if k.startswith(FROZEN_ON_RESUME)]
             if changed:
                 raise GptlabError(
-                    f"cannot resume with a changed {changed[0]}",
+                    f"cannot resume with changed {', '.join(changed)}",
                     "resume keeps the model, data, seed, batch size and data mode; start a new run to change them",
                 )
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
@@ -265,7 +265,7 @@ class Trainer:
             "epoch_loss": self._epoch_loss,
             "epoch_steps": self._epoch_steps,
         }
-        meta = {"world_size": 1, "epoch": self.step // self.steps_per_epoch, "tokens": self.step * self.tokens_per_step}
+        meta = {"world_size": 1, "epoch": max(0, self.step - 1) // self.steps_per_epoch, "tokens": self.step * self.tokens_per_step}
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, state, meta)
 
     def _load_latest(self) -> None:

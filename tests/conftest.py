@@ -1,0 +1,62 @@
+"""Shared fixtures: small text the tests write themselves, prepared data and a tiny config."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab.config import Config, load_config
+from gptlab.data.shards import prepare
+
+torch.set_num_threads(2)
+
+WORDS = "the king queen lord good night day love death sword crown heart blood sweet fair".split()
+
+
+def make_text(n_lines: int = 400, seed: int = 0) -> str:
+    """Deterministic pseudo-Shakespeare: enough structure that a tiny model's loss falls."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        speaker = rng.choice(["ROMEO", "JULIET", "KING"])
+        lines.append(f"{speaker}:\n" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))) + ".\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text())
+    return path
+
+
+def tiny_config(tmp_path: Path, source: Path, *overrides: str) -> Config:
+    """A 2-layer model with a 16-token context, 20 steps, evaluations every 5."""
+    base = [
+        f"data.source={source}",
+        f"data.dir={tmp_path / 'data'}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "model.block_size=16",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "train.batch_size=4",
+        "train.max_iters=20",
+        "train.eval_interval=5",
+        "train.eval_iters=2",
+        "train.warmup_iters=3",
+        "train.device=cpu",
+        "train.compile=false",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture
+def prepared(tmp_path: Path, text_file: Path) -> Config:
+    """A tiny config whose data is already prepared."""
+    cfg = tiny_config(tmp_path, text_file)
+    prepare(cfg.data, quiet=True)
+    return cfg

@@ -1,0 +1,101 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from gptlab.config import DataConfig
+from gptlab.data.batches import Batches, load_prepared
+from gptlab.data.shards import prepare
+from gptlab.errors import GptlabError
+from gptlab.tokenizers import Tokenizer
+
+
+def test_prepare_writes_memmappable_splits_tokenizer_and_meta(prepared, text_file):
+    d = load_prepared(prepared.data.dir)
+    meta = json.loads((d.dir / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and d.train.dtype == np.uint16
+    text = text_file.read_text()
+    assert meta["vocab_size"] == len(set(text))
+    tok = Tokenizer.load(d.dir / "tokenizer.json")
+    whole = tok.decode(np.concatenate([d.train, d.val]).tolist())
+    assert whole == text
+    assert meta["val_tokens"] == int(len(whole) * 0.1) and meta["train_tokens"] + meta["val_tokens"] == len(whole)
+    assert len(meta["source_sha256"]) == 64
+
+
+def test_prepare_again_skips_and_refuses_another_source(prepared, tmp_path):
+    assert prepare(prepared.data, quiet=True).skipped
+    other = tmp_path / "other.txt"
+    other.write_text("something else entirely\n" * 20)
+    with pytest.raises(GptlabError) as e:
+        prepare(replace(prepared.data, source=str(other)), quiet=True)
+    assert str(e.value) == (
+        f"'{prepared.data.dir}' already holds data prepared from another source or setting "
+        "(pass --overwrite, or set data.dir to a new folder)"
+    )
+    assert not prepare(replace(prepared.data, source=str(other)), overwrite=True, quiet=True).skipped
+
+
+def test_bad_text_is_a_clear_error(prepared, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello \xff world")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    cases = {
+        str(bad): f"'{bad}' is not valid UTF-8 at byte 6 (convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8)",
+        str(empty): f"'{empty}' is empty (give a file with text in it)",
+        "nope.txt": "data source 'nope.txt' not found "
+        "(give an existing text file or folder, or 'shakespeare' for the built-in corpus)",
+    }
+    for source, message in cases.items():
+        with pytest.raises(GptlabError) as e:
+            prepare(replace(prepared.data, source=source, dir=str(tmp_path / "d")), quiet=True)
+        assert str(e.value) == message
+
+
+def test_folder_source_and_builtin_corpus(tmp_path):
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("abc\n" * 50)
+    (folder / "sub" / "b.txt").write_text("xyz" * 50)  # no final newline: prepare adds one between files
+    meta = prepare(DataConfig(source=str(folder), dir=str(tmp_path / "d")), quiet=True).meta
+    assert meta["source_files"] == 2 and meta["vocab_size"] == 7
+    assert meta["train_tokens"] + meta["val_tokens"] == 200 + 151
+    from gptlab.data.sources import builtin_corpus_files
+
+    files = builtin_corpus_files()
+    assert len(files) == 42 and not any(f.name.endswith("_gut_f.txt") for f in files)
+
+
+def test_batch_of_a_step_is_a_pure_function_and_ranks_take_strided_rows(prepared):
+    d = load_prepared(prepared.data.dir)
+    for mode in ("random", "epoch"):
+        a = Batches(d.train, 16, 8, mode, seed=3, steps_per_epoch=5)
+        b = Batches(d.train, 16, 8, mode, seed=3, steps_per_epoch=5)
+        x7, y7 = a.batch(7)
+        a.batch(100)
+        assert np.array_equal(b.batch(7)[0], x7) and np.array_equal(a.batch(7)[0], x7)
+        assert np.array_equal(x7[:, 1:], y7[:, :-1])
+        ranks = [Batches(d.train, 16, 8, mode, seed=3, steps_per_epoch=5, rank=r, world=2).batch(7)[0] for r in (0, 1)]
+        assert np.array_equal(ranks[0], x7[0::2]) and np.array_equal(ranks[1], x7[1::2])
+
+
+def test_epoch_mode_reads_every_block_once_per_epoch(prepared):
+    d = load_prepared(prepared.data.dir)
+    b = Batches(d.train, 16, 4, "epoch", seed=0)
+    starts = np.concatenate([b.starts(s) for s in range(b.steps_per_epoch)])
+    assert len(set(starts.tolist())) == len(starts) == b.steps_per_epoch * 4
+    assert set(starts.tolist()) <= set(range(0, b.n_blocks * 16, 16))
+    next_epoch = np.concatenate([b.starts(b.steps_per_epoch + s) for s in range(b.steps_per_epoch)])
+    assert sorted(next_epoch.tolist()) == sorted(starts.tolist()) and not np.array_equal(next_epoch, starts)
+
+
+def test_corpus_shorter_than_context(prepared):
+    d = load_prepared(prepared.data.dir)
+    with pytest.raises(GptlabError) as e:
+        Batches(d.val, 100_000, 4, "random", seed=0, split="val")
+    assert str(e.value) == (
+        f"the val split has {len(d.val)} tokens, fewer than the context of 100000 + 1 "
+        "(lower model.block_size or give more text)"
+    )

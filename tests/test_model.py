@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from gptlab.config import ModelConfig
+from gptlab.model import GPT
+
+ARCHES = [
+    dict(arch="modern"),
+    dict(arch="gpt2"),
+    dict(arch="modern", n_kv_head=1, qk_norm=True),
+]
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(vocab_size=50, block_size=24, n_layer=2, n_head=4, n_embd=32), **kw})
+    return GPT(cfg).eval()
+
+
+@pytest.mark.parametrize("kw", ARCHES)
+def test_future_tokens_never_change_earlier_logits(kw):
+    model = tiny(**kw)
+    x = torch.randint(0, 50, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("kw", ARCHES)
+def test_cached_forward_matches_full_forward(kw):
+    model = tiny(**kw)
+    x = torch.randint(0, 50, (3, 20))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(3)
+        parts = [model(x[:, :9], cache=cache)]
+        cache.advance(9)
+        for t in range(9, 20):
+            parts.append(model(x[:, t : t + 1], cache=cache))
+            cache.advance(1)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_rows_of_different_lengths():
+    """Rows prefilled right-padded then decoded together match each row run alone."""
+    model = tiny()
+    a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 4))
+    padded = torch.zeros(2, 7, dtype=torch.long)
+    padded[0], padded[1, :4] = a[0], b[0]
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model(padded, cache=cache)
+        cache.lengths.copy_(torch.tensor([7, 4]))
+        nxt = torch.tensor([[3], [5]])
+        step = model(nxt, cache=cache)[:, -1]
+        alone_a = model(torch.cat([a, nxt[:1]], 1))[:, -1]
+        alone_b = model(torch.cat([b, nxt[1:]], 1))[:, -1]
+    torch.testing.assert_close(step, torch.cat([alone_a, alone_b]), atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_ties_head_and_scales_residual_init():
+    model = tiny(arch="gpt2")
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.pos_emb is not None and model.blocks[0].attn.qkv.bias is not None
+    modern = tiny(arch="modern", n_layer=8)
+    assert modern.lm_head.weight is not modern.tok_emb.weight and modern.blocks[0].attn.qkv.bias is None
+    std = modern.blocks[0].attn.proj.weight.std().item()
+    assert std == pytest.approx(0.02 / 4, rel=0.15)  # 0.02 / sqrt(2 * 8)
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(ValueError, match="longer than the context of 24"):
+        tiny()(torch.zeros(1, 25, dtype=torch.long))

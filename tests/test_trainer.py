@@ -1,0 +1,179 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_text, tiny_config
+
+from gptlab.data.shards import prepare
+from gptlab.errors import GptlabError
+from gptlab.train import checkpoint as ckpt
+from gptlab.train.callbacks import Callback
+from gptlab.train.trainer import Trainer
+
+
+def step_losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+
+def val_losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_loss"]) for r in lines if "val_loss" in r]
+
+
+class StopAt(Callback):
+    """Asks the trainer to stop after `step`, as Ctrl-C does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, trainer, metrics):
+        if metrics["step"] == self.step:
+            trainer._stop_requested = True
+
+
+@pytest.mark.parametrize("mode", ["random", "epoch"])
+def test_resume_is_bit_identical(tmp_path, mode):
+    text = tmp_path / "small.txt"
+    text.write_text(make_text(30))  # small, so epoch mode crosses epoch boundaries within the run
+    over = [f"train.data_mode={mode}", "train.max_iters=30", "model.dropout=0.1", "train.optimizer=muon"]
+    full_cfg = tiny_config(tmp_path / "a", text, *over)
+    prepare(full_cfg.data, quiet=True)
+    full = Trainer(full_cfg, quiet=True).fit()
+    if mode == "epoch":
+        assert full.steps_per_epoch < 30  # at least one epoch boundary is crossed
+
+    cut_cfg = tiny_config(tmp_path / "b", text, *over)
+    prepare(cut_cfg.data, quiet=True)
+    cut = Trainer(cut_cfg, quiet=True)
+    cut.callbacks.append(StopAt(13))  # mid-epoch, between checkpoints
+    cut.fit()
+    assert cut.step == 13 and ckpt.read_pointer(cut.run_dir / "checkpoints" / "latest") == "step_13"
+    resumed = Trainer(cut_cfg, resume=True, quiet=True).fit()
+    assert resumed.step == 30
+    assert step_losses(resumed.run_dir) == step_losses(full.run_dir)  # exact float equality
+    assert val_losses(resumed.run_dir) == val_losses(full.run_dir)
+    assert resumed.history == full.history
+
+
+def test_resume_can_extend_max_iters_but_not_change_the_model(prepared, tmp_path):
+    Trainer(prepared, quiet=True).fit()
+    from dataclasses import replace
+
+    longer = replace(prepared, train=replace(prepared.train, max_iters=25))
+    assert Trainer(longer, resume=True, quiet=True).fit().step == 25
+    wider = replace(prepared, model=replace(prepared.model, n_embd=64))
+    with pytest.raises(GptlabError) as e:
+        Trainer(wider, resume=True, quiet=True)
+    assert str(e.value) == (
+        "cannot resume with changed model.d_ff, model.n_embd "
+        "(resume keeps the model, data, seed, batch size and data mode; start a new run to change them)"
+    )
+
+
+def test_existing_run_dir_needs_resume_or_overwrite(prepared):
+    Trainer(prepared, quiet=True).fit()
+    with pytest.raises(GptlabError) as e:
+        Trainer(prepared, quiet=True)
+    assert str(e.value) == (
+        f"run directory '{prepared.train.out_dir}' already exists "
+        "(pass --resume to continue it, --overwrite to start over, or set train.out_dir)"
+    )
+    assert Trainer(prepared, overwrite=True, quiet=True).step == 0
+
+
+def test_run_directory_layout(prepared):
+    t = Trainer(prepared, quiet=True).fit()
+    run = Path(prepared.train.out_dir)
+    assert {p.name for p in run.iterdir()} == {
+        "config.yaml",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "history.json",
+        "checkpoints",
+    }
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    best = ckpt.read_pointer(run / "checkpoints" / "best")
+    assert ckpt.read_pointer(run / "checkpoints" / "latest") == "step_20"
+    assert set(steps) == {"step_15", "step_20", best}  # keep_last=2 plus the best
+    best_val = min(h["val_loss"] for h in t.history)
+    assert best == f"step_{next(h['step'] for h in t.history if h['val_loss'] == best_val)}"
+    meta = json.loads((run / "checkpoints" / "step_20" / "meta.json").read_text())
+    assert meta == {"format_version": 1, "step": 20, "world_size": 1, "epoch": 3, "tokens": 20 * 4 * 16}
+    state = torch.load(run / "checkpoints" / "step_20" / "state.pt", weights_only=True)
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert [h["step"] for h in t.history] == [5, 10, 15, 20] and t.history[-1]["val_loss"] < t.history[0]["val_loss"]
+
+
+def test_gradient_accumulation_matches_the_full_batch(prepared, tmp_path):
+    from dataclasses import replace
+
+    a = Trainer(prepared, quiet=True).fit()
+    cfg = replace(prepared, train=replace(prepared.train, micro_batch_size=1, out_dir=str(tmp_path / "acc")))
+    b = Trainer(cfg, quiet=True).fit()
+    for (_, la), (_, lb) in zip(step_losses(a.run_dir), step_losses(b.run_dir)):
+        assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_token_and_epoch_budgets_take_the_smallest(prepared):
+    from dataclasses import replace
+
+    t = replace(prepared.train, max_iters=1000, max_tokens=64 * 7 + 1, max_epochs=None)
+    assert Trainer(replace(prepared, train=t), quiet=True).total_steps == 8
+    t = replace(prepared.train, max_iters=1000, max_epochs=2)
+    assert Trainer(replace(prepared, train=t), overwrite=True, quiet=True).total_steps == 10
+
+
+def test_vocabulary_mismatch(prepared):
+    from dataclasses import replace
+
+    cfg = replace(prepared, model=replace(prepared.model, vocab_size=5))
+    with pytest.raises(GptlabError) as e:
+        Trainer(cfg, quiet=True)
+    assert str(e.value).startswith(f"vocabulary mismatch: the data in '{prepared.data.dir}' has ")
+    assert str(e.value).endswith(
+        "model.vocab_size is 5 (set model.vocab_size=0 to take it from the data, "
+        "or prepare the data with the model's tokenizer)"
+    )
+
+
+class PoisonAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, trainer, metrics):
+        if metrics["step"] == self.step:
+            with torch.no_grad():
+                trainer.model.tok_emb.weight.fill_(math.nan)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared):
+    t = Trainer(prepared, quiet=True)
+    t.callbacks.append(PoisonAt(7))
+    with pytest.raises(GptlabError) as e:
+        t.fit()
+    root = Path(prepared.train.out_dir) / "checkpoints"
+    assert (
+        str(e.value)
+        == f"loss is nan at step 8 (lower train.lr or use train.dtype=float32; the last good checkpoint is kept in {root})"
+    )
+    assert ckpt.read_pointer(root / "latest") == "step_5"
+    weights = ckpt.load_weights(root / "step_5")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_out_of_memory_names_the_knob(prepared, monkeypatch):
+    t = Trainer(prepared, quiet=True)
+
+    def oom(x, y):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(t, "stepper", oom)
+    with pytest.raises(GptlabError) as e:
+        t.fit()
+    assert str(e.value) == (
+        "out of memory with micro-batches of 4 x 16 tokens (lower train.micro_batch_size "
+        "(the batch is kept by accumulation), model.block_size or the model size)"
+    )
