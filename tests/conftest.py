@@ -20,7 +20,7 @@ def make_text(n_lines: int = 400, seed: int = 0) -> str:
     """Deterministic pseudo-Shakespeare: enough structure that a tiny model's loss falls."""
     rng = random.Random(seed)
     lines = []
-    for i in range(n_lines):
+    for _ in range(n_lines):
         speaker = rng.choice(["ROMEO", "JULIET", "KING"])
         lines.append(f"{speaker}:\n" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))) + ".\n")
     return "\n".join(lines)

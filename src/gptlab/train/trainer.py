@@ -265,7 +265,11 @@ class Trainer:
             "epoch_loss": self._epoch_loss,
             "epoch_steps": self._epoch_steps,
         }
-        meta = {"world_size": 1, "epoch": max(0, self.step - 1) // self.steps_per_epoch, "tokens": self.step * self.tokens_per_step}
+        meta = {
+            "world_size": 1,
+            "epoch": max(0, self.step - 1) // self.steps_per_epoch,
+            "tokens": self.step * self.tokens_per_step,
+        }
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, state, meta)
 
     def _load_latest(self) -> None:
