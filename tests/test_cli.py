@@ -94,3 +94,25 @@ def test_sample_errors(workdir):
     )
     r = gptlab("train", *TINY, cwd=workdir)
     assert r.returncode == 2 and r.stderr.startswith("error: run directory 'run' already exists")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(workdir):
+    import json
+    import signal
+    import time
+
+    assert gptlab("prepare", *TINY, cwd=workdir).returncode == 0
+    args = [sys.executable, "-m", "gptlab", "train", *TINY, "--max_iters=100000", "--quiet"]
+    proc = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert (workdir / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{last_step}"
+    assert out.startswith(f"trained {last_step} steps into run")

@@ -177,3 +177,14 @@ def test_out_of_memory_names_the_knob(prepared, monkeypatch):
         "out of memory with micro-batches of 4 x 16 tokens (lower train.micro_batch_size "
         "(the batch is kept by accumulation), model.block_size or the model size)"
     )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_runs_on_cpu(prepared, dtype):
+    from dataclasses import replace
+
+    cfg = replace(prepared, train=replace(prepared.train, dtype=dtype, max_iters=6))
+    t = Trainer(cfg, quiet=True).fit()
+    assert t.dtype == getattr(torch, dtype) and t.scaler.is_enabled() == (dtype == "float16")
+    losses = [loss for _, loss in step_losses(t.run_dir)]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
