@@ -188,3 +188,27 @@ def test_mixed_precision_runs_on_cpu(prepared, dtype):
     assert t.dtype == getattr(torch, dtype) and t.scaler.is_enabled() == (dtype == "float16")
     losses = [loss for _, loss in step_losses(t.run_dir)]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+
+
+def test_resume_refuses_data_prepared_with_another_tokenizer(prepared, tmp_path):
+    from dataclasses import replace
+
+    Trainer(prepared, quiet=True).fit()
+    other = tmp_path / "other.txt"
+    other.write_text("0123456789 abcdefghij\n" * 200)
+    prepare(replace(prepared.data, source=str(other)), overwrite=True, quiet=True)
+    with pytest.raises(GptlabError) as e:
+        Trainer(prepared, resume=True, quiet=True)
+    assert str(e.value) == (
+        f"vocabulary mismatch: the data in '{prepared.data.dir}' was prepared with another tokenizer than this run "
+        "(resume with the data the run was trained on, or start a new run)"
+    )
+
+
+def test_monitor_must_be_an_evaluated_metric(prepared):
+    from dataclasses import replace
+
+    cfg = replace(prepared, train=replace(prepared.train, monitor="accuracy"))
+    with pytest.raises(GptlabError) as e:
+        Trainer(cfg, quiet=True).fit()
+    assert str(e.value) == "train.monitor 'accuracy' is not an evaluated metric (choose one of val_loss, val_ppl)"

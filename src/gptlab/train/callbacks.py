@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from gptlab.errors import GptlabError
 from gptlab.progress import console, progress_bar
 from gptlab.train.checkpoint import prune_checkpoints, read_pointer, write_pointer
 
@@ -103,11 +104,12 @@ class Checkpointer(Callback):
         self.monitor, self.mode, self.keep_last = monitor, mode, keep_last
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        value = metrics.get(self.monitor)
+        if self.monitor not in metrics:
+            known = ", ".join(k for k in metrics if k not in ("step", "epoch"))
+            raise GptlabError(f"train.monitor '{self.monitor}' is not an evaluated metric", f"choose one of {known}")
+        value = metrics[self.monitor]
         best = trainer.best_metric
-        improved = value is not None and (
-            best is None or (value < best if self.mode == "min" else value > best)
-        )  # fmt: skip
+        improved = best is None or (value < best if self.mode == "min" else value > best)
         if improved:
             trainer.best_metric = value
         path = trainer.save_checkpoint()

@@ -211,13 +211,21 @@ class Trainer:
 
     def _prepare_run_dir(self, overwrite: bool) -> None:
         config_path = self.run_dir / "config.yaml"
+        run_tokenizer = self.run_dir / "tokenizer.json"
         if self.resume:
             if not config_path.is_file():
                 raise GptlabError(
                     f"no run to resume in '{self.run_dir}' (config.yaml missing)", "train it first without --resume"
                 )
-            old = yaml.safe_load(config_path.read_text())
-            old = asdict(replace(from_dict(old), model=from_dict(old).model.resolved()))
+            same = run_tokenizer.is_file() and run_tokenizer.read_bytes() == self.data.tokenizer_path.read_bytes()
+            if not same:
+                raise GptlabError(
+                    f"vocabulary mismatch: the data in '{self.data.dir}' was prepared with another tokenizer "
+                    "than this run",
+                    "resume with the data the run was trained on, or start a new run",
+                )
+            saved = from_dict(yaml.safe_load(config_path.read_text()), str(config_path))
+            old = asdict(replace(saved, model=saved.model.resolved()))
             changed = [k for k in _diff_keys(old, asdict(self.cfg)) if k.startswith(FROZEN_ON_RESUME)]
             if changed:
                 raise GptlabError(
@@ -235,7 +243,7 @@ class Trainer:
         tmp = config_path.with_name(".config.yaml.tmp")
         tmp.write_text(to_yaml(self.cfg))
         tmp.replace(config_path)
-        shutil.copyfile(self.data.tokenizer_path, self.run_dir / "tokenizer.json")
+        shutil.copyfile(self.data.tokenizer_path, run_tokenizer)
 
     def default_callbacks(self) -> list[Callback]:
         t = self.cfg.train
