@@ -1,5 +1,6 @@
 """End-to-end runs of the real `gptlab` command on a tiny model."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(workdir):
     last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     assert (workdir / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{last_step}"
     assert out.startswith(f"trained {last_step} steps into run")
+
+
+def test_bench_reports_time_throughput_and_mfu(workdir):
+    r = gptlab(
+        "bench", str(ROOT / "configs/tiny.yaml"), "--steps", "2", "--warmup", "1", "train.device=cpu", cwd=workdir
+    )
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(
+        r"0\.\d\dM params on cpu \(torch\.float32\): [\d.]+ ms/iter, [\d,]+ tokens/s, MFU [\d.]+% "
+        r"\(peak: measured fp32 matmul\)\n",
+        r.stdout,
+    ), r.stdout
