@@ -82,6 +82,10 @@ class ProgressCallback(Callback):
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.val = f" val {metrics['val_loss']:.4f}"
+        if self.enabled:  # a line per evaluation, so logs (not only terminals) show progress
+            train_loss = trainer.history[-1]["train_loss"] if trainer.history else float("nan")
+            step = f"step {metrics['step']}/{trainer.total_steps}"
+            self.bar.console.print(f"{step}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}")
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.bar.stop()
