@@ -10,6 +10,7 @@ import contextlib
 import math
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -327,7 +328,11 @@ class Trainer:
         """Train until the budget (or Ctrl-C, which saves a checkpoint first); returns self."""
         t = self.cfg.train
         self.model.train()
-        old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        # Ctrl-C and SIGTERM (a scheduler's preemption) both save a checkpoint after the current step
+        # (signal handlers can only be installed from the main thread)
+        in_main = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGINT, signal.SIGTERM) if in_main else ()
+        old_handlers = {sig: signal.signal(sig, self._on_sigint) for sig in signals}
         self.fire("on_train_start")
         try:
             self._loop(t)
@@ -337,7 +342,8 @@ class Trainer:
                 "lower train.micro_batch_size (the batch is kept by accumulation), model.block_size or the model size",
             ) from e
         finally:
-            signal.signal(signal.SIGINT, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
             self.fire("on_train_end")
         return self
 
