@@ -212,3 +212,12 @@ def test_monitor_must_be_an_evaluated_metric(prepared):
     with pytest.raises(GptlabError) as e:
         Trainer(cfg, quiet=True).fit()
     assert str(e.value) == "train.monitor 'accuracy' is not an evaluated metric (choose one of val_loss, val_ppl)"
+
+
+def test_a_refused_config_leaves_no_run_directory(prepared):
+    from dataclasses import replace
+
+    cfg = replace(prepared, model=replace(prepared.model, block_size=100_000))
+    with pytest.raises(GptlabError, match="fewer than the context of 100000"):
+        Trainer(cfg, quiet=True)
+    assert not Path(prepared.train.out_dir).exists()

@@ -165,7 +165,6 @@ class Trainer:
         cfg = self._with_vocab(cfg)
         self.cfg = cfg
         t = cfg.train
-        self._prepare_run_dir(overwrite)
 
         self.device = select_device(t.device)
         torch.manual_seed(t.seed)
@@ -186,6 +185,7 @@ class Trainer:
         if t.max_epochs is not None:
             budgets.append(t.max_epochs * self.steps_per_epoch)
         self.total_steps = min(b for b in budgets if b is not None)
+        self._prepare_run_dir(overwrite)  # only once everything above has been checked
 
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -218,6 +218,7 @@ class Trainer:
                 raise GptlabError(
                     f"no run to resume in '{self.run_dir}' (config.yaml missing)", "train it first without --resume"
                 )
+            ckpt.find_checkpoint(self.run_dir, "latest")
             same = run_tokenizer.is_file() and run_tokenizer.read_bytes() == self.data.tokenizer_path.read_bytes()
             if not same:
                 raise GptlabError(
