@@ -95,10 +95,10 @@ class Batches:
 
     def starts(self, step: int) -> np.ndarray:
         """Start offsets of the whole global batch of `step` (all ranks)."""
-        epoch, s = divmod(step, self.steps_per_epoch)
-        if self.mode == "random":
-            rng = np.random.default_rng([self.seed, epoch, s])
+        if self.mode == "random":  # seeded by the step alone, so the epoch length (eval_interval) can change
+            rng = np.random.default_rng([self.seed, step])
             return rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        epoch, s = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
             self._perm_epoch = epoch

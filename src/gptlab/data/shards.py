@@ -85,8 +85,8 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
             ids.extend(np.asarray(e, dtype=dtype) for e in tokenizer.encode_batch(batch))
             bar.advance(task, sum(len(c) for c in batch))
     tokens = np.concatenate(ids)
-    n_val = int(len(tokens) * data.val_fraction)
-    train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+    n_train = int(len(tokens) * (1 - data.val_fraction))  # nanoGPT's split: int(n * 0.9) train tokens
+    train, val = tokens[:n_train], tokens[n_train:]
     if len(val) < 2 or len(train) < 2:
         raise GptlabError(f"the text has only {len(tokens)} tokens", "give more text or a larger data.val_fraction")
 
