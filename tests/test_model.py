@@ -64,10 +64,10 @@ def test_cache_rows_of_different_lengths():
 def test_gpt2_ties_head_and_scales_residual_init():
     model = tiny(arch="gpt2")
     assert model.lm_head.weight is model.tok_emb.weight
-    assert model.pos_emb is not None and model.blocks[0].attn.qkv.bias is not None
+    assert model.pos_emb is not None and model.blocks[0].attn.q.bias is not None
     modern = tiny(arch="modern", n_layer=8)
-    assert modern.lm_head.weight is not modern.tok_emb.weight and modern.blocks[0].attn.qkv.bias is None
-    std = modern.blocks[0].attn.proj.weight.std().item()
+    assert modern.lm_head.weight is not modern.tok_emb.weight and modern.blocks[0].attn.q.bias is None
+    std = modern.blocks[0].attn.out.weight.std().item()
     assert std == pytest.approx(0.02 / 4, rel=0.15)  # 0.02 / sqrt(2 * 8)
 
 
