@@ -221,3 +221,17 @@ def test_a_refused_config_leaves_no_run_directory(prepared):
     with pytest.raises(GptlabError, match="fewer than the context of 100000"):
         Trainer(cfg, quiet=True)
     assert not Path(prepared.train.out_dir).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_compiled_training_matches_eager(prepared, tmp_path, arch):
+    """torch.compile (on by default for long CPU runs) changes speed, not the numbers."""
+    from dataclasses import replace
+
+    def run(compile_: bool, name: str) -> list[float]:
+        t = replace(prepared.train, compile=compile_, max_iters=6, out_dir=str(tmp_path / name))
+        cfg = replace(prepared, model=replace(prepared.model, arch=arch), train=t)
+        return [loss for _, loss in step_losses(Trainer(cfg, quiet=True).fit().run_dir)]
+
+    assert run(True, "compiled") == pytest.approx(run(False, "eager"), abs=1e-4)

@@ -123,7 +123,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
-    compile: bool | None = None  # torch.compile the model; null = where measured faster (CUDA)
+    compile: bool | None = None  # torch.compile the model; null = where it pays (CUDA; CPU runs of 1000+ steps)
     batch_size: int = 64  # global sequences per optimizer step (all ranks, all micro-steps)
     micro_batch_size: int | None = None  # sequences per forward on one rank; null = the whole rank batch
     data_mode: str = "random"  # "random" windows (nanoGPT) or "epoch" (every token once per epoch)

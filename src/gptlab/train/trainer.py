@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, replace
@@ -101,14 +103,30 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def compile_pays(device: torch.device, total_steps: int | None) -> bool:
+    """`train.compile: null`: torch.compile where it was measured to pay: CUDA, and CPU for runs of 1000+ steps.
+
+    On CPU (benchmarks/RESULTS.md) compiled steps of small models are 10-15% faster, but compiling costs ~20 s
+    on a first run and a few s with inductor's cache warm: the default recipe gains from ~1000 steps on (warm
+    cache), so short runs such as smoke tests stay eager. Linux only, with the C++ compiler inductor needs.
+    """
+    if device.type == "cuda":
+        return True
+    long_run = total_steps is None or total_steps >= 1000
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    return device.type == "cpu" and long_run and sys.platform == "linux" and cxx is not None
+
+
 class TrainStep:
     """Forward, backward and optimizer step of one batch; shared by the trainer and `gptlab bench`."""
 
-    def __init__(self, model: GPT, t: TrainConfig, device: torch.device, micro_batch_size: int) -> None:
+    def __init__(
+        self, model: GPT, t: TrainConfig, device: torch.device, micro_batch_size: int, total_steps: int | None = None
+    ) -> None:
         self.model, self.device, self.micro_batch_size = model, device, micro_batch_size
         self.dtype = select_dtype(t.dtype, device)
         self.grad_clip = t.grad_clip
-        use_compile = t.compile if t.compile is not None else device.type == "cuda"
+        use_compile = t.compile if t.compile is not None else compile_pays(device, total_steps)
         self.forward = torch.compile(model) if use_compile else model
         self.optimizers = build_optimizers(model, t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -170,9 +188,6 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = GPT(cfg.model).to(self.device)
         self.micro_batch_size = micro_batch_size(t, world=1)
-        self.stepper = TrainStep(self.model, t, self.device, self.micro_batch_size)
-        self.dtype, self.forward = self.stepper.dtype, self.stepper.forward
-        self.optimizers, self.scaler = self.stepper.optimizers, self.stepper.scaler
         T = cfg.model.block_size
         self.train_batches = Batches(self.data.train, T, t.batch_size, t.data_mode, t.seed, t.eval_interval)
         # validation batches are the same every evaluation, so the numbers compare across steps
@@ -185,6 +200,9 @@ class Trainer:
         if t.max_epochs is not None:
             budgets.append(t.max_epochs * self.steps_per_epoch)
         self.total_steps = min(b for b in budgets if b is not None)
+        self.stepper = TrainStep(self.model, t, self.device, self.micro_batch_size, self.total_steps)
+        self.dtype, self.forward = self.stepper.dtype, self.stepper.forward
+        self.optimizers, self.scaler = self.stepper.optimizers, self.stepper.scaler
         self._prepare_run_dir(overwrite)  # only once everything above has been checked
 
         self.step = 0
@@ -304,6 +322,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches."""
         self.model.eval()
+        # on CPU a compiled no-grad graph costs 5-10 s to build and saves less than that over a run's evaluations
+        forward = self.model if self.device.type == "cpu" else self.forward
         losses = []
         for k in range(self.cfg.train.eval_iters):
             x, y = self.val_batches.batch(k)
@@ -312,7 +332,7 @@ class Trainer:
                 xb = self.stepper.to_device(x[i : i + self.micro_batch_size])
                 yb = self.stepper.to_device(y[i : i + self.micro_batch_size])
                 with autocast(self.device, self.dtype):
-                    logits = self.forward(xb)
+                    logits = forward(xb)
                 s += float(lm_loss(logits, yb))
                 n += int((yb != IGNORE_INDEX).sum())
             losses.append(s / max(1, n))
