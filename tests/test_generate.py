@@ -7,8 +7,14 @@ from gptlab.model import GPT
 
 
 def tiny(arch: str = "modern") -> GPT:
+    """A random model with weights scaled up, so its next token depends on the whole context."""
     torch.manual_seed(0)
-    return GPT(ModelConfig(arch=arch, vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    model = GPT(ModelConfig(arch=arch, vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model
 
 
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])
@@ -24,9 +30,15 @@ def test_cached_greedy_equals_uncached_greedy_also_past_the_context(arch):
 def test_batched_equals_one_by_one():
     gen = Generator(tiny())
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12], [5]]
-    together = gen.generate(prompts, 30, temperature=0)
+    together = gen.generate(prompts, 30, temperature=0)  # 30 tokens on a 16-token context: windows slide
     alone = [gen.generate([p], 30, temperature=0)[0] for p in prompts]
     assert together == alone
+    assert len({tuple(t) for t in together}) == 3  # the rows really differ
+    # a row that stops early (at an EOS) leaves the batch without changing the others
+    eos = together[1][5]
+    stopped = gen.generate(prompts, 30, temperature=0, eos_id=eos)
+    assert stopped == [gen.generate([p], 30, temperature=0, eos_id=eos)[0] for p in prompts]
+    assert any(len(t) < 30 for t in stopped)
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ():

@@ -1,8 +1,9 @@
 """Sampling from a GPT with a KV cache: greedy, temperature, top-k, top-p, EOS, seeds, batches.
 
-Generation past the context keeps a sliding window: when a row's window is full it is cut to its last
-3/4 of the context and prefilled again, so the cache stays preallocated and positions stay inside
-what the model was trained on. The uncached path follows the same windows, so both give the same tokens.
+Generation past the context keeps a sliding window per row: when a row's window is full it is cut to its
+last 3/4 of the context and that row's cache is rebuilt, so the cache stays preallocated and positions stay
+inside what the model was trained on. The uncached path follows the same windows, so both give the same
+tokens, and a row's tokens never depend on the other rows of its batch.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class Generator:
     def __init__(self, model: GPT) -> None:
         self.model = model
         self.block_size = model.cfg.block_size
-        self.keep = max(1, self.block_size * 3 // 4)  # window kept when the context is full
+        if self.block_size < 2:
+            raise ValueError("generation needs a context (model.block_size) of at least 2 tokens")
+        self.keep = max(2, self.block_size * 3 // 4)  # window kept when the context is full
 
     @property
     def device(self) -> torch.device:
@@ -85,27 +88,30 @@ class Generator:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         windows = [list(p) for p in prompts]
         out: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
+        active = list(range(len(prompts)))  # rows still generating; the cache holds exactly these
         logits, cache = self._prefill(windows, use_cache)
-        for _ in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            tokens = nxt.tolist()
-            for b, tok in enumerate(tokens):
-                if done[b]:
-                    continue
-                if eos_id is not None and tok == eos_id:
-                    done[b] = True
-                else:
-                    out[b].append(tok)
-                windows[b].append(tok)
-            if all(done):
+        for step in range(max_new_tokens):
+            tokens = sample_next(logits, temperature, top_k, top_p, generator).tolist()
+            keep = [i for i, tok in enumerate(tokens) if eos_id is None or tok != eos_id]
+            for i in keep:
+                out[active[i]].append(tokens[i])
+                windows[active[i]].append(tokens[i])
+            if not keep or step == max_new_tokens - 1:
                 break
-            if any(len(w) > self.block_size for w in windows):  # the window is full: slide and prefill again
-                windows = [w[-self.keep :] for w in windows]
-                logits, cache = self._prefill(windows, use_cache)
-            elif cache is not None:
-                logits = self.model(nxt[:, None], cache=cache)[:, -1]
-                cache.advance(1)
-            else:
-                logits, _ = self._prefill(windows, use_cache=False)
+            if len(keep) < len(active):  # finished rows leave the batch
+                active, tokens = [active[i] for i in keep], [tokens[i] for i in keep]
+                if cache is not None:
+                    cache.select(keep)
+            full = [i for i, b in enumerate(active) if len(windows[b]) > self.block_size]
+            for i in full:  # a full window slides: keep its last 3/4 of the context
+                windows[active[i]] = windows[active[i]][-self.keep :]
+            if cache is None:
+                logits, _ = self._prefill([windows[b] for b in active], use_cache=False)
+                continue
+            if full:  # rebuild those rows' cache from their window minus the token fed below
+                _, rebuilt = self._prefill([windows[active[i]][:-1] for i in full], use_cache=True)
+                cache.replace_rows(full, rebuilt)
+            ids = torch.tensor(tokens, device=self.device)[:, None]
+            logits = self.model(ids, cache=cache)[:, -1]
+            cache.advance(1)
         return out

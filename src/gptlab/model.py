@@ -62,6 +62,16 @@ class KVCache:
         """Mark `counts` more tokens per row as filled."""
         self.lengths += counts
 
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows (e.g. when others have finished), in this order."""
+        idx = torch.tensor(rows, device=self.lengths.device)
+        self.k, self.v, self.lengths = self.k[:, idx], self.v[:, idx], self.lengths[idx]
+
+    def replace_rows(self, rows: list[int], other: KVCache) -> None:
+        """Overwrite these rows with the rows of `other` (a cache rebuilt for them)."""
+        idx = torch.tensor(rows, device=self.lengths.device)
+        self.k[:, idx], self.v[:, idx], self.lengths[idx] = other.k, other.v, other.lengths
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
