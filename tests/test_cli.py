@@ -95,6 +95,15 @@ def test_sample_errors(workdir):
     )
     r = gptlab("train", *TINY, cwd=workdir)
     assert r.returncode == 2 and r.stderr.startswith("error: run directory 'run' already exists")
+    bad = {
+        "--top-k=0": "error: --top-k must be at least 1, got 0 (or leave it unset)\n",
+        "--top-p=-0.5": "error: --top-p must be in (0, 1], got -0.5 (e.g. 0.95, or leave it unset)\n",
+        "--temperature=nan": "error: --temperature must be a finite number >= 0, got nan (0 is greedy)\n",
+        "--num-samples=0": "error: --num-samples must be at least 1, got 0 (ask for 1 or more samples)\n",
+    }
+    for flag, message in bad.items():
+        r = gptlab("sample", "run", "--start", "the", flag, cwd=workdir)
+        assert (r.returncode, r.stderr) == (2, message)
 
 
 @pytest.mark.slow

@@ -62,6 +62,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.config import check_sampling
     from gptlab.generate import Generator
     from gptlab.train.checkpoint import load_run
     from gptlab.train.trainer import select_device, select_dtype
@@ -85,16 +86,21 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
         raise GptlabError(
             f"the prompt has {len(ids)} tokens, more than the context of {model.cfg.block_size}", "shorten --start"
         )
-    n = args.num_samples if args.num_samples is not None else s.num_samples
-    out = Generator(model).generate(
-        [ids] * n,
-        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else s.max_new_tokens,
-        temperature=args.temperature if args.temperature is not None else s.temperature,
-        top_k=args.top_k if args.top_k is not None else s.top_k,
-        top_p=args.top_p if args.top_p is not None else s.top_p,
-        eos_id=tokenizer.eos_id,
-        seed=args.seed if args.seed is not None else s.seed,
+
+    def pick(flag: object, default: object) -> object:
+        return flag if flag is not None else default
+
+    n, max_new = pick(args.num_samples, s.num_samples), pick(args.max_new_tokens, s.max_new_tokens)
+    temperature, top_k, top_p = (
+        pick(args.temperature, s.temperature),
+        pick(args.top_k, s.top_k),
+        pick(args.top_p, s.top_p),
     )
+    check_sampling(n, max_new, temperature, top_k, top_p, flags=True)
+    out = Generator(model).generate(
+        [ids] * n, max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_id=tokenizer.eos_id, seed=pick(args.seed, s.seed),
+    )  # fmt: skip
     for i, toks in enumerate(out):
         if i:
             print("-" * 40)
@@ -107,6 +113,8 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.train.bench import bench
 
     path, overrides = _split_config_and_overrides(args.args, extra)
+    if args.steps < 1 or args.warmup < 0 or args.vocab_size < 0:
+        raise GptlabError("--steps must be at least 1, --warmup and --vocab-size at least 0", "e.g. --steps 20")
     cfg = load_config(path, overrides)
     print(bench(cfg, steps=args.steps, warmup=args.warmup, vocab_size=args.vocab_size))
     return 0

@@ -230,13 +230,13 @@ def _merge(base: Any, other: Any, origin: str) -> Any:
         key = e.full_key or str(e.key)
         raise GptlabError(f"unknown config key '{key}' in {origin}", _suggest(key)) from e
     except ValidationError as e:
-        key = e.full_key or str(e.key)
+        key = e.full_key or (str(e.key) if e.key is not None else "a section")
         raise GptlabError(
-            f"config key '{key}' in {origin} has a wrong type: {e.msg.splitlines()[0]}",
+            f"config key '{key}' in {origin} has a wrong type: {str(e).splitlines()[0]}",
             "give a value of the declared type, see configs/ for examples",
         ) from e
     except OmegaConfBaseException as e:
-        raise GptlabError(f"invalid config in {origin}: {e.msg.splitlines()[0]}", "check the YAML syntax") from e
+        raise GptlabError(f"invalid config in {origin}: {str(e).splitlines()[0]}", "check the YAML syntax") from e
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -248,6 +248,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise GptlabError(f"config file '{path}' not found", "pass a YAML file, e.g. configs/shakespeare-char.yaml")
         try:
             data = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError as e:
+            raise GptlabError(f"config file '{path}' is not UTF-8 text", "give a YAML file") from e
         except yaml.YAMLError as e:
             raise GptlabError(
                 f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}", "fix the YAML"
@@ -260,7 +262,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             other = OmegaConf.from_dotlist(dotlist)
         except OmegaConfBaseException as e:
-            raise GptlabError(f"cannot parse overrides: {e.msg.splitlines()[0]}", "write them as key=value") from e
+            raise GptlabError(f"cannot parse overrides: {str(e).splitlines()[0]}", "write them as key=value") from e
         cfg = _merge(cfg, other, "overrides")
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(config)
@@ -294,10 +296,43 @@ def validate(cfg: Config) -> None:
         raise GptlabError("train.eval_interval, eval_iters and log_interval must be at least 1", "raise them")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise GptlabError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}", "e.g. 0.1")
+    ranges = {
+        "train.lr": (t.lr, 0.0, math.inf), "train.muon_lr": (t.muon_lr, 0.0, math.inf),
+        "train.beta1": (t.beta1, 0.0, 0.999999), "train.beta2": (t.beta2, 0.0, 0.999999),
+        "train.weight_decay": (t.weight_decay, 0.0, math.inf), "train.grad_clip": (t.grad_clip, 0.0, math.inf),
+        "train.min_lr_ratio": (t.min_lr_ratio, 0.0, 1.0), "train.decay_fraction": (t.decay_fraction, 0.0, 1.0),
+        "train.warmup_iters": (t.warmup_iters, 0, math.inf), "model.rope_theta": (cfg.model.rope_theta, 1e-9, math.inf),
+        "model.norm_eps": (cfg.model.norm_eps, 1e-30, 1.0),
+    }  # fmt: skip
+    for key, (value, low, high) in ranges.items():
+        if not low <= value <= high:
+            raise GptlabError(f"{key}={value} is out of range", f"use a value in [{low}, {high}]")
+    check_sampling(cfg.sample.num_samples, cfg.sample.max_new_tokens, cfg.sample.temperature,
+                   cfg.sample.top_k, cfg.sample.top_p, flags=False)  # fmt: skip
     if t.keep_last < 1:
         raise GptlabError("train.keep_last must be at least 1", "keep at least the latest checkpoint")
     if cfg.model.arch not in ARCHES:
         raise _choice_error("model.arch", cfg.model.arch, ARCHES)
+
+
+def check_sampling(
+    num_samples: int, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, flags: bool
+) -> None:
+    """Sampling values a generator can honour, named as CLI flags (`flags`) or as sample.* config keys."""
+
+    def name(key: str) -> str:
+        return "--" + key.replace("_", "-") if flags else f"sample.{key}"
+
+    if num_samples < 1:
+        raise GptlabError(f"{name('num_samples')} must be at least 1, got {num_samples}", "ask for 1 or more samples")
+    if max_new_tokens < 0:
+        raise GptlabError(f"{name('max_new_tokens')} must be 0 or more, got {max_new_tokens}", "e.g. 500")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise GptlabError(f"{name('temperature')} must be a finite number >= 0, got {temperature}", "0 is greedy")
+    if top_k is not None and top_k < 1:
+        raise GptlabError(f"{name('top_k')} must be at least 1, got {top_k}", "or leave it unset")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise GptlabError(f"{name('top_p')} must be in (0, 1], got {top_p}", "e.g. 0.95, or leave it unset")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -81,7 +81,8 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 5, vocab_size: int = 0) ->
         float(loss)  # wait for the device
         return time.perf_counter() - t0
 
-    run(warmup)
+    if warmup:
+        run(warmup)
     dt = run(steps) / steps
     tokens_per_s = shape[0] * shape[1] / dt
     peak, source = device_peak(device, step.dtype)

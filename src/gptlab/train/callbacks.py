@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError
 from gptlab.progress import console, progress_bar
 from gptlab.train.checkpoint import prune_checkpoints, read_pointer, write_pointer
@@ -42,8 +43,15 @@ class MetricsLogger(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         if self.path.exists():  # on resume, drop what the lost steps after the checkpoint had logged
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= trainer.step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line half-written by a crash
+                    continue
+                if record.get("step", 0) <= trainer.step:
+                    kept.append(line)
+            write_atomic(self.path, "".join(line + "\n" for line in kept).encode())
         self.file = open(self.path, "a", buffering=1)
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -130,7 +138,7 @@ class HistoryPrinter(Callback):
         self.path, self.enabled = path, enabled
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self.path.write_text(json.dumps(trainer.history, indent=2))
+        write_atomic(self.path, json.dumps(trainer.history, indent=2).encode())
         if not self.enabled or not trainer.history:
             return
         table = Table(title=f"history ({trainer.run_dir})")

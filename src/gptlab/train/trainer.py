@@ -203,15 +203,17 @@ class Trainer:
         self.stepper = TrainStep(self.model, t, self.device, self.micro_batch_size, self.total_steps)
         self.dtype, self.forward = self.stepper.dtype, self.stepper.forward
         self.optimizers, self.scaler = self.stepper.optimizers, self.stepper.scaler
-        self._prepare_run_dir(overwrite)  # only once everything above has been checked
 
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.best_metric: float | None = None
         self._epoch_loss, self._epoch_steps = 0.0, 0
         self._stop_requested = False
+        # the run directory is written only once everything is checked and a resumed checkpoint has loaded
+        self._prepare_run_dir(overwrite, write=False)
         if resume:
             self._load_latest()
+        self._prepare_run_dir(overwrite, write=True)
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
 
     # ----- set-up -----------------------------------------------------------------------------
@@ -228,7 +230,7 @@ class Trainer:
             )
         return replace(cfg, model=model_cfg.resolved())
 
-    def _prepare_run_dir(self, overwrite: bool) -> None:
+    def _prepare_run_dir(self, overwrite: bool, write: bool) -> None:
         config_path = self.run_dir / "config.yaml"
         run_tokenizer = self.run_dir / "tokenizer.json"
         if self.resume:
@@ -252,13 +254,18 @@ class Trainer:
                     f"cannot resume with changed {', '.join(changed)}",
                     "resume keeps the model, data, seed, batch size and data mode; start a new run to change them",
                 )
+        elif self.run_dir.is_file():
+            raise GptlabError(f"train.out_dir '{self.run_dir}' is a file", "set train.out_dir to a folder")
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not overwrite:
                 raise GptlabError(
                     f"run directory '{self.run_dir}' already exists",
                     "pass --resume to continue it, --overwrite to start over, or set train.out_dir",
                 )
-            shutil.rmtree(self.run_dir)
+            if write:
+                shutil.rmtree(self.run_dir)
+        if not write:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = config_path.with_name(".config.yaml.tmp")
         tmp.write_text(to_yaml(self.cfg))
@@ -311,7 +318,8 @@ class Trainer:
             )
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():  # an fp32/bf16 run saves an empty scaler state
+            self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.step = meta["step"]
         self.best_metric, self.history = state["best_metric"], state["history"]
@@ -354,8 +362,8 @@ class Trainer:
         in_main = threading.current_thread() is threading.main_thread()
         signals = (signal.SIGINT, signal.SIGTERM) if in_main else ()
         old_handlers = {sig: signal.signal(sig, self._on_sigint) for sig in signals}
-        self.fire("on_train_start")
         try:
+            self.fire("on_train_start")
             self._loop(t)
         except torch.OutOfMemoryError as e:
             raise GptlabError(
