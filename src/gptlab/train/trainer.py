@@ -25,6 +25,7 @@ import yaml
 
 from gptlab.config import Config, TrainConfig, from_dict, to_yaml
 from gptlab.data.batches import IGNORE_INDEX, Batches, load_prepared
+from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.progress import console
@@ -210,10 +211,10 @@ class Trainer:
         self._epoch_loss, self._epoch_steps = 0.0, 0
         self._stop_requested = False
         # the run directory is written only once everything is checked and a resumed checkpoint has loaded
-        self._prepare_run_dir(overwrite, write=False)
+        self._check_run_dir(overwrite)
         if resume:
             self._load_latest()
-        self._prepare_run_dir(overwrite, write=True)
+        self._write_run_dir(overwrite)
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
 
     # ----- set-up -----------------------------------------------------------------------------
@@ -230,7 +231,8 @@ class Trainer:
             )
         return replace(cfg, model=model_cfg.resolved())
 
-    def _prepare_run_dir(self, overwrite: bool, write: bool) -> None:
+    def _check_run_dir(self, overwrite: bool) -> None:
+        """Refuse a run directory that cannot be resumed, or that exists without --resume/--overwrite."""
         config_path = self.run_dir / "config.yaml"
         run_tokenizer = self.run_dir / "tokenizer.json"
         if self.resume:
@@ -256,21 +258,19 @@ class Trainer:
                 )
         elif self.run_dir.is_file():
             raise GptlabError(f"train.out_dir '{self.run_dir}' is a file", "set train.out_dir to a folder")
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not overwrite:
-                raise GptlabError(
-                    f"run directory '{self.run_dir}' already exists",
-                    "pass --resume to continue it, --overwrite to start over, or set train.out_dir",
-                )
-            if write:
-                shutil.rmtree(self.run_dir)
-        if not write:
-            return
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not overwrite:
+            raise GptlabError(
+                f"run directory '{self.run_dir}' already exists",
+                "pass --resume to continue it, --overwrite to start over, or set train.out_dir",
+            )
+
+    def _write_run_dir(self, overwrite: bool) -> None:
+        """Start (or, with --overwrite, restart) the run directory: config.yaml and a copy of the tokenizer."""
+        if overwrite and not self.resume and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = config_path.with_name(".config.yaml.tmp")
-        tmp.write_text(to_yaml(self.cfg))
-        tmp.replace(config_path)
-        shutil.copyfile(self.data.tokenizer_path, run_tokenizer)
+        write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg).encode())
+        write_atomic(self.run_dir / "tokenizer.json", self.data.tokenizer_path.read_bytes())
 
     def default_callbacks(self) -> list[Callback]:
         t = self.cfg.train
