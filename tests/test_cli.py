@@ -60,7 +60,7 @@ def test_prepare_train_resume_sample(workdir):
         (["train", "model.n_layers=2"], "error: unknown config key 'model.n_layers' in overrides (did you mean 'model.n_layer'?)\n"),
         (["train", "missing.yaml"], "error: config file 'missing.yaml' not found (pass a YAML file, e.g. configs/shakespeare-char.yaml)\n"),
         (["train", "data.dir=nowhere"], "error: no prepared data in 'nowhere' (meta.json missing) (run `gptlab prepare` with data.dir=nowhere)\n"),
-        (["prepare", "data.source=corpus.bin", "data.dir=d"], "error: 'corpus.bin' is not valid UTF-8 at byte 2 (convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8)\n"),
+        (["prepare", "data.source=corpus.bin", "data.dir=d"], "error: 'corpus.bin' is not valid UTF-8 at byte 2 (convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8, or pass --errors replace)\n"),
         (["sample", "norun"], "error: 'norun' is not a run directory (config.yaml missing) (pass the train.out_dir of a run)\n"),
         (["train", "--resume", "norun"], "error: no run to resume in 'norun' (config.yaml missing) (check the path)\n"),
         (["train", "--bogus"], "error: unknown option '--bogus' (see `gptlab --help`; overrides are written key=value)\n"),

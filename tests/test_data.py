@@ -11,17 +11,21 @@ from gptlab.errors import GptlabError
 from gptlab.tokenizers import Tokenizer
 
 
-def test_prepare_writes_memmappable_splits_tokenizer_and_meta(prepared, text_file):
+def test_prepare_writes_memmappable_shards_tokenizer_and_meta(prepared, text_file):
     d = load_prepared(prepared.data.dir)
     meta = json.loads((d.dir / "meta.json").read_text())
-    assert meta["dtype"] == "uint16" and d.train.dtype == np.uint16
+    assert meta["complete"] and meta["dtype"] == "uint16" and d.train[0].dtype == np.uint16
+    assert [e["file"] for e in meta["shards"]["train"]] == ["train_00000.bin"]  # the one-shard case
+    raw = np.memmap(d.dir / "train_00000.bin", dtype=np.uint16, mode="r")
+    assert np.array_equal(raw, d.train[0])
     text = text_file.read_text()
-    assert meta["vocab_size"] == len(set(text))
+    assert meta["vocab_size"] == len(set(text)) + 1  # the characters and <|endoftext|>
     tok = Tokenizer.load(d.dir / "tokenizer.json")
-    whole = tok.decode(np.concatenate([d.train, d.val]).tolist())
-    assert whole == text
-    assert meta["train_tokens"] == int(len(whole) * 0.9) and meta["train_tokens"] + meta["val_tokens"] == len(whole)
-    assert len(meta["source_sha256"]) == 64
+    whole = tok.decode(np.concatenate([*d.train, *d.val]).tolist())
+    assert whole == text + "<|endoftext|>"  # one document, closed by the end-of-text token
+    # nanoGPT's tail split: the first 90% of the text's bytes are train
+    assert tok.decode(d.train[0].tolist()) == text[: int(len(text.encode()) * 0.9)]
+    assert meta["train_tokens"] + meta["val_tokens"] == len(text) + 1 and meta["documents"] == 1
 
 
 def test_prepare_again_skips_and_refuses_another_source(prepared, tmp_path):
@@ -43,25 +47,29 @@ def test_bad_text_is_a_clear_error(prepared, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     cases = {
-        str(bad): f"'{bad}' is not valid UTF-8 at byte 6 (convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8)",
+        str(bad): f"'{bad}' is not valid UTF-8 at byte 6 "
+        "(convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8, or pass --errors replace)",
         str(empty): f"'{empty}' is empty (give a file with text in it)",
-        "nope.txt": "data source 'nope.txt' not found "
-        "(give an existing text file or folder, or 'shakespeare' for the built-in corpus)",
     }
     for source, message in cases.items():
         with pytest.raises(GptlabError) as e:
             prepare(replace(prepared.data, source=source, dir=str(tmp_path / "d")), quiet=True)
         assert str(e.value) == message
+    d = replace(prepared.data, source=str(bad), dir=str(tmp_path / "d"), errors="replace", val_fraction=0.5)
+    assert prepare(d, quiet=True).meta["complete"]
+    tok = Tokenizer.load(tmp_path / "d" / "tokenizer.json")
+    data = load_prepared(tmp_path / "d")
+    assert tok.decode(np.concatenate([*data.train, *data.val]).tolist()) == "hello \ufffd world<|endoftext|>"
 
 
 def test_folder_source_and_builtin_corpus(tmp_path):
     folder = tmp_path / "texts"
     (folder / "sub").mkdir(parents=True)
     (folder / "a.txt").write_text("abc\n" * 50)
-    (folder / "sub" / "b.txt").write_text("xyz" * 50)  # no final newline: prepare adds one between files
+    (folder / "sub" / "b.txt").write_text("xyz" * 50)
     meta = prepare(DataConfig(source=str(folder), dir=str(tmp_path / "d")), quiet=True).meta
-    assert meta["source_files"] == 2 and meta["vocab_size"] == 7
-    assert meta["train_tokens"] + meta["val_tokens"] == 200 + 151
+    assert meta["documents"] == 2 and meta["vocab_size"] == 8  # a b c x y z \n <|endoftext|>
+    assert meta["train_tokens"] + meta["val_tokens"] == 200 + 150 + 2
     from gptlab.data.sources import builtin_corpus_files
 
     files = builtin_corpus_files()
@@ -98,6 +106,6 @@ def test_corpus_shorter_than_context(prepared):
     with pytest.raises(GptlabError) as e:
         Batches(d.val, 100_000, 4, "random", seed=0, split="val")
     assert str(e.value) == (
-        f"the val split has {len(d.val)} tokens, fewer than the context of 100000 + 1 "
+        f"the val split has {len(d.val[0])} tokens, fewer than the context of 100000 + 1 "
         "(lower model.block_size or give more text)"
     )

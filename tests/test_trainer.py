@@ -34,13 +34,17 @@ class StopAt(Callback):
             trainer._stop_requested = True
 
 
-@pytest.mark.parametrize("mode", ["random", "epoch"])
-def test_resume_is_bit_identical(tmp_path, mode):
+@pytest.mark.parametrize("mode,shard_tokens", [("random", None), ("epoch", None), ("random", 300), ("epoch", 300)])
+def test_resume_is_bit_identical(tmp_path, mode, shard_tokens):
     text = tmp_path / "small.txt"
     text.write_text(make_text(30))  # small, so epoch mode crosses epoch boundaries within the run
     over = [f"train.data_mode={mode}", "train.max_iters=30", "model.dropout=0.1", "train.optimizer=muon"]
+    if shard_tokens:
+        over.append(f"data.shard_tokens={shard_tokens}")
     full_cfg = tiny_config(tmp_path / "a", text, *over)
     prepare(full_cfg.data, quiet=True)
+    if shard_tokens:
+        assert len(json.loads((tmp_path / "a" / "data" / "meta.json").read_text())["shards"]["train"]) >= 4
     full = Trainer(full_cfg, quiet=True).fit()
     if mode == "epoch":
         assert full.steps_per_epoch < 30  # at least one epoch boundary is crossed

@@ -31,13 +31,41 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.data.shards import prepare
 
     path, overrides = _split_config_and_overrides(args.args, extra)
+    flags = {"errors": args.errors, "dtype": args.dtype, "workers": args.workers}
+    overrides += [f"data.{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(path, overrides)
     result = prepare(cfg.data, overwrite=args.overwrite, quiet=args.quiet)
     m = result.meta
     state = "up to date" if result.skipped else "prepared"
+    shards = len(m["shards"]["train"]) + len(m["shards"]["val"])
     print(
-        f"{state}: {result.dir} ({m['train_tokens']:,} train + {m['val_tokens']:,} val tokens, vocab {m['vocab_size']})"
+        f"{state}: {result.dir} ({m['train_tokens']:,} train + {m['val_tokens']:,} val tokens in {shards} shard(s), "
+        f"vocab {m['vocab_size']})"
     )
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.data.tokenizer_setup import train_tokenizer
+
+    if extra:
+        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab tokenizer train --help`")
+    path = train_tokenizer(
+        args.kind, args.paths, args.out, vocab_size=args.vocab_size, specials=args.special or [],
+        text_field=args.text_field, errors=args.errors, quiet=args.quiet,
+    )  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.data.inspect import inspect_data
+
+    if extra:
+        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab data inspect --help`")
+    if args.windows < 0 or args.tokens < 1:
+        raise GptlabError("--windows must be 0 or more and --tokens at least 1", "e.g. --windows 3 --tokens 64")
+    print(inspect_data(args.dir, windows=args.windows, window_tokens=args.tokens, seed=args.seed))
     return 0
 
 
@@ -129,10 +157,37 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="a YAML preset, then dotted overrides")
         p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 
-    p = sub.add_parser("prepare", help="tokenize data.source into data.dir (train.bin, val.bin, meta.json)")
+    p = sub.add_parser("prepare", help="tokenize data.source into token shards in data.dir (resumes when cut short)")
     with_config(p)
     p.add_argument("--overwrite", action="store_true", help="replace data prepared from another source")
+    p.add_argument("--errors", choices=["strict", "replace"], help="non-UTF-8 bytes: an error (default) or U+FFFD")
+    p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], help="force the token array type")
+    p.add_argument("--workers", type=int, help="encoding processes (default: one per CPU core)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok = p.add_subparsers(dest="tokenizer_command", required=True)
+    p = tok.add_parser("train", help="train a tokenizer on text and write DIR/tokenizer.json (transformers loads it)")
+    p.add_argument(
+        "paths", nargs="*", metavar="PATH", help="text files, folders or globs (gpt2: the vocab/merges folder)"
+    )
+    p.add_argument("--kind", required=True, help="char, bpe, wordpiece or gpt2")
+    p.add_argument("--vocab-size", "--vocab_size", type=int, default=8192, dest="vocab_size")
+    p.add_argument("--special", action="append", metavar="TOKEN", help="a special token (repeat for more)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
+    p.add_argument("--text-field", default="text", dest="text_field", help="the text field of .jsonl/.parquet")
+    p.add_argument("--errors", choices=["strict", "replace"], default="strict", help="non-UTF-8 bytes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("data", help="prepared-data tools")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("inspect", help="shard stats and a few decoded windows of a prepared folder")
+    p.add_argument("dir", help="the prepared folder (data.dir)")
+    p.add_argument("--windows", type=int, default=3, help="random train windows to decode")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per window")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("train", help="train a model: gptlab train configs/shakespeare-char.yaml train.max_iters=100")
     with_config(p)

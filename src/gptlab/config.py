@@ -107,12 +107,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the text comes from and where its prepared token files live."""
+    """Where the text comes from, how it is tokenized, and where its token shards live."""
 
-    source: str = "shakespeare"  # "shakespeare" (built-in complete works), a text file or a folder of .txt files
-    dir: str = "data/shakespeare-char"  # prepared data: train.bin, val.bin, meta.json, tokenizer.json
-    tokenizer: str = "char"  # tokenizer kind to build when preparing
-    val_fraction: float = 0.1  # the last fraction of the text becomes the validation split
+    # "shakespeare" (built-in complete works), a .txt/.jsonl/.parquet file, a folder, a glob,
+    # or a Hugging Face dataset: hf:owner/name[:config], tinystories, openwebtext, simplebooks-92
+    source: str = "shakespeare"
+    dir: str = "data/shakespeare-char"  # prepared data: shards, meta.json, tokenizer.json
+    tokenizer: str = "char"  # char, bpe, wordpiece, gpt2, or the path of an existing tokenizer.json
+    vocab_size: int = 8192  # bpe and wordpiece: the vocabulary to train
+    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])  # the first one ends documents
+    gpt2_files: str | None = None  # gpt2: a folder with vocab.json + merges.txt to build it offline
+    text_field: str = "text"  # the field holding the text in .jsonl/.parquet/hub rows
+    hub_split: str = "train"  # the split of a Hugging Face dataset to read
+    errors: str = "strict"  # non-UTF-8 bytes: "strict" (an error naming the byte) or "replace"
+    split: str = "tail"  # "tail": the last val_fraction of the text (nanoGPT); "document": whole documents
+    val_fraction: float = 0.1
+    shard_tokens: int = 100_000_000  # tokens per shard file
+    chunk_chars: int = 1 << 16  # text per encoding task; memory is bounded by this, not the corpus
+    workers: int = 0  # encoding processes; 0 = one per CPU core
+    dtype: str = "auto"  # token array type: auto (uint16 when the vocabulary fits), uint16, uint32
 
 
 @dataclass
@@ -278,7 +291,9 @@ def validate(cfg: Config) -> None:
         "train.schedule": (t.schedule, ("cosine", "linear", "constant", "onecycle", "wsd")),
         "train.dtype": (t.dtype, ("auto", "float32", "bfloat16", "float16")),
         "train.monitor_mode": (t.monitor_mode, ("min", "max")),
-        "data.tokenizer": (cfg.data.tokenizer, ("char",)),
+        "data.split": (cfg.data.split, ("tail", "document")),
+        "data.errors": (cfg.data.errors, ("strict", "replace")),
+        "data.dtype": (cfg.data.dtype, ("auto", "uint16", "uint32")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -294,6 +309,7 @@ def validate(cfg: Config) -> None:
             raise GptlabError(f"train.{key} must be at least 1, got {getattr(t, key)}", "or null to leave it unset")
     if t.eval_interval < 1 or t.eval_iters < 1 or t.log_interval < 1:
         raise GptlabError("train.eval_interval, eval_iters and log_interval must be at least 1", "raise them")
+    validate_data(cfg.data)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise GptlabError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}", "e.g. 0.1")
     ranges = {
@@ -313,6 +329,24 @@ def validate(cfg: Config) -> None:
         raise GptlabError("train.keep_last must be at least 1", "keep at least the latest checkpoint")
     if cfg.model.arch not in ARCHES:
         raise _choice_error("model.arch", cfg.model.arch, ARCHES)
+
+
+def validate_data(d: DataConfig) -> None:
+    """Check the data settings that a prepare would otherwise trip over late."""
+    kinds = ("char", "bpe", "wordpiece", "gpt2")
+    if d.tokenizer not in kinds and not d.tokenizer.endswith(".json"):
+        close = difflib.get_close_matches(d.tokenizer, kinds, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "use char, bpe, wordpiece, gpt2 or a tokenizer.json path"
+        raise GptlabError(f"data.tokenizer has no option '{d.tokenizer}'", hint)
+    for key in ("shard_tokens", "chunk_chars"):
+        if getattr(d, key) < 1:
+            raise GptlabError(f"data.{key} must be at least 1, got {getattr(d, key)}", "raise it")
+    if d.workers < 0:
+        raise GptlabError(f"data.workers must be 0 or more, got {d.workers}", "0 uses one per CPU core")
+    if len(set(d.special_tokens)) != len(d.special_tokens) or "" in d.special_tokens:
+        raise GptlabError(
+            f"data.special_tokens has an empty or repeated token: {list(d.special_tokens)}", "list each special once"
+        )
 
 
 def check_sampling(

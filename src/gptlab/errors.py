@@ -11,5 +11,8 @@ class GptlabError(Exception):
         self.what = what
         self.fix = fix
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # survives the trip back from a worker process
+        return (type(self), (self.what, self.fix))
+
     def __str__(self) -> str:
         return f"{self.what} ({self.fix})"

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 console = Console(stderr=True)
 
@@ -19,4 +28,21 @@ def progress_bar(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=transient,
+        disable=not console.is_terminal,  # a log file gets no half-drawn bars
+    )
+
+
+def bytes_bar(transient: bool = False) -> Progress:
+    """A progress bar over bytes of text, with MB done and MB/s, drawn on stderr."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=not console.is_terminal,  # a log file gets no half-drawn bars
     )

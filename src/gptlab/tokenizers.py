@@ -1,48 +1,151 @@
-"""One tokenizer interface over Hugging Face `tokenizers`, stored as a standard `tokenizer.json`."""
+"""One tokenizer interface over Hugging Face `tokenizers` and `tiktoken`, stored as a standard `tokenizer.json`.
+
+Kinds: `char` (one id per character), `bpe` (byte-level BPE trained here), `wordpiece` (byte-level WordPiece
+trained here) and `gpt2` (GPT-2's BPE). Every kind is a plain HF `tokenizer.json` that `transformers` loads;
+byte-level BPE files are encoded by `tiktoken` when they convert exactly (it is several times faster).
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import tiktoken
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models
 
 from gptlab.errors import GptlabError
 
+KINDS = ("char", "bpe", "wordpiece", "gpt2")
+TRAINABLE = ("char", "bpe", "wordpiece")
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<EOS>")
+GPT2_EOT = "<|endoftext|>"
+# tiktoken's spelling of the GPT-2 split regex: the same pieces as HF ByteLevel's, with faster possessive loops
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# sha256 of GPT-2's 50,257 vocabulary strings in id order (see `_vocab_sha256`): how a loaded file is known as GPT-2
+GPT2_VOCAB_SHA256 = "3eec753ec2898a20d38172a5e4488c7612b730d67ef26d18bbdb2722c51a8c1d"
+# HF WordPiece tries every (start, end) of a word, cubic in its length (10,000 chars: 15 s), so the pre-tokenizer
+# cuts words into chunks of at most this many bytes; a token never spans a chunk, so nothing else changes
+WORDPIECE_CHUNK = 100
+WORDPIECE_MAX_WORD = 1_000_000  # above the chunk size: no word is [UNK] for being long
+UNKNOWN_KIND_FIX = "use one of char, bpe, wordpiece, gpt2, or a path to a tokenizer.json"
+GPT2_FILES_FIX = "give the folder of a GPT-2 vocab.json and merges.txt"
+WHITESPACE_SPLITTERS = ("Whitespace", "WhitespaceSplit", "BertPreTokenizer")
 
 
 class Tokenizer:
-    """Text <-> token ids, with the vocabulary size and special ids a model needs."""
+    """Text <-> token ids, with the vocabulary size and special ids a model needs.
+
+    Everything is derived from `hf` (the HF object, saved as tokenizer.json), so a reloaded tokenizer is the same:
+    - kind: char, bpe, wordpiece, gpt2 (GPT-2's vocabulary), or the HF model type lowercased for foreign files
+    - engine: "tiktoken" when the file is a byte-level BPE that tiktoken encodes exactly, else "hf"
+    - vocab_size: highest id + 1; special_ids: special token -> id; eos_id: the end-of-text id, if any
+    - cut_safe: cutting text right before a single ' ' between two non-space characters never changes the ids
+      (no normalizer, a pre-tokenizer that splits there, no special token holding whitespace), so a caller may
+      encode a long document in pieces
+    """
+
+    hf: HFTokenizer
+    kind: str
+    engine: str
+    vocab_size: int
+    special_ids: dict[str, int]
+    eos_id: int | None
+    cut_safe: bool
 
     def __init__(self, hf: HFTokenizer) -> None:
         self.hf = hf
+        text = hf.to_str()
+        spec = json.loads(text)
+        model = spec["model"]
         vocab = hf.get_vocab(with_added_tokens=True)
-        self.vocab_size: int = max(vocab.values()) + 1 if vocab else 0
-        self.special_ids: dict[str, int] = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
-        self.eos_id: int | None = next((self.special_ids[t] for t in EOS_CANDIDATES if t in self.special_ids), None)
+        self.vocab_size = max(vocab.values()) + 1 if vocab else 0
+        added = hf.get_added_tokens_decoder()
+        self.special_ids = {t.content: i for i, t in added.items() if t.special}
+        self.eos_id = next((self.special_ids[t] for t in EOS_CANDIDATES if t in self.special_ids), None)
+        pre, normalizer = spec.get("pre_tokenizer"), spec.get("normalizer")
+        is_char = model["type"] == "BPE" and not model.get("merges") and pre is None and normalizer is None
+        if is_char:
+            self.kind = "char"
+        elif (
+            model["type"] == "BPE"
+            and len(model["vocab"]) == 50257
+            and _vocab_sha256(model["vocab"]) == GPT2_VOCAB_SHA256
+        ):
+            self.kind = "gpt2"
+        else:
+            self.kind = model["type"].lower()
         # a character tokenizer silently drops unseen characters; we remember its alphabet to refuse them
-        model = json.loads(hf.to_str())["model"]
-        is_char = model["type"] == "BPE" and not model.get("merges")
-        self.kind = "char" if is_char else model["type"].lower()
-        self._alphabet = set(model["vocab"]) if is_char else None
+        self._alphabet = frozenset(model["vocab"]) if is_char else None
+        # a cut inside a special token would split it; otherwise the pre-tokenizer decides (see `cut_safe` rule)
+        spaced_special = any(any(c.isspace() for c in s) for s in self.special_ids)
+        self.cut_safe = not spaced_special and (is_char or (normalizer is None and _splits_at_spaces(pre)))
+        self._special_re = _special_regex(self.special_ids)
+        self._special_firsts = frozenset(s[0] for s in self.special_ids)
+        self._enc = _tiktoken_encoding(text, spec, added)
+        self.engine = "hf" if self._enc is None else "tiktoken"
+        self._valid_ids: frozenset[int] | None = None
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, engine={self.engine!r}, vocab_size={self.vocab_size})"
+
+    # ----- constructors -----------------------------------------------------------------------------------------
+    @classmethod
+    def train(
+        cls, kind: str, texts: Iterable[str], vocab_size: int, specials: Sequence[str] = (GPT2_EOT,)
+    ) -> Tokenizer:
+        """Train a char, bpe or wordpiece tokenizer on `texts`, streamed once (never held in memory)."""
+        specials = _check_specials(specials)
+        if kind == "gpt2":
+            raise GptlabError("tokenizer kind 'gpt2' is pretrained, not trained", "build it with Tokenizer.gpt2()")
+        if kind not in TRAINABLE:
+            raise GptlabError(f"tokenizer kind '{kind}' is unknown", UNKNOWN_KIND_FIX)
+        if kind != "char":
+            least = 256 + len(specials)  # every byte is a token, so no text is ever unknown
+            if vocab_size < least:
+                raise GptlabError(
+                    f"vocab_size {vocab_size} is too small for a {kind} tokenizer",
+                    f"use at least {least}: the 256 bytes and {len(specials)} special token(s)",
+                )
+        if isinstance(texts, str):  # one text, not an iterable of characters
+            texts = [texts]
+        seen = [0]
+        stream = _training_stream(texts, _special_regex(specials), seen)
+        if kind == "char":
+            hf = _train_char(stream, specials)
+        elif kind == "bpe":
+            hf = _train_bpe(stream, vocab_size, specials)
+        else:
+            hf = _train_wordpiece(stream, vocab_size, specials)
+        if not seen[0]:
+            raise GptlabError("the text to train the tokenizer on is empty", "give it some text")
+        return cls(hf)
 
     @classmethod
     def train_char(cls, texts: Iterable[str], specials: Iterable[str] = ()) -> Tokenizer:
         """Build a character tokenizer whose vocabulary is the sorted characters of `texts`."""
-        chars: set[str] = set()
-        for text in texts:
-            chars.update(text)
-        specials = list(specials)
-        vocab = {c: i for i, c in enumerate(sorted(chars - set(specials)))}
-        # BPE without merges is a pure character lookup, and transformers loads it as a fast tokenizer
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-        hf.decoder = decoders.Fuse()
-        if specials:
-            hf.add_special_tokens(specials)
-        return cls(hf)
+        return cls.train("char", texts, 0, list(specials))
+
+    @classmethod
+    def gpt2(cls, files: str | Path | None = None, specials: Sequence[str] = (GPT2_EOT,)) -> Tokenizer:
+        """GPT-2's BPE from tiktoken (download, or TIKTOKEN_CACHE_DIR), or offline from vocab.json + merges.txt."""
+        specials = _check_specials(specials)
+        if GPT2_EOT not in specials:  # it is in GPT-2's vocabulary, and only ever meant as the special token
+            specials = [GPT2_EOT, *specials]
+        if files is None:
+            vocab, merges = _gpt2_from_tiktoken()
+            model = models.BPE(vocab=vocab, merges=merges)
+        else:
+            vocab_file, merges_file = _vocab_merges_files(Path(files))
+            try:
+                model = models.BPE.from_file(str(vocab_file), str(merges_file))
+            except Exception as e:  # the Rust side raises a bare Exception on bad files
+                raise GptlabError(f"'{vocab_file}' + '{merges_file}' are unreadable: {e}", GPT2_FILES_FIX) from e
+        return cls(_byte_level(model, specials))
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -62,22 +165,333 @@ class Tokenizer:
         self.hf.save(str(tmp))
         tmp.replace(path)
 
+    def fingerprint(self) -> str:
+        """sha256 of the canonical `tokenizer.json`: equal for equal tokenizers, also across save and load."""
+        canonical = json.dumps(json.loads(self.hf.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    # ----- encoding and decoding --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; characters outside a character vocabulary are a user error."""
+        """Token ids of `text`, special tokens included; characters a char vocabulary lacks are an error."""
         if self._alphabet is not None:
-            unknown = set(text) - self._alphabet - set(self.special_ids)
-            if unknown:
-                shown = ", ".join(repr(c) for c in sorted(unknown)[:5])
-                raise GptlabError(
-                    f"text has characters outside the tokenizer's vocabulary: {shown}",
-                    "remove them from the prompt, or prepare data that contains them",
-                )
+            self._check_alphabet(text)
+        if self._enc is not None:
+            return self._encode_tiktoken(text)
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of many texts, encoded in parallel by the Rust backend."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        """Token ids of many texts: one thread with tiktoken (callers parallelize by process), Rust threads with HF."""
+        if self._alphabet is not None:
+            for text in texts:
+                self._check_alphabet(text)
+        if self._enc is not None:
+            return [self._encode_tiktoken(text) for text in texts]
+        encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # _fast skips offsets (tokenizers>=0.21)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of token ids."""
-        return self.hf.decode(list(ids), skip_special_tokens=False)
+        """Text of token ids, special tokens included; ids outside the vocabulary are skipped."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if self._enc is None:
+            return self.hf.decode(ids, skip_special_tokens=False)
+        try:
+            return self._enc.decode(ids)
+        except KeyError:  # an id outside the vocabulary (say, of a model's padded vocabulary): skipped, as HF does
+            if self._valid_ids is None:
+                self._valid_ids = frozenset(self._enc._mergeable_ranks.values()) | frozenset(self.special_ids.values())
+            return self._enc.decode([i for i in ids if i in self._valid_ids])
+
+    def _encode_tiktoken(self, text: str) -> list[int]:
+        # the cheap membership test spares almost every text the regex split
+        if self._special_re is None or not any(c in text for c in self._special_firsts):
+            return self._enc.encode_ordinary(text)
+        ids: list[int] = []
+        for i, piece in enumerate(self._special_re.split(text)):
+            if i % 2:
+                ids.append(self.special_ids[piece])
+            elif piece:
+                ids.extend(self._enc.encode_ordinary(piece))
+        return ids
+
+    def _check_alphabet(self, text: str) -> None:
+        unknown = set(text) - self._alphabet
+        if unknown and self._special_re is not None:  # characters inside special tokens are fine
+            unknown = set(self._special_re.sub("", text)) - self._alphabet
+        if unknown:
+            shown = ", ".join(repr(c) for c in sorted(unknown)[:5])
+            raise GptlabError(
+                f"text has characters outside the tokenizer's vocabulary: {shown}",
+                "remove them from the prompt, or prepare data that contains them",
+            )
+
+
+# ----- training ---------------------------------------------------------------------------------------------------
+def _special(content: str) -> AddedToken:
+    # normalized=False: matched on the raw text, before anything else, leftmost-longest
+    return AddedToken(content, special=True, normalized=False)
+
+
+def _check_specials(specials: Sequence[str]) -> list[str]:
+    specials = [specials] if isinstance(specials, str) else list(specials)
+    seen: set[str] = set()
+    for s in specials:
+        if not isinstance(s, str) or not s:
+            raise GptlabError(f"special token {s!r} is empty or not text", "give each special token some characters")
+        if s in seen:
+            raise GptlabError(f"special token {s!r} is listed twice", "list each special token once")
+        seen.add(s)
+    return specials
+
+
+def _special_regex(specials: Iterable[str]) -> re.Pattern[str] | None:
+    """A capturing regex of the specials, longest first, so that `split` matches leftmost-longest like HF."""
+    specials = sorted(specials, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+
+def _training_stream(texts: Iterable[str], special_re: re.Pattern[str] | None, seen: list[int]) -> Iterator[str]:
+    """The texts as encoding will see them: special tokens cut out (so no merges are spent on their pieces)."""
+    for text in texts:
+        if not isinstance(text, str):
+            raise GptlabError(f"tokenizer training got a {type(text).__name__}, not text", "give it strings")
+        seen[0] += len(text)
+        if special_re is None:
+            yield text
+        else:
+            yield from (piece for i, piece in enumerate(special_re.split(text)) if not i % 2 and piece)
+
+
+def _train_char(texts: Iterable[str], specials: list[str]) -> HFTokenizer:
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {c: i for i, c in enumerate(sorted(chars))}
+    # BPE without merges is a pure character lookup, and transformers loads it as a fast tokenizer
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.decoder = decoders.Fuse()
+    hf.add_special_tokens([_special(s) for s in specials])
+    return hf
+
+
+def _byte_level_pre() -> pre_tokenizers.ByteLevel:
+    # GPT-2's setup: split with its regex, no prefix space (so text round-trips exactly), bytes as printable chars
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _byte_level(model: models.Model, specials: list[str]) -> HFTokenizer:
+    """A byte-level BPE tokenizer around `model`, laid out like GPT-2's own tokenizer.json."""
+    hf = HFTokenizer(model)
+    hf.pre_tokenizer = _byte_level_pre()
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([_special(s) for s in specials])
+    return hf
+
+
+def _alphabet() -> list[str]:
+    return sorted(pre_tokenizers.ByteLevel.alphabet())
+
+
+def _train_bpe(texts: Iterator[str], vocab_size: int, specials: list[str]) -> HFTokenizer:
+    hf = _byte_level(models.BPE(), [])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[_special(s) for s in specials],  # first, so they get ids 0, 1, ...
+        initial_alphabet=_alphabet(),  # every byte, so no text is ever unknown
+        show_progress=False,  # the caller draws its own bar over the stream
+    )
+    hf.train_from_iterator(texts, trainer)
+    return hf
+
+
+def _train_wordpiece(texts: Iterator[str], vocab_size: int, specials: list[str]) -> HFTokenizer:
+    # BERT's WordPiece lowercases, drops whitespace and writes word-inner pieces as '##x', so it cannot round-trip.
+    # Here the words are GPT-2's byte-level pieces, which keep their whitespace inside ('Ġword'), and word-inner
+    # pieces carry no prefix: every byte is then a piece wherever it stands, so greedy longest-match always
+    # succeeds (no word is ever [UNK], and [UNK] is not in the vocabulary), the smallest vocabulary is 256 bytes +
+    # specials as for BPE, decoding is plain ByteLevel, and transformers loads it as is. A prefix like '♯♯' would
+    # need every byte a second time (256 more ids, mostly unused) for the same promise, while 'Ġ' already marks
+    # most word starts. The vocabulary still comes from HF's WordPieceTrainer, and encoding is WordPiece's.
+    hf = HFTokenizer(
+        models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="", max_input_chars_per_word=WORDPIECE_MAX_WORD)
+    )
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [_byte_level_pre(), pre_tokenizers.Split(Regex(f".{{1,{WORDPIECE_CHUNK}}}"), behavior="isolated")]
+    )
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[_special(s) for s in specials],  # first, so they get ids 0, 1, ...
+        initial_alphabet=_alphabet(),  # every byte, so no word is ever [UNK]
+        continuing_subword_prefix="",
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer)
+    return hf
+
+
+# ----- GPT-2 ------------------------------------------------------------------------------------------------------
+def _gpt2_from_tiktoken() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """GPT-2's vocab and merges, recovered from tiktoken's ranks (tiktoken keeps no merges list)."""
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' ConnectionError, a hash mismatch, a read-only cache...
+        raise GptlabError(
+            f"could not download GPT-2's BPE from tiktoken ({type(e).__name__}: {e})",
+            "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache, or " + GPT2_FILES_FIX,
+        ) from e
+    ranks = enc._mergeable_ranks  # no public accessor; transformers' tiktoken converter reads it too
+    vocab = {_to_str(token): rank for token, rank in ranks.items()}
+    vocab.update(enc._special_tokens)  # <|endoftext|> = 50256, also in GPT-2's own vocab.json
+    merges = [(_to_str(a), _to_str(b)) for a, b in _merges_from_ranks(ranks)]
+    return vocab, merges
+
+
+def _vocab_merges_files(folder: Path) -> tuple[Path, Path]:
+    """`vocab.json` + `merges.txt` in `folder`, or one pair `<x>vocab.json` + `<x>merges.txt` (GPT-2's if several)."""
+    if not folder.is_dir():
+        raise GptlabError(f"GPT-2 files folder '{folder}' is not a folder", GPT2_FILES_FIX)
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return folder / "vocab.json", folder / "merges.txt"
+    prefixes = [p.name[: -len("vocab.json")] for p in sorted(folder.glob("*vocab.json"))]
+    pairs = [x for x in prefixes if (folder / f"{x}merges.txt").is_file()]
+    if len(pairs) > 1:
+        pairs = [x for x in pairs if "gpt2" in x.lower()] or pairs
+    if len(pairs) == 1:
+        return folder / f"{pairs[0]}vocab.json", folder / f"{pairs[0]}merges.txt"
+    if not pairs:
+        raise GptlabError(
+            f"no vocab.json + merges.txt in '{folder}'", GPT2_FILES_FIX + " (or <name>vocab.json + <name>merges.txt)"
+        )
+    names = ", ".join(f"{x}vocab.json" for x in pairs)
+    raise GptlabError(f"several vocab.json + merges.txt pairs in '{folder}': {names}", "keep one pair in the folder")
+
+
+@functools.cache
+def _byte_table() -> tuple[str, ...]:
+    """GPT-2's bytes_to_unicode: byte b is written as the printable character `_byte_table()[b]`."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return tuple(chr(b) if b in printable else chr(next(extra)) for b in range(256))
+
+
+def _to_str(token: bytes) -> str:
+    table = _byte_table()
+    return "".join(table[b] for b in token)
+
+
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, below: int) -> list[bytes]:
+    """Byte-pair merge `token` using only the ranks below `below`: for a rank-`below` token, its last merge."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while True:
+        best, best_rank = -1, below
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best, best_rank = i, rank
+        if best < 0:
+            return parts
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+
+
+def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merges, in rank order, that make each multi-byte token (the standard tiktoken -> BPE recovery)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            parts = _bpe_parts(ranks, token, rank)
+            if len(parts) != 2:
+                raise GptlabError(f"tiktoken token {token!r} is not one merge of two tokens", "check tiktoken's files")
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+# ----- tiktoken engine ----------------------------------------------------------------------------------------------
+_ENCODINGS: dict[str, tiktoken.Encoding | None] = {}  # by tokenizer.json sha256: checking GPT-2's merges takes 0.3 s
+
+
+def _tiktoken_encoding(text: str, spec: dict, added: dict) -> tiktoken.Encoding | None:
+    """The tiktoken encoding of a byte-level BPE tokenizer.json, or None when it would not give HF's ids."""
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if digest not in _ENCODINGS:
+        if len(_ENCODINGS) >= 4:
+            _ENCODINGS.pop(next(iter(_ENCODINGS)))
+        try:
+            ranks = _convert(spec, added)
+        except Exception:  # noqa: BLE001 - an odd file: the HF engine reads it exactly, tiktoken is only faster
+            ranks = None
+        specials = {t.content: i for i, t in added.items()}
+        enc = None
+        if ranks is not None and not set(specials.values()) & set(ranks.values()):
+            try:  # tiktoken refuses e.g. duplicate ids; the HF engine is always right, so fall back to it
+                enc = tiktoken.Encoding(
+                    "gptlab-byte-level-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+                )
+            except Exception:  # noqa: BLE001
+                enc = None
+        _ENCODINGS[digest] = enc
+    return _ENCODINGS[digest]
+
+
+def _convert(spec: dict, added: dict) -> dict[bytes, int] | None:
+    """tiktoken ranks that encode exactly as this HF tokenizer.json does, or None when there are none.
+
+    tiktoken merges, among adjacent pieces, the pair whose concatenation has the lowest id; HF merges the pair
+    that comes first in its merges list. They agree when (1) ids of merge results rise in merge order, (2) every
+    byte has an id, and (3) each token's own merge is the one tiktoken would find, i.e. byte-pair merging its bytes
+    with the lower ids ends in exactly that pair (then tiktoken never joins two pieces in another way). Both must
+    also cut the text the same way: ByteLevel with the GPT-2 regex, no prefix space, no normalizer.
+    """
+    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+    if spec.get("normalizer") is not None or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        return None
+    if model["type"] != "BPE" or model.get("dropout") or model.get("continuing_subword_prefix"):
+        return None
+    if model.get("end_of_word_suffix"):
+        return None
+    if any(not t.special or t.lstrip or t.rstrip or t.single_word for t in added.values()):
+        return None  # only plain special tokens are split out before tiktoken sees the text
+    from_char = {c: b for b, c in enumerate(_byte_table())}
+    specials = {t.content for t in added.values()}
+    # specials are split out before encoding, e.g. GPT-2's <|endoftext|>, which no merge makes
+    vocab = {token: i for token, i in model["vocab"].items() if token not in specials}
+    if any(c not in from_char for token in vocab for c in token):
+        return None
+    to_bytes = {token: bytes(from_char[c] for c in token) for token in vocab}
+    ranks = {to_bytes[token]: i for token, i in vocab.items()}
+    if len(set(ranks.values())) != len(ranks) or sum(len(t) == 1 for t in ranks) != 256:
+        return None
+    last, made = -1, 0
+    for merge in model.get("merges") or []:
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge  # tokenizers < 0.20 wrote "a b"
+        if a not in to_bytes or b not in to_bytes:
+            return None
+        left, right = to_bytes[a], to_bytes[b]
+        rank = ranks.get(left + right)
+        if rank is None or rank <= last:
+            return None
+        if len(left) + len(right) > 2 and _bpe_parts(ranks, left + right, rank) != [left, right]:
+            return None
+        last, made = rank, made + 1
+    if made != len(ranks) - 256:  # a token no merge makes: tiktoken could still produce it
+        return None
+    return ranks
+
+
+def _splits_at_spaces(pre: dict | None) -> bool:
+    """Whether the pre-tokenizer always ends a piece before a ' ' that follows a non-space (and starts one after)."""
+    if not pre:
+        return False
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return any(_splits_at_spaces(p) for p in pre.get("pretokenizers", []))
+    if kind == "ByteLevel":
+        return pre.get("use_regex", True)
+    if kind == "Metaspace":
+        return pre.get("split", True)
+    return kind in WHITESPACE_SPLITTERS
+
+
+def _vocab_sha256(vocab: dict[str, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(vocab, key=vocab.get), ensure_ascii=False).encode()).hexdigest()

@@ -6,7 +6,11 @@ number of ranks (rank r takes rows r::world) and replaying a run all give the sa
 
 from __future__ import annotations
 
+import hashlib
 import json
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +25,12 @@ IGNORE_INDEX = -100  # targets with this value are excluded from the loss
 
 @dataclass
 class PreparedData:
-    """A prepared data folder: memory-mapped splits, the tokenizer and meta.json."""
+    """A prepared data folder: memory-mapped shards of each split, the tokenizer and meta.json."""
 
     dir: Path
     meta: dict[str, Any]
-    train: np.ndarray
-    val: np.ndarray
+    train: list[np.ndarray]
+    val: list[np.ndarray]
 
     @property
     def tokenizer_path(self) -> Path:
@@ -37,32 +41,51 @@ class PreparedData:
 
 
 def load_prepared(data_dir: str | Path) -> PreparedData:
-    """Open a prepared data folder without reading the tokens into memory."""
+    """Open a prepared data folder without reading the tokens into memory; check it is whole and consistent."""
     d = Path(data_dir)
     meta_path = d / "meta.json"
     if not meta_path.is_file():
         raise GptlabError(f"no prepared data in '{d}' (meta.json missing)", f"run `gptlab prepare` with data.dir={d}")
+    again = "run `gptlab prepare --overwrite` again"
     try:
         meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != 2:
+            raise GptlabError(f"'{d}' was prepared by an older gptlab", again)
+        if not meta["complete"]:
+            raise GptlabError(
+                f"the prepare of '{d}' did not finish", "run the same `gptlab prepare` again to resume it"
+            )
+        tokenizer_path = d / "tokenizer.json"
+        if not tokenizer_path.is_file():
+            raise GptlabError(f"'{tokenizer_path}' is missing", again)
+        if hashlib.sha256(tokenizer_path.read_bytes()).hexdigest() != meta["tokenizer_sha256"]:
+            raise GptlabError(
+                f"'{tokenizer_path}' does not match the tokenizer the shards in '{d}' were written with",
+                f"put back the original tokenizer.json, or {again}",
+            )
         dtype = np.dtype(meta["dtype"])
-        splits = {}
+        splits: dict[str, list[np.ndarray]] = {}
         for split in ("train", "val"):
-            path = d / f"{split}.bin"
-            expected = meta[f"{split}_tokens"]
-            if not path.is_file() or path.stat().st_size != expected * dtype.itemsize:
-                raise GptlabError(f"'{path}' is missing or truncated", "run `gptlab prepare --overwrite` again")
-            splits[split] = np.memmap(path, dtype=dtype, mode="r")
+            splits[split] = []
+            for entry in meta["shards"][split]:
+                path = d / entry["file"]
+                if not path.is_file() or path.stat().st_size != entry["tokens"] * dtype.itemsize:
+                    raise GptlabError(f"shard '{path}' is missing or has the wrong size", again)
+                splits[split].append(np.memmap(path, dtype=dtype, mode="r"))
     except (KeyError, ValueError, TypeError) as e:
-        raise GptlabError(f"'{meta_path}' is corrupted: {e}", "run `gptlab prepare --overwrite` again") from e
+        raise GptlabError(f"'{meta_path}' is corrupted: {e}", again) from e
     return PreparedData(d, meta, splits["train"], splits["val"])
 
 
 class Batches:
-    """Windows of `block_size + 1` tokens, in random or epoch order, split across ranks."""
+    """Windows of `block_size + 1` tokens from one or more shards, in random or epoch order, split across ranks.
+
+    Positions are offsets into the shards laid end to end; a window never crosses a shard's end.
+    """
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        shards: np.ndarray | list[np.ndarray],
         block_size: int,
         batch_size: int,
         mode: str,
@@ -72,16 +95,26 @@ class Batches:
         world: int = 1,
         split: str = "train",
     ) -> None:
-        if len(tokens) < block_size + 1:
+        shards = [shards] if isinstance(shards, np.ndarray) else list(shards)
+        lengths = np.array([len(s) for s in shards], dtype=np.int64)
+        total = int(lengths.sum())
+        if not len(shards) or lengths.max() < block_size + 1:
             raise GptlabError(
-                f"the {split} split has {len(tokens)} tokens, fewer than the context of {block_size} + 1",
-                "lower model.block_size or give more text",
+                f"the {split} split has {total} tokens, fewer than the context of {block_size} + 1"
+                + (" in any one shard" if len(shards) > 1 else ""),
+                "lower model.block_size or give more text"
+                + (" or larger data.shard_tokens" if len(shards) > 1 else ""),
             )
         if batch_size % world:
             raise GptlabError(f"batch size {batch_size} is not divisible by {world} ranks", "change train.batch_size")
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.shards, self.block_size, self.batch_size = shards, block_size, batch_size
         self.mode, self.seed, self.rank, self.world = mode, seed, rank, world
-        self.n_blocks = (len(tokens) - 1) // block_size  # non-overlapping inputs; the target may reach one further
+        self.bases = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # where each shard starts, end to end
+        # random windows may start anywhere a whole window fits; epoch blocks are non-overlapping inputs
+        # whose target may reach one token further
+        self.window_counts = np.maximum(lengths - block_size, 0)
+        self.block_counts = np.maximum(lengths - 1, 0) // block_size
+        self.n_blocks = int(self.block_counts.sum())
         if mode == "epoch":
             if self.n_blocks < batch_size:
                 raise GptlabError(
@@ -93,19 +126,71 @@ class Batches:
             self.steps_per_epoch = steps_per_epoch or 1
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
+    @staticmethod
+    def _locate(index: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global item index -> (shard, item within that shard), for items counted per shard."""
+        ends = np.cumsum(counts)
+        shard = np.searchsorted(ends, index, side="right")
+        return shard, index - (ends[shard] - counts[shard])
+
     def starts(self, step: int) -> np.ndarray:
-        """Start offsets of the whole global batch of `step` (all ranks)."""
+        """Start positions (shards end to end) of the whole global batch of `step` (all ranks)."""
         if self.mode == "random":  # seeded by the step alone, so the epoch length (eval_interval) can change
             rng = np.random.default_rng([self.seed, step])
-            return rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+            g = rng.integers(0, int(self.window_counts.sum()), size=self.batch_size)
+            shard, offset = self._locate(g, self.window_counts)
+            return self.bases[shard] + offset
         epoch, s = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
             self._perm_epoch = epoch
-        return self._perm[s * self.batch_size : (s + 1) * self.batch_size] * self.block_size
+        shard, block = self._locate(self._perm[s * self.batch_size : (s + 1) * self.batch_size], self.block_counts)
+        return self.bases[shard] + block * self.block_size
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's rows (r::world) of the batch of `step`: inputs and next-token targets, int64."""
         starts = self.starts(step)[self.rank :: self.world]
-        windows = np.stack([self.tokens[i : i + self.block_size + 1] for i in starts]).astype(np.int64)
+        shard = np.searchsorted(self.bases, starts, side="right") - 1
+        offsets = starts - self.bases[shard]
+        n = self.block_size + 1
+        windows = np.stack([self.shards[k][o : o + n] for k, o in zip(shard, offsets)]).astype(np.int64)
         return windows[:, :-1], windows[:, 1:]
+
+
+def prefetch(
+    batches: Batches, start: int, stop: int, transform: Callable[[np.ndarray], Any] = lambda a: a, depth: int = 2
+) -> Iterator[tuple[Any, Any]]:
+    """Batches of steps start..stop-1, read `depth` steps ahead in a background thread.
+
+    Reading a batch touches the memory-mapped shards (page faults, disk); doing it while the model
+    computes hides that cost. `transform` runs in the thread too (e.g. pinning memory for CUDA).
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+
+    def work() -> None:
+        try:
+            for step in range(start, stop):
+                x, y = batches.batch(step)
+                item = (transform(x), transform(y))
+                while not stopped.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stopped.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, name="gptlab-prefetch", daemon=True)
+    thread.start()
+    try:
+        for _ in range(start, stop):
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stopped.set()

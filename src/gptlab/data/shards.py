@@ -1,28 +1,57 @@
-"""`prepare`: text -> tokenizer.json + train.bin/val.bin (raw token arrays) + meta.json."""
+"""`prepare`: a text source -> tokenizer.json + fixed-size token shards + meta.json, streamed and resumable.
+
+A prepared folder holds `tokenizer.json`, shards `train_00000.bin`, ..., `val_00000.bin`, ... (raw token
+arrays: `np.memmap(path, dtype=meta["dtype"], mode="r")`, `data.shard_tokens` tokens each but the last)
+and `meta.json`. A shard is written under a temporary name, fsynced and renamed; then meta.json is
+rewritten atomically with the shard's entry, its completion marker. Each entry records where in the
+chunk stream the next shard starts, so an interrupted prepare resumes after its last entry, and a shard
+without an entry is never read. Memory is bounded by the chunks in flight, not by the corpus.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
 import os
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gptlab.config import DataConfig
-from gptlab.data.sources import checksum, read_text, source_files
+from gptlab.data.chunking import Chunk, chunk_stream
+from gptlab.data.sources import Source, open_source
+from gptlab.data.tokenizer_setup import build_tokenizer
 from gptlab.errors import GptlabError
-from gptlab.progress import progress_bar
+from gptlab.progress import bytes_bar
 from gptlab.tokenizers import Tokenizer
 
-FORMAT_VERSION = 1
-CHUNK_CHARS = 1 << 20  # encode about a megabyte at a time so the bar moves
+FORMAT_VERSION = 2
+TASK_CHARS = 1 << 20  # text per task sent to a worker: large enough that process hops cost little
+SPLITS = ("train", "val")
+# settings that decide the bytes of the shards (and where a resumed prepare continues); not `workers`
+SHARD_SETTINGS = (
+    "source", "tokenizer", "vocab_size", "special_tokens", "gpt2_files", "text_field", "hub_split", "errors",
+    "split", "val_fraction", "shard_tokens", "chunk_chars", "dtype",
+)  # fmt: skip
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits, else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+def token_dtype(vocab_size: int, forced: str = "auto") -> np.dtype:
+    """uint16 when every id fits (or as forced), else uint32."""
+    fits16 = vocab_size <= 1 << 16
+    if forced == "auto":
+        return np.dtype(np.uint16) if fits16 else np.dtype(np.uint32)
+    if forced == "uint16" and not fits16:
+        raise GptlabError(
+            f"data.dtype=uint16 cannot hold the {vocab_size} token ids of this tokenizer",
+            "use data.dtype=uint32 or auto",
+        )
+    return np.dtype(forced)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -35,78 +64,264 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:05d}.bin"
+
+
 @dataclass
 class PrepareResult:
-    """What `prepare` did: where, how many tokens, and whether it skipped up-to-date data."""
+    """What `prepare` did: where, the final meta.json, and whether it found the data already complete."""
 
     dir: Path
     meta: dict[str, Any]
     skipped: bool
 
 
-def _chunks(text: str) -> list[str]:
-    """Split text into ~CHUNK_CHARS pieces at newlines (a char tokenizer needs no boundary care)."""
-    out, start = [], 0
-    while start < len(text):
-        end = min(len(text), start + CHUNK_CHARS)
-        nl = text.rfind("\n", start, end) if end < len(text) else -1
-        end = nl + 1 if nl > start else end
-        out.append(text[start:end])
-        start = end
-    return out
+class ShardWriter:
+    """Appends one split's tokens to fixed-size shards; calls `on_shard()` after each shard's rename."""
+
+    def __init__(
+        self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, eot: int | None, meta: dict, on_shard
+    ):
+        self.out, self.split, self.dtype, self.shard_tokens, self.eot = out, split, dtype, shard_tokens, eot
+        self.entries, self.on_shard = meta["shards"][split], on_shard
+        self.file = None
+        self.tokens = self.docs = 0
+
+    def write(self, tokens: np.ndarray, chunk: int) -> None:
+        """Append the tokens of stream chunk `chunk`, closing each shard as it fills."""
+        done = 0
+        while done < len(tokens):
+            if self.file is None:
+                self.final = self.out / shard_name(self.split, len(self.entries))
+                self.tmp = self.final.with_name(f".{self.final.name}.tmp")
+                self.file, self.tokens, self.docs = open(self.tmp, "wb"), 0, 0
+            part = tokens[done : done + self.shard_tokens - self.tokens]
+            self.file.write(part.tobytes())
+            self.docs += int(np.count_nonzero(part == self.eot)) if self.eot is not None else 0
+            self.tokens += len(part)
+            done += len(part)
+            if self.tokens == self.shard_tokens:  # the next shard starts `done` tokens into this chunk
+                self._close(chunk + 1, 0) if done == len(tokens) else self._close(chunk, done)
+
+    def finish(self, end_chunk: int) -> None:
+        """Close the last, partial shard."""
+        if self.file is not None:
+            self._close(end_chunk, 0)
+
+    def _close(self, next_chunk: int, skip: int) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        self.tmp.replace(self.final)
+        self.entries.append(
+            {
+                "file": self.final.name,
+                "tokens": self.tokens,
+                "documents": self.docs,
+                "next_chunk": next_chunk,
+                "skip": skip,
+            }
+        )
+        self.on_shard()
+
+
+# ----- encoding in worker processes ---------------------------------------------------------------
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.load(tokenizer_path)
+
+
+def _encode(texts: list[str], dtype: str) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=dtype) for ids in _worker_tokenizer.encode_batch(texts)]
+
+
+class _InProcess(Executor):
+    """The one-worker case: encode right here, with the same task interface as the pool."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # noqa: ANN001
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(e)
+        return future
+
+
+def _executor(workers: int, tokenizer_path: Path) -> Executor:
+    if workers <= 1:
+        _init_worker(str(tokenizer_path))
+        return _InProcess()
+    # fork starts workers in milliseconds; the parent must not have used the tokenizers thread pool by then
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(str(tokenizer_path),))
+
+
+def _tasks(chunks: Iterator[tuple[int, Chunk]]) -> Iterator[list[tuple[int, Chunk]]]:
+    """Group consecutive chunks into tasks of about TASK_CHARS characters."""
+    task, size = [], 0
+    for item in chunks:
+        task.append(item)
+        size += len(item[1].text)
+        if size >= TASK_CHARS:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
+
+
+# ----- prepare ------------------------------------------------------------------------------------
+def _settings(data: DataConfig) -> dict[str, Any]:
+    d = asdict(data)
+    return {k: d[k] for k in SHARD_SETTINGS}
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+        return meta
+    except (ValueError, UnicodeDecodeError) as e:
+        raise GptlabError(f"'{path}' is corrupted: {e}", "run `gptlab prepare --overwrite` again") from e
+
+
+def _clear(out: Path) -> None:
+    """Remove what a prepare writes (meta.json first, so nothing reads as complete meanwhile)."""
+    (out / "meta.json").unlink(missing_ok=True)
+    for split in SPLITS:
+        for p in out.glob(f"{split}_*.bin"):
+            p.unlink()
+    for p in out.glob(".*.tmp*"):
+        p.unlink()
+    (out / "tokenizer.json").unlink(missing_ok=True)
 
 
 def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> PrepareResult:
-    """Tokenize `data.source` into `data.dir`; skip when it is already prepared from the same text."""
-    files = source_files(data.source)
-    digest = checksum(files)
+    """Tokenize `data.source` into shards in `data.dir`; skip when done, resume when interrupted."""
     out = Path(data.dir)
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"data.dir '{out}' is a file", "set data.dir to a folder")
+    source = open_source(data.source, text_field=data.text_field, errors=data.errors, split=data.hub_split)
+    settings, fingerprint = _settings(data), source.fingerprint()
+    if data.tokenizer.endswith(".json") and Path(data.tokenizer).is_file():  # a changed file is another setting
+        fingerprint += ":" + _file_sha256(Path(data.tokenizer))
     meta_path = out / "meta.json"
-    if meta_path.is_file() and not overwrite:
-        old = json.loads(meta_path.read_text())
-        same = old.get("source_sha256") == digest and old.get("tokenizer") == data.tokenizer
-        if same and old.get("val_fraction") == data.val_fraction:
-            return PrepareResult(out, old, skipped=True)
-        raise GptlabError(
-            f"'{out}' already holds data prepared from another source or setting",
-            "pass --overwrite, or set data.dir to a new folder",
-        )
-    texts = [read_text(f) for f in files]
-    text = "".join(t if t.endswith("\n") else t + "\n" for t in texts)
-    tokenizer = Tokenizer.train_char([text])
-    dtype = token_dtype(tokenizer.vocab_size)
-
-    chunks = _chunks(text)
-    ids: list[np.ndarray] = []
-    with progress_bar() as bar:
-        task = bar.add_task("prepare", total=len(text), info=f"{len(files)} file(s)", visible=not quiet)
-        for i in range(0, len(chunks), 8):
-            batch = chunks[i : i + 8]
-            ids.extend(np.asarray(e, dtype=dtype) for e in tokenizer.encode_batch(batch))
-            bar.advance(task, sum(len(c) for c in batch))
-    tokens = np.concatenate(ids)
-    n_train = int(len(tokens) * (1 - data.val_fraction))  # nanoGPT's split: int(n * 0.9) train tokens
-    train, val = tokens[:n_train], tokens[n_train:]
-    if len(val) < 2 or len(train) < 2:
-        raise GptlabError(f"the text has only {len(tokens)} tokens", "give more text or a larger data.val_fraction")
-
-    out.mkdir(parents=True, exist_ok=True)
-    if meta_path.exists():  # the old meta goes first, so a crash in between never reads as complete
-        meta_path.unlink()
-    write_atomic(out / "train.bin", train.tobytes())
-    write_atomic(out / "val.bin", val.tobytes())
-    tokenizer.save(out / "tokenizer.json")
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "dtype": dtype.name,
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer": data.tokenizer,
-        "train_tokens": int(len(train)),
-        "val_tokens": int(len(val)),
-        "val_fraction": data.val_fraction,
-        "source": data.source,
-        "source_files": len(files),
-        "source_sha256": digest,
-    }
-    write_atomic(meta_path, json.dumps(meta, indent=2).encode())  # written last: the completion marker
+    meta = None if overwrite else _read_meta(meta_path)
+    if meta is not None:
+        same = meta.get("settings") == settings and meta.get("source_fingerprint") == fingerprint
+        if not same or meta.get("format_version") != FORMAT_VERSION:
+            raise GptlabError(
+                f"'{out}' already holds data prepared from another source or setting",
+                "pass --overwrite, or set data.dir to a new folder",
+            )
+        if meta.get("complete"):
+            return PrepareResult(out, meta, skipped=True)
+        tokenizer = Tokenizer.load(out / "tokenizer.json")  # resume with the tokenizer the shards began with
+        if _file_sha256(out / "tokenizer.json") != meta.get("tokenizer_sha256"):
+            raise GptlabError(f"'{out / 'tokenizer.json'}' changed since the shards were written", "pass --overwrite")
+    else:
+        tokenizer = build_tokenizer(data, source, quiet=quiet)  # before clearing: it may live in `out`
+        out.mkdir(parents=True, exist_ok=True)
+        _clear(out)
+        tokenizer.save(out / "tokenizer.json")
+        meta = _new_meta(data, settings, source, fingerprint, tokenizer, out)
+        write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+    for p in out.glob(".*.tmp*"):  # shards an interrupted run left unfinished
+        p.unlink()
+    _write_shards(data, source, tokenizer, out, meta, quiet)
     return PrepareResult(out, meta, skipped=False)
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _new_meta(
+    data: DataConfig, settings: dict, source: Source, fingerprint: str, tokenizer: Tokenizer, out: Path
+) -> dict[str, Any]:
+    eos = data.special_tokens[0] if data.special_tokens else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "settings": settings,
+        "source": data.source,
+        "source_description": source.description,
+        "source_fingerprint": fingerprint,
+        "tokenizer": tokenizer.kind,
+        "tokenizer_sha256": _file_sha256(out / "tokenizer.json"),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.special_ids[eos] if eos else None,
+        "dtype": token_dtype(tokenizer.vocab_size, data.dtype).name,
+        "shards": {split: [] for split in SPLITS},
+    }
+
+
+def _write_shards(data: DataConfig, source: Source, tokenizer: Tokenizer, out: Path, meta: dict, quiet: bool) -> None:
+    meta_path = out / "meta.json"
+    dtype = np.dtype(meta["dtype"])
+    eot = np.asarray([meta["eot_id"]] if meta["eot_id"] is not None else [], dtype=dtype)
+
+    def save_meta() -> None:
+        write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+
+    writers = {s: ShardWriter(out, s, dtype, data.shard_tokens, meta["eot_id"], meta, save_meta) for s in SPLITS}
+    # where each split resumes: chunk index and tokens of it already in earlier shards
+    resume = {s: (e[-1]["next_chunk"], e[-1]["skip"]) if e else (0, 0) for s, e in meta["shards"].items()}
+    chunks = chunk_stream(source, tokenizer, data.chunk_chars, data.split, data.val_fraction)
+    total = source.total_bytes()
+    workers = data.workers or os.cpu_count() or 1
+    with bytes_bar() as bar:
+        task_id = bar.add_task("prepare", total=total, info=f"{workers} worker(s)", visible=not quiet)
+
+        def needed() -> Iterator[tuple[int, Chunk]]:
+            for i, c in enumerate(chunks):
+                if i >= resume[c.split][0]:
+                    yield i, c
+                else:
+                    bar.advance(task_id, c.nbytes)
+
+        n_chunks = 0
+        with _executor(workers, out / "tokenizer.json") as pool:
+            inflight: deque[tuple[list, Future]] = deque()
+
+            def drain_one() -> None:
+                task, future = inflight.popleft()
+                for (i, c), ids in zip(task, future.result()):
+                    if c.doc_end:
+                        ids = np.concatenate([ids, eot])
+                    start, skip = resume[c.split]
+                    writers[c.split].write(ids[skip:] if i == start else ids, i)
+                    bar.advance(task_id, c.nbytes)
+
+            for task in _tasks(needed()):
+                inflight.append((task, pool.submit(_encode, [c.text for _, c in task], dtype.name)))
+                n_chunks = task[-1][0] + 1
+                if len(inflight) >= 2 * workers:
+                    drain_one()
+            while inflight:
+                drain_one()
+        n_chunks = max([n_chunks, *(r[0] for r in resume.values())])
+        for w in writers.values():
+            w.finish(n_chunks)
+    counts = {s: sum(e["tokens"] for e in meta["shards"][s]) for s in SPLITS}
+    if min(counts.values()) < 2:
+        raise GptlabError(
+            f"the text gives {counts['train']} train and {counts['val']} val tokens",
+            "give more text, a larger data.val_fraction, or data.split=tail for a few documents",
+        )
+    meta.update(
+        complete=True,
+        train_tokens=counts["train"],
+        val_tokens=counts["val"],
+        documents=sum(e["documents"] for s in SPLITS for e in meta["shards"][s]),
+    )
+    save_meta()

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 import yaml
 
 from gptlab.config import Config, TrainConfig, from_dict, to_yaml
-from gptlab.data.batches import IGNORE_INDEX, Batches, load_prepared
+from gptlab.data.batches import IGNORE_INDEX, Batches, load_prepared, prefetch
 from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
@@ -132,13 +133,15 @@ class TrainStep:
         self.optimizers = build_optimizers(model, t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
-    def to_device(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
+    def to_device(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
+        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
+        if t.is_pinned():
+            return t.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def __call__(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's rows, split into micro-batches; returns (loss, grad norm)."""
         n_valid = max(1, int((y != IGNORE_INDEX).sum()))
         total = torch.zeros((), device=self.device)
@@ -376,7 +379,18 @@ class Trainer:
             self.fire("on_train_end")
         return self
 
+    def _pin(self, a: np.ndarray) -> np.ndarray | torch.Tensor:
+        """Pinned host memory lets the copy to the GPU overlap compute; it runs in the prefetch thread."""
+        return torch.from_numpy(a).pin_memory() if self.device.type == "cuda" else a
+
     def _loop(self, t: Any) -> None:
+        batches = prefetch(self.train_batches, self.step, self.total_steps, self._pin)
+        try:
+            self._steps(t, batches)
+        finally:
+            batches.close()  # stops the reader thread
+
+    def _steps(self, t: Any, batches: Iterator[tuple[Any, Any]]) -> None:
         while self.step < self.total_steps:
             if self._stop_requested:
                 path = self.save_checkpoint()
@@ -385,7 +399,7 @@ class Trainer:
             factor = lr_factor(self.step, self.total_steps, t)
             set_lr(self.optimizers, factor)
             t0 = time.perf_counter()
-            x, y = self.train_batches.batch(self.step)
+            x, y = next(batches)
             loss_t, norm_t = self.stepper(x, y)
             loss = float(loss_t)  # one sync per step: needed for the NaN guard and the log
             if not math.isfinite(loss):

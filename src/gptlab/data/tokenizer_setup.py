@@ -1,0 +1,81 @@
+"""Get the tokenizer a prepare asks for: train it on the streamed source, build GPT-2's, or load a file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from gptlab.config import DataConfig
+from gptlab.data.sources import Source, open_source
+from gptlab.errors import GptlabError
+from gptlab.progress import bytes_bar
+from gptlab.tokenizers import Tokenizer
+
+
+def _streamed_texts(sources: Sequence[Source], quiet: bool) -> Iterator[str]:
+    """The sources' text pieces, one at a time, with a MB/s bar: training never holds the corpus."""
+    sizes = [s.total_bytes() for s in sources]
+    total = None if None in sizes else sum(sizes)
+    with bytes_bar() as bar:
+        task = bar.add_task("train tokenizer", total=total, info="", visible=not quiet)
+        for source in sources:
+            for piece in source.pieces():
+                yield piece.text
+                bar.advance(task, piece.nbytes)
+
+
+def make_tokenizer(
+    kind: str,
+    sources: Sequence[Source],
+    vocab_size: int,
+    specials: Sequence[str],
+    gpt2_files: str | None = None,
+    quiet: bool = False,
+) -> Tokenizer:
+    """Load a tokenizer.json, build GPT-2's BPE, or train a char/bpe/wordpiece tokenizer on the sources."""
+    specials = list(specials)
+    if kind.endswith(".json"):
+        tokenizer = Tokenizer.load(kind)
+        missing = [s for s in specials if s not in tokenizer.special_ids]
+        if missing:
+            raise GptlabError(
+                f"tokenizer '{kind}' has no special token '{missing[0]}'",
+                f"set data.special_tokens to some of its specials: {sorted(tokenizer.special_ids) or 'none'}",
+            )
+        return tokenizer
+    if kind == "gpt2":
+        return Tokenizer.gpt2(files=gpt2_files, specials=specials)
+    return Tokenizer.train(kind, _streamed_texts(sources, quiet), vocab_size, specials)
+
+
+def build_tokenizer(data: DataConfig, source: Source, quiet: bool = False) -> Tokenizer:
+    """The tokenizer `data` asks for, trained on `source` when it has to be."""
+    return make_tokenizer(data.tokenizer, [source], data.vocab_size, data.special_tokens, data.gpt2_files, quiet)
+
+
+def train_tokenizer(
+    kind: str,
+    paths: Sequence[str],
+    out_dir: str | Path,
+    vocab_size: int = 8192,
+    specials: Sequence[str] = ("<|endoftext|>",),
+    text_field: str = "text",
+    errors: str = "strict",
+    quiet: bool = False,
+) -> Path:
+    """Train a tokenizer on text files (for gpt2: build it) and write `out_dir/tokenizer.json`."""
+    if kind not in ("char", "bpe", "wordpiece", "gpt2"):
+        raise GptlabError(f"tokenizer kind '{kind}' is unknown", "use one of char, bpe, wordpiece, gpt2")
+    if not paths and kind != "gpt2":
+        raise GptlabError("no text to train the tokenizer on", "give one or more files, folders or globs")
+    if kind == "gpt2":  # nothing to train: PATH, if given, is the folder of a GPT-2 vocab.json + merges.txt
+        tokenizer = Tokenizer.gpt2(files=paths[0] if paths else None, specials=list(specials))
+    else:
+        sources = [open_source(p, text_field=text_field, errors=errors) for p in paths]
+        tokenizer = make_tokenizer(kind, sources, vocab_size, specials, quiet=quiet)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"--out '{out}' is a file", "give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out / "tokenizer.json")
+    return out / "tokenizer.json"
