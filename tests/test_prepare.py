@@ -137,7 +137,9 @@ def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch):
     assert not prepare(cut, quiet=True).skipped  # resumes after the last listed shard
     for p in (tmp_path / "whole").iterdir():
         assert (tmp_path / "cut" / p.name).read_bytes() == p.read_bytes(), p.name
-    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == sorted(
+        p.name for p in (tmp_path / "whole").iterdir()
+    )
 
 
 def test_batches_across_shards_never_cross_a_shard_end(tmp_path):
