@@ -28,6 +28,9 @@ GPT2_EOT = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 # sha256 of GPT-2's 50,257 vocabulary strings in id order (see `_vocab_sha256`): how a loaded file is known as GPT-2
 GPT2_VOCAB_SHA256 = "3eec753ec2898a20d38172a5e4488c7612b730d67ef26d18bbdb2722c51a8c1d"
+# sha256 of GPT-2's 50,000 merges as "a b" lines: with GPT-2's vocabulary, tiktoken's own gpt2, so the slow
+# merge-by-merge check of `_convert` is skipped (it would cost every fresh process 0.25 s)
+GPT2_MERGES_SHA256 = "04e3597d7996f292ca9b8b7285ca4d58a6ae171ac47d73fc7140ceb0c7a6bbc0"
 # HF WordPiece tries every (start, end) of a word, cubic in its length (10,000 chars: 15 s), so the pre-tokenizer
 # cuts words into chunks of at most this many bytes; a token never spans a chunk, so nothing else changes
 WORDPIECE_CHUNK = 100
@@ -462,16 +465,17 @@ def _convert(spec: dict, added: dict) -> dict[bytes, int] | None:
     ranks = {to_bytes[token]: i for token, i in vocab.items()}
     if len(set(ranks.values())) != len(ranks) or sum(len(t) == 1 for t in ranks) != 256:
         return None
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges") or []]  # old: "a b"
+    known = _merges_sha256(merges) == GPT2_MERGES_SHA256 and _vocab_sha256(model["vocab"]) == GPT2_VOCAB_SHA256
     last, made = -1, 0
-    for merge in model.get("merges") or []:
-        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge  # tokenizers < 0.20 wrote "a b"
+    for a, b in merges:
         if a not in to_bytes or b not in to_bytes:
             return None
         left, right = to_bytes[a], to_bytes[b]
         rank = ranks.get(left + right)
         if rank is None or rank <= last:
             return None
-        if len(left) + len(right) > 2 and _bpe_parts(ranks, left + right, rank) != [left, right]:
+        if not known and len(left) + len(right) > 2 and _bpe_parts(ranks, left + right, rank) != [left, right]:
             return None
         last, made = rank, made + 1
     if made != len(ranks) - 256:  # a token no merge makes: tiktoken could still produce it
@@ -491,6 +495,10 @@ def _splits_at_spaces(pre: dict | None) -> bool:
     if kind == "Metaspace":
         return pre.get("split", True)
     return kind in WHITESPACE_SPLITTERS
+
+
+def _merges_sha256(merges: list) -> str:
+    return hashlib.sha256("\n".join(f"{a} {b}" for a, b in merges).encode()).hexdigest()
 
 
 def _vocab_sha256(vocab: dict[str, int]) -> str:

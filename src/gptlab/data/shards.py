@@ -10,6 +10,7 @@ without an entry is never read. Memory is bounded by the chunks in flight, not b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -32,7 +33,7 @@ from gptlab.progress import bytes_bar
 from gptlab.tokenizers import Tokenizer
 
 FORMAT_VERSION = 2
-TASK_CHARS = 1 << 20  # text per task sent to a worker: large enough that process hops cost little
+TASK_CHARS = 1 << 18  # text per task sent to a worker: process hops cost little, and work spreads evenly
 SPLITS = ("train", "val")
 # settings that decide the bytes of the shards (and where a resumed prepare continues); not `workers`
 SHARD_SETTINGS = (
@@ -133,7 +134,8 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.load(tokenizer_path)
+    if _worker_tokenizer is None:  # a forked worker already has the parent's
+        _worker_tokenizer = Tokenizer.load(tokenizer_path)
 
 
 def _encode(texts: list[str], dtype: str) -> list[np.ndarray]:
@@ -152,13 +154,13 @@ class _InProcess(Executor):
         return future
 
 
-def _executor(workers: int, tokenizer_path: Path) -> Executor:
-    if workers <= 1:
-        _init_worker(str(tokenizer_path))
-        return _InProcess()
-    # fork starts workers in milliseconds; the parent must not have used the tokenizers thread pool by then
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _executor(workers: int, tokenizer: Tokenizer, tokenizer_path: Path) -> Executor:
+    global _worker_tokenizer
     methods = multiprocessing.get_all_start_methods()
+    _worker_tokenizer = tokenizer if workers <= 1 or "fork" in methods else None
+    if workers <= 1:
+        return _InProcess()
+    # fork starts workers in milliseconds, each inheriting the loaded tokenizer
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(str(tokenizer_path),))
 
@@ -174,6 +176,13 @@ def _tasks(chunks: Iterator[tuple[int, Chunk]]) -> Iterator[list[tuple[int, Chun
             task, size = [], 0
     if task:
         yield task
+
+
+def _set_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 # ----- prepare ------------------------------------------------------------------------------------
@@ -290,7 +299,11 @@ def _write_shards(data: DataConfig, source: Source, tokenizer: Tokenizer, out: P
                     bar.advance(task_id, c.nbytes)
 
         n_chunks = 0
-        with _executor(workers, out / "tokenizer.json") as pool:
+        # one process per core is the parallelism: the HF thread pool stays off in the workers
+        parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false" if workers > 1 else (parallelism or "true")
+        with contextlib.ExitStack() as restore, _executor(workers, tokenizer, out / "tokenizer.json") as pool:
+            restore.callback(_set_env, "TOKENIZERS_PARALLELISM", parallelism)
             inflight: deque[tuple[list, Future]] = deque()
 
             def drain_one() -> None:
