@@ -69,3 +69,12 @@ def test_arch_fills_switches():
     assert (modern.position, modern.norm, modern.mlp, modern.bias, modern.n_kv_head) == (
         "rope", "rmsnorm", "swiglu", False, 2,
     )  # fmt: skip
+
+
+def test_every_preset_loads():
+    presets = {p.stem: load_config(p) for p in sorted((ROOT / "configs").glob("*.yaml"))}
+    assert {"tinystories-bpe", "simplebooks-word", "shakespeare-gpt2"} <= set(presets)
+    ts, sb, sg = presets["tinystories-bpe"].data, presets["simplebooks-word"].data, presets["shakespeare-gpt2"].data
+    assert (ts.tokenizer, ts.vocab_size, ts.special_tokens, ts.split) == ("bpe", 10000, ["<|endoftext|>"], "document")
+    assert (sb.tokenizer, sb.vocab_size, presets["simplebooks-word"].model.block_size) == ("wordpiece", 5000, 128)
+    assert sg.tokenizer == "gpt2"

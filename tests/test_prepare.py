@@ -228,3 +228,29 @@ def test_tokenizer_train_and_data_inspect_commands(tmp_path, capsys):
         f"error: no prepared data in '{tmp_path / 'nowhere'}' (meta.json missing) "
         f"(run `gptlab prepare` with data.dir={tmp_path / 'nowhere'})\n"
     )
+
+
+@pytest.mark.skipif(not GPT2_FIXTURES.is_dir(), reason="needs GPT-2's vocab.json/merges.txt from ../shared/data")
+def test_gpt2_preset_prepares_trains_and_samples_offline(tmp_path, capsys):
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n\n" * 60)
+    gpt2_dir = tmp_path / "gpt2"
+    gpt2_dir.mkdir()
+    (gpt2_dir / "gpt2_vocab.json").write_bytes((GPT2_FIXTURES / "gpt2_vocab.json").read_bytes())
+    (gpt2_dir / "gpt2_merges.txt").write_bytes((GPT2_FIXTURES / "gpt2_merges.txt").read_bytes())
+    preset = str(Path(__file__).resolve().parents[1] / "configs" / "shakespeare-gpt2.yaml")
+    over = [
+        f"data.source={corpus}", f"data.dir={tmp_path / 'd'}", f"data.gpt2_files={gpt2_dir}",
+        f"train.out_dir={tmp_path / 'run'}", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+        "model.block_size=16", "train.batch_size=2", "train.max_iters=3", "train.eval_interval=3", "train.eval_iters=1",
+        "train.device=cpu", "train.compile=false",
+    ]  # fmt: skip
+    assert main(["prepare", preset, *over, "--quiet"]) == 0
+    assert main(["train", preset, *over, "--quiet"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["sample", str(tmp_path / "run"), "--start", "ROMEO:", "--max-new-tokens", "5", "--num-samples", "1"]) == 0
+    )
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"]) == ("gpt2", 50257, 50256)
