@@ -50,8 +50,9 @@ def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab tokenizer train --help`")
+    specials = args.special if args.special is not None else ["<|endoftext|>"]
     path = train_tokenizer(
-        args.kind, args.paths, args.out, vocab_size=args.vocab_size, specials=args.special or [],
+        args.kind, args.paths, args.out, vocab_size=args.vocab_size, specials=specials,
         text_field=args.text_field, errors=args.errors, quiet=args.quiet,
     )  # fmt: skip
     print(f"wrote {path}")
@@ -173,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--kind", required=True, help="char, bpe, wordpiece or gpt2")
     p.add_argument("--vocab-size", "--vocab_size", type=int, default=8192, dest="vocab_size")
-    p.add_argument("--special", action="append", metavar="TOKEN", help="a special token (repeat for more)")
+    p.add_argument(
+        "--special", action="append", metavar="TOKEN", help="a special token (repeat for more; default <|endoftext|>)"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     p.add_argument("--text-field", default="text", dest="text_field", help="the text field of .jsonl/.parquet")
     p.add_argument("--errors", choices=["strict", "replace"], default="strict", help="non-UTF-8 bytes")

@@ -85,8 +85,12 @@ class Tokenizer:
         # a character tokenizer silently drops unseen characters; we remember its alphabet to refuse them
         self._alphabet = frozenset(model["vocab"]) if is_char else None
         # a cut inside a special token would split it; otherwise the pre-tokenizer decides (see `cut_safe` rule)
-        spaced_special = any(any(c.isspace() for c in s) for s in self.special_ids)
-        self.cut_safe = not spaced_special and (is_char or (normalizer is None and _splits_at_spaces(pre)))
+        # every added token (special or not) is matched before the pre-tokenizer: a cut must stay clear of them
+        self.added_tokens = tuple(t.content for t in added.values())
+        odd_added = any(
+            any(c.isspace() for c in t.content) or t.lstrip or t.rstrip or t.single_word for t in added.values()
+        )
+        self.cut_safe = not odd_added and (is_char or (normalizer is None and _splits_at_spaces(pre)))
         self._special_re = _special_regex(self.special_ids)
         self._special_firsts = frozenset(s[0] for s in self.special_ids)
         self._enc = _tiktoken_encoding(text, spec, added)

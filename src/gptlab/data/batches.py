@@ -72,8 +72,8 @@ def load_prepared(data_dir: str | Path) -> PreparedData:
                 if not path.is_file() or path.stat().st_size != entry["tokens"] * dtype.itemsize:
                     raise GptlabError(f"shard '{path}' is missing or has the wrong size", again)
                 splits[split].append(np.memmap(path, dtype=dtype, mode="r"))
-    except (KeyError, ValueError, TypeError) as e:
-        raise GptlabError(f"'{meta_path}' is corrupted: {e}", again) from e
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise GptlabError(f"'{meta_path}' is corrupted: {e!r}", again) from e
     return PreparedData(d, meta, splits["train"], splits["val"])
 
 
@@ -168,21 +168,23 @@ def prefetch(
     q: queue.Queue = queue.Queue(maxsize=depth)
     stopped = threading.Event()
 
+    def put(item: Any) -> bool:
+        while not stopped.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for step in range(start, stop):
                 x, y = batches.batch(step)
-                item = (transform(x), transform(y))
-                while not stopped.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stopped.is_set():
+                if not put((transform(x), transform(y))):
                     return
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
+            put(e)
 
     thread = threading.Thread(target=work, name="gptlab-prefetch", daemon=True)
     thread.start()
@@ -194,3 +196,4 @@ def prefetch(
             yield item
     finally:
         stopped.set()
+        thread.join()

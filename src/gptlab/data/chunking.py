@@ -9,6 +9,7 @@ Special tokens are matched before the pre-tokenizer runs, so no cut falls inside
 
 from __future__ import annotations
 
+import itertools
 import re
 import zlib
 from collections.abc import Iterator
@@ -38,9 +39,11 @@ class Chunker:
         self.size = size
         self.anywhere = tokenizer.kind == "char"  # one token per character: any cut outside a special is safe
         self.whole = not tokenizer.cut_safe  # an unknown pre-tokenizer: encode each document whole
-        self.specials = sorted(tokenizer.special_ids, key=len, reverse=True)
+        # every added token is matched before the pre-tokenizer, like the specials
+        self.specials = sorted(tokenizer.added_tokens, key=len, reverse=True)
         self.longest = max(map(len, self.specials), default=0)
         self.buf, self.pos, self.nbytes = "", 0, 0
+        self.scanned = 0  # the forward search for a cut resumes here, so a text without one is read once
 
     def _clear_of_specials(self, text: str, i: int) -> bool:
         """No special token occurrence covers or touches the cut before position `i`."""
@@ -67,9 +70,11 @@ class Chunker:
     def _cut(self) -> int | None:
         """A safe cut near pos + size: the last one before it, else the first after it; None: need more text."""
         buf, target = self.buf, self.pos + self.size
-        if self.whole or len(buf) <= target:
+        # a special token may still be arriving at the buffer's end: cut only where all of one would be seen
+        end = len(buf) - self.longest - 1
+        if self.whole or end <= target:
             return None
-        lo = self.pos + self.size // 2
+        lo = self.pos + max(1, self.size // 2)  # never an empty chunk
         if self.anywhere:
             i = target
             while i > lo and not self._safe(buf, i):
@@ -80,13 +85,15 @@ class Chunker:
             if self._safe(buf, i):
                 return i
             i = buf.rfind(" ", lo, i)
-        for m in SAFE_SPACE.finditer(buf, target):
-            if m.start() < len(buf) - 1 and self._safe(buf, m.start()):
+        for m in SAFE_SPACE.finditer(buf, max(target, self.scanned), end):
+            if self._safe(buf, m.start()):
                 return m.start()
+        self.scanned = max(self.scanned, end - 1)  # (-1: the space's left neighbour is part of the test)
         return None
 
     def feed(self, text: str, nbytes: int, flush: bool, doc_end: bool, split: str) -> Iterator[Chunk]:
         """Add text; yield the chunks that are ready, and with `flush` the rest (the end of a document)."""
+        self.scanned = max(0, self.scanned - self.pos)
         self.buf = self.buf[self.pos :] + text if self.pos else self.buf + text
         self.pos = 0
         self.nbytes += nbytes
@@ -97,7 +104,7 @@ class Chunker:
             rest = self.buf[self.pos :]
             if rest or doc_end:
                 yield Chunk(split, rest, doc_end, self.nbytes)
-            self.buf, self.pos, self.nbytes = "", 0, 0
+            self.buf, self.pos, self.nbytes, self.scanned = "", 0, 0, 0
 
 
 def is_val_document(index: int, val_fraction: float) -> bool:
@@ -110,6 +117,8 @@ def chunk_stream(
 ) -> Iterator[Chunk]:
     """The source as train/val chunks in a fixed order: `split` is "tail" (by bytes) or "document"."""
     chunkers = {"train": Chunker(chunk_chars, tokenizer), "val": Chunker(chunk_chars, tokenizer)}
+    pieces = iter(source.pieces())
+    first = next(pieces, None)  # a download source knows its size once it has started
     train_bytes = None
     if split == "tail":
         total = source.total_bytes()
@@ -120,13 +129,18 @@ def chunk_stream(
             )
         train_bytes = int(total * (1 - val_fraction))  # nanoGPT's rule: the first 90% of the text is train
     seen, doc, current = 0, 0, "train"
-    for piece in source.pieces():
+    for piece in itertools.chain([first] if first is not None else [], pieces):
         text, nbytes = piece.text, piece.nbytes
         if train_bytes is None:
             current = "val" if is_val_document(doc, val_fraction) else "train"
         elif current == "train" and seen + nbytes > train_bytes:
-            # the split falls inside this piece: keep the characters wholly within the train bytes
-            head = len(text.encode("utf-8")[: train_bytes - seen].decode("utf-8", errors="ignore"))
+            # the split falls inside this piece: keep the characters wholly within the train bytes, or, when
+            # the source bytes are not the text's (JSON escapes, replaced bytes), the same fraction of them
+            raw = text.encode("utf-8")
+            if len(raw) == nbytes:
+                head = len(raw[: train_bytes - seen].decode("utf-8", errors="ignore"))
+            else:
+                head = len(text) * (train_bytes - seen) // nbytes
             yield from chunkers["train"].feed(text[:head], train_bytes - seen, True, False, "train")
             text, nbytes, current = text[head:], seen + nbytes - train_bytes, "val"
         yield from chunkers[current].feed(text, nbytes, piece.doc_end, piece.doc_end, current)

@@ -15,9 +15,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from gptlab.config import DataConfig
+from gptlab.data.batches import load_prepared
 from gptlab.data.chunking import Chunk, chunk_stream
 from gptlab.data.sources import Source, open_source
 from gptlab.data.tokenizer_setup import build_tokenizer
@@ -89,8 +92,8 @@ class ShardWriter:
         self.file = None
         self.tokens = self.docs = 0
 
-    def write(self, tokens: np.ndarray, chunk: int) -> None:
-        """Append the tokens of stream chunk `chunk`, closing each shard as it fills."""
+    def write(self, tokens: np.ndarray, chunk: int, offset: int = 0) -> None:
+        """Append tokens of stream chunk `chunk` (from its token `offset` on), closing each shard as it fills."""
         done = 0
         while done < len(tokens):
             if self.file is None:
@@ -102,8 +105,8 @@ class ShardWriter:
             self.docs += int(np.count_nonzero(part == self.eot)) if self.eot is not None else 0
             self.tokens += len(part)
             done += len(part)
-            if self.tokens == self.shard_tokens:  # the next shard starts `done` tokens into this chunk
-                self._close(chunk + 1, 0) if done == len(tokens) else self._close(chunk, done)
+            if self.tokens == self.shard_tokens:  # the next shard starts `offset + done` tokens into this chunk
+                self._close(chunk + 1, 0) if done == len(tokens) else self._close(chunk, offset + done)
 
     def finish(self, end_chunk: int) -> None:
         """Close the last, partial shard."""
@@ -156,12 +159,12 @@ class _InProcess(Executor):
 
 def _executor(workers: int, tokenizer: Tokenizer, tokenizer_path: Path) -> Executor:
     global _worker_tokenizer
-    methods = multiprocessing.get_all_start_methods()
-    _worker_tokenizer = tokenizer if workers <= 1 or "fork" in methods else None
+    fork = sys.platform == "linux"  # macOS and Windows spawn: forking is unsafe or absent there
+    _worker_tokenizer = tokenizer if workers <= 1 or fork else None
     if workers <= 1:
         return _InProcess()
     # fork starts workers in milliseconds, each inheriting the loaded tokenizer
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    context = multiprocessing.get_context("fork" if fork else "spawn")
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(str(tokenizer_path),))
 
 
@@ -196,8 +199,8 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
         return None
     try:
         meta = json.loads(path.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("not an object")
+        if not isinstance(meta, dict) or not isinstance(meta.get("shards", {}), dict):
+            raise ValueError("not a gptlab meta.json")
         return meta
     except (ValueError, UnicodeDecodeError) as e:
         raise GptlabError(f"'{path}' is corrupted: {e}", "run `gptlab prepare --overwrite` again") from e
@@ -233,13 +236,22 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
                 "pass --overwrite, or set data.dir to a new folder",
             )
         if meta.get("complete"):
+            load_prepared(out)  # the listed shards and the tokenizer are still there, whole
             return PrepareResult(out, meta, skipped=True)
         tokenizer = Tokenizer.load(out / "tokenizer.json")  # resume with the tokenizer the shards began with
         if _file_sha256(out / "tokenizer.json") != meta.get("tokenizer_sha256"):
             raise GptlabError(f"'{out / 'tokenizer.json'}' changed since the shards were written", "pass --overwrite")
     else:
+        if data.tokenizer in ("bpe", "wordpiece") and data.dtype == "uint16":
+            token_dtype(data.vocab_size, data.dtype)  # before training: refuse a vocabulary that cannot fit
         tokenizer = build_tokenizer(data, source, quiet=quiet)  # before clearing: it may live in `out`
-        out.mkdir(parents=True, exist_ok=True)
+        token_dtype(tokenizer.vocab_size, data.dtype)  # refuse before anything is deleted
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GptlabError(
+                f"cannot create data.dir '{out}': {e.strerror}", "set data.dir to a writable folder"
+            ) from e
         _clear(out)
         tokenizer.save(out / "tokenizer.json")
         meta = _new_meta(data, settings, source, fingerprint, tokenizer, out)
@@ -312,16 +324,23 @@ def _write_shards(data: DataConfig, source: Source, tokenizer: Tokenizer, out: P
                     if c.doc_end:
                         ids = np.concatenate([ids, eot])
                     start, skip = resume[c.split]
-                    writers[c.split].write(ids[skip:] if i == start else ids, i)
+                    skip = skip if i == start else 0
+                    writers[c.split].write(ids[skip:], i, skip)
                     bar.advance(task_id, c.nbytes)
 
-            for task in _tasks(needed()):
-                inflight.append((task, pool.submit(_encode, [c.text for _, c in task], dtype.name)))
-                n_chunks = task[-1][0] + 1
-                if len(inflight) >= 2 * workers:
+            try:
+                for task in _tasks(needed()):
+                    inflight.append((task, pool.submit(_encode, [c.text for _, c in task], dtype.name)))
+                    n_chunks = task[-1][0] + 1
+                    if len(inflight) >= 2 * workers:
+                        drain_one()
+                while inflight:
                     drain_one()
-            while inflight:
-                drain_one()
+            except BrokenProcessPool as e:
+                raise GptlabError(
+                    "an encoding worker process died (out of memory?)",
+                    "lower data.workers or data.chunk_chars, then run the same prepare again: it resumes",
+                ) from e
         n_chunks = max([n_chunks, *(r[0] for r in resume.values())])
         for w in writers.values():
             w.finish(n_chunks)
@@ -329,7 +348,8 @@ def _write_shards(data: DataConfig, source: Source, tokenizer: Tokenizer, out: P
     if min(counts.values()) < 2:
         raise GptlabError(
             f"the text gives {counts['train']} train and {counts['val']} val tokens",
-            "give more text, a larger data.val_fraction, or data.split=tail for a few documents",
+            "give more text or a larger data.val_fraction"
+            + (", or data.split=tail for a few documents" if data.split == "document" else ""),
         )
     meta.update(
         complete=True,

@@ -35,6 +35,10 @@ def make_tokenizer(
     """Load a tokenizer.json, build GPT-2's BPE, or train a char/bpe/wordpiece tokenizer on the sources."""
     specials = list(specials)
     if kind.endswith(".json"):
+        if not Path(kind).is_file():
+            raise GptlabError(
+                f"tokenizer file '{kind}' not found", "check data.tokenizer, or make one with `gptlab tokenizer train`"
+            )
         tokenizer = Tokenizer.load(kind)
         missing = [s for s in specials if s not in tokenizer.special_ids]
         if missing:
