@@ -105,25 +105,29 @@ def test_one_and_two_workers_write_byte_identical_shards(tmp_path):
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
 
-def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind,shard_tokens,crashes", [("bpe", 400, 1), ("char", 100, 3)])
+def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path, monkeypatch, kind, shard_tokens, crashes):
+    # char: each document is one chunk spanning many shards, and the prepare is cut short again after resuming
     source = write_jsonl(tmp_path / "docs.jsonl", tricky_documents(40, seed=3))
-    base = DataConfig(source=str(source), tokenizer="bpe", vocab_size=350, split="document", shard_tokens=400)
+    base = DataConfig(source=str(source), tokenizer=kind, vocab_size=350, split="document", shard_tokens=shard_tokens)
     whole = replace(base, dir=str(tmp_path / "whole"))
     prepare(whole, quiet=True)
 
     cut = replace(base, dir=str(tmp_path / "cut"))
     real_close = shards_module.ShardWriter._close
     closed = []
+    for _ in range(crashes):
+        limit = len(closed) + 3
 
-    def crash_on_third(self, next_chunk, skip):
-        if len(closed) == 3:  # dies mid-write: the shard's bytes are on disk under a temporary name
-            raise KeyboardInterrupt
-        closed.append(self.final.name)
-        real_close(self, next_chunk, skip)
+        def crash_on_third(self, next_chunk, skip, limit=limit):
+            if len(closed) == limit:  # dies mid-write: the shard's bytes are on disk under a temporary name
+                raise KeyboardInterrupt
+            closed.append(self.final.name)
+            real_close(self, next_chunk, skip)
 
-    monkeypatch.setattr(shards_module.ShardWriter, "_close", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(cut, quiet=True)
+        monkeypatch.setattr(shards_module.ShardWriter, "_close", crash_on_third)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(cut, quiet=True)
     monkeypatch.setattr(shards_module.ShardWriter, "_close", real_close)
     meta = json.loads((tmp_path / "cut" / "meta.json").read_text())
     listed = [e["file"] for s in ("train", "val") for e in meta["shards"][s]]
@@ -254,3 +258,16 @@ def test_gpt2_preset_prepares_trains_and_samples_offline(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("ROMEO:")
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"]) == ("gpt2", 50257, 50256)
+
+
+def test_chunker_never_cuts_empty_chunks_or_a_special_still_arriving():
+    from gptlab.data.chunking import Chunker
+
+    char = Tokenizer.train("char", ["abc def<|endoftext|>"], 0)
+    bpe = Tokenizer.train("bpe", ["ab cd ef gh " * 50], 300)
+    for tok in (char, bpe):
+        chunker = Chunker(1, tok)
+        pieces = ["ab cd e", "f <|endof", "text|> gh ij", " kl"]
+        chunks = [c.text for i, p in enumerate(pieces) for c in chunker.feed(p, 1, i == 3, i == 3, "train")]
+        assert "".join(chunks) == "".join(pieces) and all(chunks)
+        assert any("<|endoftext|>" in c for c in chunks), chunks  # the special arrived in two pieces, kept whole
