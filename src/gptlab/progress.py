@@ -17,12 +17,11 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
-def progress_bar(transient: bool = False) -> Progress:
-    """A progress bar with counts, elapsed and remaining time, drawn on stderr."""
+def _bar(counts: list, transient: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        *counts,
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
@@ -30,19 +29,13 @@ def progress_bar(transient: bool = False) -> Progress:
         transient=transient,
         disable=not console.is_terminal,  # a log file gets no half-drawn bars
     )
+
+
+def progress_bar(transient: bool = False) -> Progress:
+    """A progress bar with counts, elapsed and remaining time, drawn on stderr."""
+    return _bar([MofNCompleteColumn()], transient)
 
 
 def bytes_bar(transient: bool = False) -> Progress:
     """A progress bar over bytes of text, with MB done and MB/s, drawn on stderr."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=transient,
-        disable=not console.is_terminal,  # a log file gets no half-drawn bars
-    )
+    return _bar([DownloadColumn(), TransferSpeedColumn()], transient)
