@@ -7,9 +7,11 @@ byte-level BPE files are encoded by `tiktoken` when they convert exactly (it is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -306,8 +308,24 @@ def _train_bpe(texts: Iterator[str], vocab_size: int, specials: list[str]) -> HF
         initial_alphabet=_alphabet(),  # every byte, so no text is ever unknown
         show_progress=False,  # the caller draws its own bar over the stream
     )
-    hf.train_from_iterator(texts, trainer)
+    with _serial_counting():
+        hf.train_from_iterator(texts, trainer)
     return hf
+
+
+@contextlib.contextmanager
+def _serial_counting() -> Iterator[None]:
+    """Count words on one thread: each HF worker thread keeps its own word-count map until they are merged,
+    which on a GB of text with 3M distinct words took peak memory from ~1.3 GB to 2.3 GB (benchmarks/)."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
 def _train_wordpiece(texts: Iterator[str], vocab_size: int, specials: list[str]) -> HFTokenizer:
@@ -332,7 +350,8 @@ def _train_wordpiece(texts: Iterator[str], vocab_size: int, specials: list[str])
         continuing_subword_prefix="",
         show_progress=False,
     )
-    hf.train_from_iterator(texts, trainer)
+    with _serial_counting():
+        hf.train_from_iterator(texts, trainer)
     return hf
 
 
