@@ -40,6 +40,11 @@ class PreparedData:
         return Tokenizer.load(self.tokenizer_path)
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes: how meta.json names the tokenizer its shards were written with."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def load_prepared(data_dir: str | Path) -> PreparedData:
     """Open a prepared data folder without reading the tokens into memory; check it is whole and consistent."""
     d = Path(data_dir)
@@ -58,7 +63,7 @@ def load_prepared(data_dir: str | Path) -> PreparedData:
         tokenizer_path = d / "tokenizer.json"
         if not tokenizer_path.is_file():
             raise GptlabError(f"'{tokenizer_path}' is missing", again)
-        if hashlib.sha256(tokenizer_path.read_bytes()).hexdigest() != meta["tokenizer_sha256"]:
+        if file_sha256(tokenizer_path) != meta["tokenizer_sha256"]:
             raise GptlabError(
                 f"'{tokenizer_path}' does not match the tokenizer the shards in '{d}' were written with",
                 f"put back the original tokenizer.json, or {again}",

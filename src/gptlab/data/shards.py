@@ -11,7 +11,6 @@ without an entry is never read. Memory is bounded by the chunks in flight, not b
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import multiprocessing
 import os
@@ -27,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from gptlab.config import DataConfig
-from gptlab.data.batches import load_prepared
+from gptlab.data.batches import file_sha256, load_prepared
 from gptlab.data.chunking import Chunk, chunk_stream
 from gptlab.data.sources import Source, open_source
 from gptlab.data.tokenizer_setup import build_tokenizer
 from gptlab.errors import GptlabError
 from gptlab.progress import bytes_bar
-from gptlab.tokenizers import Tokenizer
+from gptlab.tokenizers import Tokenizer, hf_threads
 
 FORMAT_VERSION = 2
 TASK_CHARS = 1 << 18  # text per task sent to a worker: process hops cost little, and work spreads evenly
@@ -84,10 +83,8 @@ class PrepareResult:
 class ShardWriter:
     """Appends one split's tokens to fixed-size shards; calls `on_shard()` after each shard's rename."""
 
-    def __init__(
-        self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, eot: int | None, meta: dict, on_shard
-    ):
-        self.out, self.split, self.dtype, self.shard_tokens, self.eot = out, split, dtype, shard_tokens, eot
+    def __init__(self, out: Path, split: str, shard_tokens: int, eot: int | None, meta: dict, on_shard):
+        self.out, self.split, self.shard_tokens, self.eot = out, split, shard_tokens, eot
         self.entries, self.on_shard = meta["shards"][split], on_shard
         self.file = None
         self.tokens = self.docs = 0
@@ -181,13 +178,6 @@ def _tasks(chunks: Iterator[tuple[int, Chunk]]) -> Iterator[list[tuple[int, Chun
         yield task
 
 
-def _set_env(key: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
-
-
 # ----- prepare ------------------------------------------------------------------------------------
 def _settings(data: DataConfig) -> dict[str, Any]:
     d = asdict(data)
@@ -212,8 +202,6 @@ def _clear(out: Path) -> None:
     for split in SPLITS:
         for p in out.glob(f"{split}_*.bin"):
             p.unlink()
-    for p in out.glob(".*.tmp*"):
-        p.unlink()
     (out / "tokenizer.json").unlink(missing_ok=True)
 
 
@@ -225,7 +213,7 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
     source = open_source(data.source, text_field=data.text_field, errors=data.errors, split=data.hub_split)
     settings, fingerprint = _settings(data), source.fingerprint()
     if data.tokenizer.endswith(".json") and Path(data.tokenizer).is_file():  # a changed file is another setting
-        fingerprint += ":" + _file_sha256(Path(data.tokenizer))
+        fingerprint += ":" + file_sha256(Path(data.tokenizer))
     meta_path = out / "meta.json"
     meta = None if overwrite else _read_meta(meta_path)
     if meta is not None:
@@ -239,7 +227,7 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
             load_prepared(out)  # the listed shards and the tokenizer are still there, whole
             return PrepareResult(out, meta, skipped=True)
         tokenizer = Tokenizer.load(out / "tokenizer.json")  # resume with the tokenizer the shards began with
-        if _file_sha256(out / "tokenizer.json") != meta.get("tokenizer_sha256"):
+        if file_sha256(out / "tokenizer.json") != meta.get("tokenizer_sha256"):
             raise GptlabError(f"'{out / 'tokenizer.json'}' changed since the shards were written", "pass --overwrite")
     else:
         if data.tokenizer in ("bpe", "wordpiece") and data.dtype == "uint16":
@@ -262,10 +250,6 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
     return PrepareResult(out, meta, skipped=False)
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _new_meta(
     data: DataConfig, settings: dict, source: Source, fingerprint: str, tokenizer: Tokenizer, out: Path
 ) -> dict[str, Any]:
@@ -278,7 +262,7 @@ def _new_meta(
         "source_description": source.description,
         "source_fingerprint": fingerprint,
         "tokenizer": tokenizer.kind,
-        "tokenizer_sha256": _file_sha256(out / "tokenizer.json"),
+        "tokenizer_sha256": file_sha256(out / "tokenizer.json"),
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.special_ids[eos] if eos else None,
         "dtype": token_dtype(tokenizer.vocab_size, data.dtype).name,
@@ -294,7 +278,7 @@ def _write_shards(data: DataConfig, source: Source, tokenizer: Tokenizer, out: P
     def save_meta() -> None:
         write_atomic(meta_path, json.dumps(meta, indent=2).encode())
 
-    writers = {s: ShardWriter(out, s, dtype, data.shard_tokens, meta["eot_id"], meta, save_meta) for s in SPLITS}
+    writers = {s: ShardWriter(out, s, data.shard_tokens, meta["eot_id"], meta, save_meta) for s in SPLITS}
     # where each split resumes: chunk index and tokens of it already in earlier shards
     resume = {s: (e[-1]["next_chunk"], e[-1]["skip"]) if e else (0, 0) for s, e in meta["shards"].items()}
     chunks = chunk_stream(source, tokenizer, data.chunk_chars, data.split, data.val_fraction)
@@ -312,10 +296,8 @@ def _write_shards(data: DataConfig, source: Source, tokenizer: Tokenizer, out: P
 
         n_chunks = 0
         # one process per core is the parallelism: the HF thread pool stays off in the workers
-        parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false" if workers > 1 else (parallelism or "true")
-        with contextlib.ExitStack() as restore, _executor(workers, tokenizer, out / "tokenizer.json") as pool:
-            restore.callback(_set_env, "TOKENIZERS_PARALLELISM", parallelism)
+        threads = hf_threads(False) if workers > 1 else contextlib.nullcontext()
+        with threads, _executor(workers, tokenizer, out / "tokenizer.json") as pool:
             inflight: deque[tuple[list, Future]] = deque()
 
             def drain_one() -> None:

@@ -9,7 +9,7 @@ from gptlab.config import DataConfig
 from gptlab.data.sources import Source, open_source
 from gptlab.errors import GptlabError
 from gptlab.progress import bytes_bar
-from gptlab.tokenizers import Tokenizer
+from gptlab.tokenizers import KINDS, Tokenizer
 
 
 def _streamed_texts(sources: Sequence[Source], quiet: bool) -> Iterator[str]:
@@ -68,8 +68,8 @@ def train_tokenizer(
     quiet: bool = False,
 ) -> Path:
     """Train a tokenizer on text files (for gpt2: build it) and write `out_dir/tokenizer.json`."""
-    if kind not in ("char", "bpe", "wordpiece", "gpt2"):
-        raise GptlabError(f"tokenizer kind '{kind}' is unknown", "use one of char, bpe, wordpiece, gpt2")
+    if kind not in KINDS:
+        raise GptlabError(f"tokenizer kind '{kind}' is unknown", "use one of " + ", ".join(KINDS))
     if not paths and kind != "gpt2":
         raise GptlabError("no text to train the tokenizer on", "give one or more files, folders or globs")
     if kind == "gpt2":  # nothing to train: PATH, if given, is the folder of a GPT-2 vocab.json + merges.txt

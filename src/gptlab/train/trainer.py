@@ -135,10 +135,8 @@ class TrainStep:
 
     def to_device(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
-        if t.is_pinned():
-            return t.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type == "cuda":  # the prefetch thread has usually pinned it already
+            return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
         return t.to(self.device)
 
     def __call__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
