@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -205,11 +206,43 @@ def speed(path: Path, work: Path, gpt2: Path, rounds: int) -> dict[str, float]:
     return result
 
 
+def budget_effect(big: Path, megabytes: int) -> None:
+    """What the default word budget changes: bpe 8192 on the first `megabytes` of `big`, with it and without."""
+    from gptlab.tokenizers import MAX_WORDS, Tokenizer, count_words
+
+    def pieces() -> Iterator[str]:
+        with open(big, encoding="utf-8") as f:
+            for _ in range(megabytes):
+                yield f.read(1 << 20)
+
+    distinct = len(count_words(pieces(), max_words=10**9))
+    toks = {}
+    for name, budget in [("budget", MAX_WORDS), ("none", 10**9)]:
+        t0 = time.perf_counter()
+        toks[name] = Tokenizer.train("bpe", pieces(), 8192, max_words=budget)
+        print(f"  bpe 8192, max_words {budget:,}: {time.perf_counter() - t0:.0f} s", flush=True)
+    vocabs = [set(t.hf.get_vocab()) for t in toks.values()]
+    text = (SHARED / "shakespeare_complete.txt").read_text()
+    per_byte = {k: len(t.encode(text)) / len(text.encode()) for k, t in toks.items()}
+    print(
+        f"word budget on the first {megabytes} MB of {big.name} ({distinct:,} distinct words): "
+        f"{len(vocabs[0] & vocabs[1]):,} of 8,192 tokens shared; tokens per byte of "
+        f"shakespeare_complete.txt {per_byte['budget']:.4f} with the budget, {per_byte['none']:.4f} without",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/gptlab-prepare-bench", help="scratch folder (the 1 GB file lives here)")
     parser.add_argument("--big-mb", type=int, default=1000, help="size of the mutated corpus; 0 skips it")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--budget-mb",
+        type=int,
+        default=0,
+        help="also compare tokenizer training with and without the word budget on the first N MB of the mutated corpus",
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -230,6 +263,8 @@ def main() -> None:
     train = [gptlab, "tokenizer", "train", "--kind", "bpe", "--vocab-size", "8192", "--special", "<|endoftext|>"]
     seconds, rss = peak_rss([*train, "--out", str(work / "bpe"), "--quiet", str(big)])
     print(f"tokenizer train (bpe 8192) on {big.name}: {seconds:.0f} s, peak RSS {rss:,.0f} MB", flush=True)
+    if args.budget_mb:
+        budget_effect(big, args.budget_mb)
     prep = [gptlab, "prepare", f"data.source={big}", f"data.dir={work / 'rss'}", "data.tokenizer=gpt2"]
     seconds, rss = peak_rss([*prep, f"data.gpt2_files={gpt2}", "--workers", "2", "--overwrite", "--quiet"])
     print(f"prepare (gpt2, 2 workers) on {big.name}: {seconds:.0f} s, peak RSS {rss:,.0f} MB", flush=True)

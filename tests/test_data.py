@@ -1,5 +1,6 @@
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,23 @@ def test_prepare_again_skips_and_refuses_another_source(prepared, tmp_path):
         "(pass --overwrite, or set data.dir to a new folder)"
     )
     assert not prepare(replace(prepared.data, source=str(other)), overwrite=True, quiet=True).skipped
+
+
+def test_data_prepared_before_max_words_existed(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the king and the queen\n" * 50)
+    for kind in ("char", "bpe"):
+        data = DataConfig(source=str(text), dir=str(tmp_path / kind), tokenizer=kind, vocab_size=300)
+        prepare(data, quiet=True)
+        meta_path = Path(data.dir) / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        del meta["settings"]["max_words"]
+        meta_path.write_text(json.dumps(meta))
+        if kind == "char":  # max_words trains nothing here: still the same data
+            assert prepare(data, quiet=True).skipped
+        else:  # trained without a word budget: maybe another tokenizer
+            with pytest.raises(GptlabError, match="another source or setting"):
+                prepare(data, quiet=True)
 
 
 def test_bad_text_is_a_clear_error(prepared, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from gptlab.cli import main
 from gptlab.config import DataConfig, load_config
 from gptlab.data import shards as shards_module
-from gptlab.data.batches import Batches, load_prepared
+from gptlab.data.batches import Batches, file_sha256, load_prepared
 from gptlab.data.chunking import is_val_document
 from gptlab.data.shards import prepare
 from gptlab.errors import GptlabError
@@ -203,6 +203,9 @@ def test_config_refuses_colliding_specials_and_unknown_kinds():
     with pytest.raises(GptlabError) as e:
         load_config(None, ["data.tokenizer=bpee"])
     assert str(e.value) == "data.tokenizer has no option 'bpee' (did you mean 'bpe'?)"
+    with pytest.raises(GptlabError) as e:
+        load_config(None, ["data.max_words=0"])
+    assert str(e.value) == "data.max_words must be at least 1, got 0 (raise it)"
 
 
 def test_tokenizer_train_and_data_inspect_commands(tmp_path, capsys):
@@ -232,6 +235,12 @@ def test_tokenizer_train_and_data_inspect_commands(tmp_path, capsys):
         f"error: no prepared data in '{tmp_path / 'nowhere'}' (meta.json missing) "
         f"(run `gptlab prepare` with data.dir={tmp_path / 'nowhere'})\n"
     )
+    # a word budget the corpus exceeds gives another tokenizer; a bad one is an error
+    assert main([*args, "--out", str(tmp_path / "t2"), "--max-words", "20", "--quiet", str(corpus)]) == 0
+    assert file_sha256(tmp_path / "t2" / "tokenizer.json") != file_sha256(out / "tokenizer.json")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "t3"), "--max-words", "0", str(corpus)]) == 2
+    assert capsys.readouterr().err == "error: --max-words must be at least 1, got 0 (the default is 1,000,000)\n"
 
 
 @pytest.mark.skipif(not GPT2_FIXTURES.is_dir(), reason="needs GPT-2's vocab.json/merges.txt from ../shared/data")

@@ -7,16 +7,17 @@ import os
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tiktoken
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from gptlab.errors import GptlabError
-from gptlab.tokenizers import KINDS, Tokenizer
+from gptlab.tokenizers import KINDS, Tokenizer, count_words
 
 EOT = "<|endoftext|>"
 # GPT-2's files and a tiktoken cache made from them; read when present (a copy of the cache: tiktoken writes into it)
@@ -425,6 +426,92 @@ def test_bpe_and_wordpiece_keep_the_asked_vocab_size() -> None:
     for kind, size in [("bpe", 300), ("wordpiece", 400), ("bpe", 257), ("wordpiece", 257)]:
         tok = Tokenizer.train(kind, one_shot(corpus(100)), size)
         assert tok.vocab_size == size, kind
+
+
+def hf_trained(kind: str, texts: list[str], vocab_size: int, specials: list[str]) -> HFTokenizer:
+    """Train with HF straight from the text, as its docs show: the reference for training from counted words."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if kind == "bpe":
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = byte_level
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+        )
+    else:
+        hf = HFTokenizer(
+            models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="", max_input_chars_per_word=1_000_000)
+        )
+        cut = pre_tokenizers.Split(Regex(".{1,100}"), behavior="isolated")
+        hf.pre_tokenizer = pre_tokenizers.Sequence([byte_level, cut])
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=alphabet,
+            continuing_subword_prefix="",
+            show_progress=False,
+        )
+    hf.train_from_iterator(texts, trainer)
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_training_from_counted_words_equals_hf_on_the_text(kind: str) -> None:
+    # long words (cut at 100 bytes for WordPiece), whitespace runs, unicode, frequent and one-off words
+    rng = random.Random(5)
+    texts = [*corpus(400), *(tricky_text(i).replace(EOT, "") for i in range(20))]
+    texts += ["x" * 250 + " " + "é" * 130 + "  \n", "".join(rng.choice("abcdé ") for _ in range(3000))]
+    ours = Tokenizer.train(kind, one_shot(iter(texts)), 700, (EOT, "<pad>"))
+    theirs = json.loads(hf_trained(kind, texts, 700, [EOT, "<pad>"]).to_str())
+    assert json.loads(ours.hf.to_str())["model"] == theirs["model"]
+    text = tricky_text(3).replace(EOT, "")
+    assert ours.encode(text) == [t for t in HFTokenizer.from_str(json.dumps(theirs)).encode(text).ids]
+
+
+def test_count_words_splits_like_hf_byte_level() -> None:
+    texts = [*TRICKY, tricky_text(1), tricky_text(2), "x" * 300]
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    theirs = Counter(word for text in texts for word, _ in pre.pre_tokenize_str(text))
+    as_text = decoders.ByteLevel()  # HF's words are written in byte-level characters, ours as plain text
+    assert Counter({as_text.decode([w]): n for w, n in theirs.items()}) == count_words(iter(texts))
+
+
+def test_count_words_keeps_the_frequent_words_within_the_budget() -> None:
+    rng = random.Random(0)
+
+    def letters(n: int) -> str:  # n in base 26 as letters: a word that the pre-tokenizer keeps whole
+        return "".join(chr(97 + n // 26**k % 26) for k in range(4))
+
+    frequent = [f" common{letters(i)}" for i in range(20)]
+
+    def texts() -> Iterator[str]:
+        for block in range(200):  # each block: the frequent words 10 times each, and 100 words never seen again
+            words = frequent * 10 + [f" rare{letters(block * 100 + j)}" for j in range(100)]
+            rng.shuffle(words)
+            yield "".join(words)
+
+    full = count_words(texts(), max_words=10**9)
+    assert len(full) == 20 + 200 * 100
+    kept = count_words(texts(), max_words=500)
+    assert len(kept) <= 500
+    assert {w: kept[w] for w in frequent} == {w: 2000 for w in frequent}  # never dropped, so counted exactly
+    assert all(kept[w] <= full[w] for w in kept)
+    # a budget the corpus never reaches changes nothing
+    assert count_words(texts(), max_words=len(full)) == full
+    with pytest.raises(GptlabError) as e:
+        count_words(iter(["a"]), max_words=0)
+    assert str(e.value) == "max_words must be at least 1, got 0 (the default is 1,000,000)"
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_training_with_a_small_word_budget(kind: str) -> None:
+    texts = list(corpus(300)) + [" once" + "".join(chr(97 + i // 26**k % 26) for k in range(3)) for i in range(3000)]
+    small = Tokenizer.train(kind, one_shot(iter(texts)), 400, (EOT,), max_words=1000)
+    assert small.vocab_size == 400
+    for text in [*TRICKY, tricky_text(4)]:
+        assert small.decode(small.encode(text)) == text
+    full = Tokenizer.train(kind, one_shot(iter(texts)), 400, (EOT,))
+    assert small.fingerprint() != full.fingerprint()  # the one-off words were dropped, so the merges differ
 
 
 # ----- files -------------------------------------------------------------------------------------------------------------

@@ -50,10 +50,12 @@ def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab tokenizer train --help`")
+    if args.max_words < 1:
+        raise GptlabError(f"--max-words must be at least 1, got {args.max_words}", "the default is 1,000,000")
     specials = args.special if args.special is not None else ["<|endoftext|>"]
     path = train_tokenizer(
         args.kind, args.paths, args.out, vocab_size=args.vocab_size, specials=specials,
-        text_field=args.text_field, errors=args.errors, quiet=args.quiet,
+        text_field=args.text_field, errors=args.errors, quiet=args.quiet, max_words=args.max_words,
     )  # fmt: skip
     print(f"wrote {path}")
     return 0
@@ -177,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--special", action="append", metavar="TOKEN", help="a special token (repeat for more; default <|endoftext|>)"
     )
+    p.add_argument(
+        "--max-words", "--max_words", type=int, default=1_000_000, dest="max_words",
+        help="bpe/wordpiece: distinct words kept in memory while counting (the rarest are dropped beyond it)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write tokenizer.json into")
     p.add_argument("--text-field", default="text", dest="text_field", help="the text field of .jsonl/.parquet")
     p.add_argument("--errors", choices=["strict", "replace"], default="strict", help="non-UTF-8 bytes")

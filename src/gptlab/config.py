@@ -115,6 +115,7 @@ class DataConfig:
     dir: str = "data/shakespeare-char"  # prepared data: shards, meta.json, tokenizer.json
     tokenizer: str = "char"  # char, bpe, wordpiece, gpt2, or the path of an existing tokenizer.json
     vocab_size: int = 8192  # bpe and wordpiece: the vocabulary to train
+    max_words: int = 1_000_000  # bpe and wordpiece training: distinct words kept (the rarest dropped beyond)
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])  # the first one ends documents
     gpt2_files: str | None = None  # gpt2: a folder with vocab.json + merges.txt to build it offline
     text_field: str = "text"  # the field holding the text in .jsonl/.parquet/hub rows
@@ -338,7 +339,7 @@ def validate_data(d: DataConfig) -> None:
         close = difflib.get_close_matches(d.tokenizer, kinds, n=1)
         hint = f"did you mean '{close[0]}'?" if close else "use char, bpe, wordpiece, gpt2 or a tokenizer.json path"
         raise GptlabError(f"data.tokenizer has no option '{d.tokenizer}'", hint)
-    for key in ("shard_tokens", "chunk_chars"):
+    for key in ("shard_tokens", "chunk_chars", "max_words"):
         if getattr(d, key) < 1:
             raise GptlabError(f"data.{key} must be at least 1, got {getattr(d, key)}", "raise it")
     if d.workers < 0:

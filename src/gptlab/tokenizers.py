@@ -13,9 +13,11 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import regex
 import tiktoken
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -37,6 +39,9 @@ GPT2_MERGES_SHA256 = "04e3597d7996f292ca9b8b7285ca4d58a6ae171ac47d73fc7140ceb0c7
 # cuts words into chunks of at most this many bytes; a token never spans a chunk, so nothing else changes
 WORDPIECE_CHUNK = 100
 WORDPIECE_MAX_WORD = 1_000_000  # above the chunk size: no word is [UNK] for being long
+# bpe/wordpiece training keeps at most this many distinct words: HF's trainer needs ~650 bytes a word (benchmarks/)
+MAX_WORDS = 1_000_000
+FEED_CHARS = 1 << 16  # counted words go to HF's trainer in texts of about this size
 UNKNOWN_KIND_FIX = "use one of char, bpe, wordpiece, gpt2, or a path to a tokenizer.json"
 GPT2_FILES_FIX = "give the folder of a GPT-2 vocab.json and merges.txt"
 WHITESPACE_SPLITTERS = ("Whitespace", "WhitespaceSplit", "BertPreTokenizer")
@@ -105,9 +110,17 @@ class Tokenizer:
     # ----- constructors -----------------------------------------------------------------------------------------
     @classmethod
     def train(
-        cls, kind: str, texts: Iterable[str], vocab_size: int, specials: Sequence[str] = (GPT2_EOT,)
+        cls,
+        kind: str,
+        texts: Iterable[str],
+        vocab_size: int,
+        specials: Sequence[str] = (GPT2_EOT,),
+        max_words: int = MAX_WORDS,
     ) -> Tokenizer:
-        """Train a char, bpe or wordpiece tokenizer on `texts`, streamed once (never held in memory)."""
+        """Train a char, bpe or wordpiece tokenizer on `texts`, streamed once (never held in memory).
+
+        bpe and wordpiece count words first and keep at most `max_words` distinct ones (see `count_words`).
+        """
         specials = _check_specials(specials)
         if kind == "gpt2":
             raise GptlabError("tokenizer kind 'gpt2' is pretrained, not trained", "build it with Tokenizer.gpt2()")
@@ -127,9 +140,9 @@ class Tokenizer:
         if kind == "char":
             hf = _train_char(stream, specials)
         elif kind == "bpe":
-            hf = _train_bpe(stream, vocab_size, specials)
+            hf = _train_bpe(stream, vocab_size, specials, max_words)
         else:
-            hf = _train_wordpiece(stream, vocab_size, specials)
+            hf = _train_wordpiece(stream, vocab_size, specials, max_words)
         if not seen[0]:
             raise GptlabError("the text to train the tokenizer on is empty", "give it some text")
         return cls(hf)
@@ -300,19 +313,83 @@ def _alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def _train_bpe(texts: Iterator[str], vocab_size: int, specials: list[str]) -> HFTokenizer:
-    hf = _byte_level(models.BPE(), [])
+def _train_bpe(texts: Iterator[str], vocab_size: int, specials: list[str], max_words: int) -> HFTokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[_special(s) for s in specials],  # first, so they get ids 0, 1, ...
         initial_alphabet=_alphabet(),  # every byte, so no text is ever unknown
         show_progress=False,  # the caller draws its own bar over the stream
     )
-    # count words on one thread: each HF worker thread keeps its own word-count map until they are merged,
-    # which on a GB of text with 3M distinct words took peak memory from 1.6 GB to 2.3 GB (benchmarks/)
-    with hf_threads(False):
-        hf.train_from_iterator(texts, trainer)
-    return hf
+    model = _train_on_counts(models.BPE(), trainer, count_words(texts, max_words))
+    return _byte_level(model, specials)
+
+
+def count_words(texts: Iterable[str], max_words: int = MAX_WORDS) -> Counter[str]:
+    """Count the GPT-2 pre-tokens of `texts`, keeping at most `max_words` distinct ones (the rarest go first).
+
+    HF's trainers hold every distinct word several times over (about 650 bytes each), so on a large corpus the
+    word list, not the text, is what fills memory. When the count passes `max_words`, the words seen least often
+    are dropped until at most half the budget is left (lossy counting: a word dropped early counts again from 0).
+    """
+    if max_words < 1:
+        raise GptlabError(f"max_words must be at least 1, got {max_words}", "the default is 1,000,000")
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(_pre_tokens().findall(text))
+        if len(counts) > max_words:
+            _drop_rarest(counts, max(1, max_words // 2))
+    return counts
+
+
+def _drop_rarest(counts: Counter[str], keep: int) -> None:
+    """Drop the words of the lowest counts, whole counts at a time, until at most `keep` are left."""
+    left, limit = len(counts), 0
+    for count, words in sorted(Counter(counts.values()).items()):
+        if left <= keep:
+            break
+        left, limit = left - words, count
+    for word in [w for w, c in counts.items() if c <= limit]:
+        del counts[word]
+
+
+@functools.cache
+def _pre_tokens() -> regex.Pattern[str]:
+    return regex.compile(GPT2_PATTERN)
+
+
+def _train_on_counts(
+    model: models.Model, trainer: trainers.Trainer, counts: Counter[str], cut: int = 0
+) -> models.Model:
+    """Train `model` on counted words: each written as byte-level characters, repeated, split on spaces."""
+    hf = HFTokenizer(model)
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # byte-level characters are never whitespace
+    with hf_threads(False):  # HF's threads would each build a word map of their own before merging them
+        hf.train_from_iterator(_repeated_words(counts, cut), trainer)
+    return hf.model
+
+
+def _repeated_words(counts: Counter[str], cut: int) -> Iterator[str]:
+    """Texts whose whitespace-split words are the counted words, each as often as counted; empties `counts`.
+
+    With `cut`, a word is fed in pieces of at most `cut` characters, as the WordPiece pre-tokenizer cuts it.
+    """
+    table = str.maketrans(dict(enumerate(_byte_table())))
+    batch: list[str] = []
+    size = 0
+    while counts:
+        word, n = counts.popitem()  # popped, so the counts shrink as HF's own word map grows
+        mapped = word.encode().decode("latin-1").translate(table)
+        for piece in [mapped[i : i + cut] for i in range(0, len(mapped), cut)] if cut else [mapped]:
+            unit, left = piece + " ", n
+            while left:  # a frequent word spans many texts: HF's memory grows with the length of one text
+                k = min(left, max(1, (FEED_CHARS - size) // len(unit)))
+                batch.append(unit * k)
+                size, left = size + k * len(unit), left - k
+                if size + len(unit) > FEED_CHARS:
+                    yield "".join(batch)
+                    batch, size = [], 0
+    if batch:
+        yield "".join(batch)
 
 
 @contextlib.contextmanager
@@ -329,7 +406,7 @@ def hf_threads(enabled: bool) -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def _train_wordpiece(texts: Iterator[str], vocab_size: int, specials: list[str]) -> HFTokenizer:
+def _train_wordpiece(texts: Iterator[str], vocab_size: int, specials: list[str], max_words: int) -> HFTokenizer:
     # BERT's WordPiece lowercases, drops whitespace and writes word-inner pieces as '##x', so it cannot round-trip.
     # Here the words are GPT-2's byte-level pieces, which keep their whitespace inside ('Ġword'), and word-inner
     # pieces carry no prefix: every byte is then a piece wherever it stands, so greedy longest-match always
@@ -337,13 +414,6 @@ def _train_wordpiece(texts: Iterator[str], vocab_size: int, specials: list[str])
     # specials as for BPE, decoding is plain ByteLevel, and transformers loads it as is. A prefix like '♯♯' would
     # need every byte a second time (256 more ids, mostly unused) for the same promise, while 'Ġ' already marks
     # most word starts. The vocabulary still comes from HF's WordPieceTrainer, and encoding is WordPiece's.
-    hf = HFTokenizer(
-        models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="", max_input_chars_per_word=WORDPIECE_MAX_WORD)
-    )
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [_byte_level_pre(), pre_tokenizers.Split(Regex(f".{{1,{WORDPIECE_CHUNK}}}"), behavior="isolated")]
-    )
-    hf.decoder = decoders.ByteLevel()
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         special_tokens=[_special(s) for s in specials],  # first, so they get ids 0, 1, ...
@@ -351,8 +421,16 @@ def _train_wordpiece(texts: Iterator[str], vocab_size: int, specials: list[str])
         continuing_subword_prefix="",
         show_progress=False,
     )
-    with hf_threads(False):  # bounded memory, as for BPE
-        hf.train_from_iterator(texts, trainer)
+    model = models.WordPiece(
+        unk_token="[UNK]", continuing_subword_prefix="", max_input_chars_per_word=WORDPIECE_MAX_WORD
+    )
+    model = _train_on_counts(model, trainer, count_words(texts, max_words), cut=WORDPIECE_CHUNK)
+    hf = HFTokenizer(model)
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [_byte_level_pre(), pre_tokenizers.Split(Regex(f".{{1,{WORDPIECE_CHUNK}}}"), behavior="isolated")]
+    )
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([_special(s) for s in specials])
     return hf
 
 

@@ -39,8 +39,8 @@ TASK_CHARS = 1 << 18  # text per task sent to a worker: process hops cost little
 SPLITS = ("train", "val")
 # settings that decide the bytes of the shards (and where a resumed prepare continues); not `workers`
 SHARD_SETTINGS = (
-    "source", "tokenizer", "vocab_size", "special_tokens", "gpt2_files", "text_field", "hub_split", "errors",
-    "split", "val_fraction", "shard_tokens", "chunk_chars", "dtype",
+    "source", "tokenizer", "vocab_size", "max_words", "special_tokens", "gpt2_files", "text_field", "hub_split",
+    "errors", "split", "val_fraction", "shard_tokens", "chunk_chars", "dtype",
 )  # fmt: skip
 
 
@@ -184,6 +184,13 @@ def _settings(data: DataConfig) -> dict[str, Any]:
     return {k: d[k] for k in SHARD_SETTINGS}
 
 
+def _same_settings(old: Any, new: dict[str, Any], tokenizer: str) -> bool:
+    """Whether shards made with `old` settings are the ones `new` asks for."""
+    if isinstance(old, dict) and "max_words" not in old and tokenizer not in ("bpe", "wordpiece"):
+        old = {**old, "max_words": new["max_words"]}  # written before max_words existed; it trains nothing here
+    return old == new
+
+
 def _read_meta(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -217,7 +224,10 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
     meta_path = out / "meta.json"
     meta = None if overwrite else _read_meta(meta_path)
     if meta is not None:
-        same = meta.get("settings") == settings and meta.get("source_fingerprint") == fingerprint
+        same = (
+            _same_settings(meta.get("settings"), settings, data.tokenizer)
+            and meta.get("source_fingerprint") == fingerprint
+        )
         if not same or meta.get("format_version") != FORMAT_VERSION:
             raise GptlabError(
                 f"'{out}' already holds data prepared from another source or setting",

@@ -9,7 +9,7 @@ from gptlab.config import DataConfig
 from gptlab.data.sources import Source, open_source
 from gptlab.errors import GptlabError
 from gptlab.progress import bytes_bar
-from gptlab.tokenizers import KINDS, Tokenizer
+from gptlab.tokenizers import KINDS, MAX_WORDS, Tokenizer
 
 
 def _streamed_texts(sources: Sequence[Source], quiet: bool) -> Iterator[str]:
@@ -31,6 +31,7 @@ def make_tokenizer(
     specials: Sequence[str],
     gpt2_files: str | None = None,
     quiet: bool = False,
+    max_words: int = MAX_WORDS,
 ) -> Tokenizer:
     """Load a tokenizer.json, build GPT-2's BPE, or train a char/bpe/wordpiece tokenizer on the sources."""
     specials = list(specials)
@@ -49,12 +50,14 @@ def make_tokenizer(
         return tokenizer
     if kind == "gpt2":
         return Tokenizer.gpt2(files=gpt2_files, specials=specials)
-    return Tokenizer.train(kind, _streamed_texts(sources, quiet), vocab_size, specials)
+    return Tokenizer.train(kind, _streamed_texts(sources, quiet), vocab_size, specials, max_words)
 
 
 def build_tokenizer(data: DataConfig, source: Source, quiet: bool = False) -> Tokenizer:
     """The tokenizer `data` asks for, trained on `source` when it has to be."""
-    return make_tokenizer(data.tokenizer, [source], data.vocab_size, data.special_tokens, data.gpt2_files, quiet)
+    return make_tokenizer(
+        data.tokenizer, [source], data.vocab_size, data.special_tokens, data.gpt2_files, quiet, data.max_words
+    )
 
 
 def train_tokenizer(
@@ -66,6 +69,7 @@ def train_tokenizer(
     text_field: str = "text",
     errors: str = "strict",
     quiet: bool = False,
+    max_words: int = MAX_WORDS,
 ) -> Path:
     """Train a tokenizer on text files (for gpt2: build it) and write `out_dir/tokenizer.json`."""
     if kind not in KINDS:
@@ -76,7 +80,7 @@ def train_tokenizer(
         tokenizer = Tokenizer.gpt2(files=paths[0] if paths else None, specials=list(specials))
     else:
         sources = [open_source(p, text_field=text_field, errors=errors) for p in paths]
-        tokenizer = make_tokenizer(kind, sources, vocab_size, specials, quiet=quiet)
+        tokenizer = make_tokenizer(kind, sources, vocab_size, specials, quiet=quiet, max_words=max_words)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GptlabError(f"--out '{out}' is a file", "give a folder")
