@@ -52,8 +52,9 @@ def test_data_prepared_before_max_words_existed(tmp_path):
         meta = json.loads(meta_path.read_text())
         del meta["settings"]["max_words"]
         meta_path.write_text(json.dumps(meta))
-        if kind == "char":  # max_words trains nothing here: still the same data
+        if kind == "char":  # max_words trains nothing here: still the same data, whatever its value
             assert prepare(data, quiet=True).skipped
+            assert prepare(replace(data, max_words=5), quiet=True).skipped
         else:  # trained without a word budget: maybe another tokenizer
             with pytest.raises(GptlabError, match="another source or setting"):
                 prepare(data, quiet=True)

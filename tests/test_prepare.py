@@ -236,11 +236,15 @@ def test_tokenizer_train_and_data_inspect_commands(tmp_path, capsys):
         f"(run `gptlab prepare` with data.dir={tmp_path / 'nowhere'})\n"
     )
     # a word budget the corpus exceeds gives another tokenizer; a bad one is an error
-    assert main([*args, "--out", str(tmp_path / "t2"), "--max-words", "20", "--quiet", str(corpus)]) == 0
+    assert main([*args, "--out", str(tmp_path / "t2"), "--max-words", "100", "--quiet", str(corpus)]) == 0
     assert file_sha256(tmp_path / "t2" / "tokenizer.json") != file_sha256(out / "tokenizer.json")
+    assert Tokenizer.load(tmp_path / "t2" / "tokenizer.json").vocab_size == 300
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "t3"), "--max-words", "0", str(corpus)]) == 2
-    assert capsys.readouterr().err == "error: --max-words must be at least 1, got 0 (the default is 1,000,000)\n"
+    assert (
+        capsys.readouterr().err
+        == "error: --max-words must be at least 1, got 0 (use at least 1; the default is 1,000,000)\n"
+    )
 
 
 @pytest.mark.skipif(not GPT2_FIXTURES.is_dir(), reason="needs GPT-2's vocab.json/merges.txt from ../shared/data")

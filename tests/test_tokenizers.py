@@ -500,7 +500,10 @@ def test_count_words_keeps_the_frequent_words_within_the_budget() -> None:
     assert count_words(texts(), max_words=len(full)) == full
     with pytest.raises(GptlabError) as e:
         count_words(iter(["a"]), max_words=0)
-    assert str(e.value) == "max_words must be at least 1, got 0 (the default is 1,000,000)"
+    assert str(e.value) == "max_words must be at least 1, got 0 (use at least 1; the default is 1,000,000)"
+    # ties at the cut: the most counted stay, then the first seen; never everything
+    assert count_words(["x y z w"] * 3 + ["p q r s t u"], max_words=5) == Counter({"x": 3, " y": 3})
+    assert count_words("hello world", max_words=1) == Counter({"hello": 1})
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece"])

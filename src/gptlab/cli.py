@@ -51,7 +51,9 @@ def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab tokenizer train --help`")
     if args.max_words < 1:
-        raise GptlabError(f"--max-words must be at least 1, got {args.max_words}", "the default is 1,000,000")
+        raise GptlabError(
+            f"--max-words must be at least 1, got {args.max_words}", "use at least 1; the default is 1,000,000"
+        )
     specials = args.special if args.special is not None else ["<|endoftext|>"]
     path = train_tokenizer(
         args.kind, args.paths, args.out, vocab_size=args.vocab_size, specials=specials,

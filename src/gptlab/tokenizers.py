@@ -328,11 +328,16 @@ def count_words(texts: Iterable[str], max_words: int = MAX_WORDS) -> Counter[str
     """Count the GPT-2 pre-tokens of `texts`, keeping at most `max_words` distinct ones (the rarest go first).
 
     HF's trainers hold every distinct word several times over (about 650 bytes each), so on a large corpus the
-    word list, not the text, is what fills memory. When the count passes `max_words`, the words seen least often
-    are dropped until at most half the budget is left (lossy counting: a word dropped early counts again from 0).
+    word list, not the text, is what fills memory. When the count passes `max_words` (checked after each text),
+    only the max_words // 2 most counted words are kept (lossy counting: a word dropped early counts again
+    from 0). The split is tiktoken's spelling of GPT-2's regex in the `regex` module, which matches HF's
+    ByteLevel split except on letters Unicode added lately (16.0 on), which one library's tables know and
+    the other's do not; training on such text differs slightly, encoding does not (it always uses HF's).
     """
     if max_words < 1:
-        raise GptlabError(f"max_words must be at least 1, got {max_words}", "the default is 1,000,000")
+        raise GptlabError(f"max_words must be at least 1, got {max_words}", "use at least 1; the default is 1,000,000")
+    if isinstance(texts, str):  # one text, not an iterable of characters
+        texts = [texts]
     counts: Counter[str] = Counter()
     for text in texts:
         counts.update(_pre_tokens().findall(text))
@@ -342,13 +347,17 @@ def count_words(texts: Iterable[str], max_words: int = MAX_WORDS) -> Counter[str
 
 
 def _drop_rarest(counts: Counter[str], keep: int) -> None:
-    """Drop the words of the lowest counts, whole counts at a time, until at most `keep` are left."""
-    left, limit = len(counts), 0
-    for count, words in sorted(Counter(counts.values()).items()):
-        if left <= keep:
-            break
-        left, limit = left - words, count
-    for word in [w for w, c in counts.items() if c <= limit]:
+    """Keep the `keep` most counted words; among equal counts at the cut, the words seen first stay."""
+    excess = len(counts) - keep
+    if excess <= 0:
+        return
+    levels = iter(sorted(Counter(counts.values()).items()))
+    boundary, words = next(levels)
+    while words <= excess:  # whole count levels go, rarest first, while they fit in the excess
+        excess -= words
+        boundary, words = next(levels)
+    cut = [w for w, c in counts.items() if c == boundary][words - excess :]  # the boundary level's latest words
+    for word in [w for w, c in counts.items() if c < boundary] + cut:
         del counts[word]
 
 

@@ -186,8 +186,8 @@ def _settings(data: DataConfig) -> dict[str, Any]:
 
 def _same_settings(old: Any, new: dict[str, Any], tokenizer: str) -> bool:
     """Whether shards made with `old` settings are the ones `new` asks for."""
-    if isinstance(old, dict) and "max_words" not in old and tokenizer not in ("bpe", "wordpiece"):
-        old = {**old, "max_words": new["max_words"]}  # written before max_words existed; it trains nothing here
+    if isinstance(old, dict) and tokenizer not in ("bpe", "wordpiece"):  # max_words trains nothing here (and
+        old = {**old, "max_words": new["max_words"]}  # data prepared before it existed does not list it)
     return old == new
 
 
