@@ -52,6 +52,15 @@ def test_prepare_train_resume_sample(workdir):
     again = gptlab("sample", "run", "--start", "KING:\n", "--num-samples", "2", "--max_new_tokens", "30",
                    "--temperature", "0.8", "--top_k", "10", "--top_p", "0.95", "--seed", "1", cwd=workdir)  # fmt: skip
     assert again.stdout == r.stdout  # the same seed gives the same text
+    # one sample streams; a stop string cuts it right before the stop
+    greedy = gptlab("sample", "run", "--start", "KING:\n", "--num-samples", "1", "--max-new-tokens", "30",
+                    "--temperature", "0", cwd=workdir).stdout  # fmt: skip
+    text = greedy[len("KING:\n") : -1]
+    assert len(text) == 30
+    stop = text[10:12]
+    cut = gptlab("sample", "run", "--start", "KING:\n", "--num-samples", "1", "--max-new-tokens", "30",
+                 "--temperature", "0", "--stop", stop, cwd=workdir).stdout  # fmt: skip
+    assert cut == "KING:\n" + text[: text.index(stop)] + "\n"
 
 
 @pytest.mark.parametrize(
@@ -91,8 +100,11 @@ def test_sample_errors(workdir):
     r = gptlab("sample", "run", "--start", "the " * 10, cwd=workdir)
     assert (r.returncode, r.stderr) == (
         2,
-        "error: the prompt has 40 tokens, more than the context of 16 (shorten --start)\n",
+        "error: the prompt has 40 tokens, more than the context of 16 (shorten --start, or pass --truncate to keep its end)\n",
     )
+    r = gptlab("sample", "run", "--start", "the " * 10, "--truncate", "--num-samples", "1", "--max-new-tokens", "5",
+               "--temperature", "0", cwd=workdir)  # fmt: skip
+    assert r.returncode == 0 and r.stdout == "the " * 10 + r.stdout[40:] and len(r.stdout) == 40 + 5 + 1
     r = gptlab("train", *TINY, cwd=workdir)
     assert r.returncode == 2 and r.stderr.startswith("error: run directory 'run' already exists")
     bad = {
@@ -100,6 +112,8 @@ def test_sample_errors(workdir):
         "--top-p=-0.5": "error: --top-p must be in (0, 1], got -0.5 (e.g. 0.95, or leave it unset)\n",
         "--temperature=nan": "error: --temperature must be a finite number >= 0, got nan (0 is greedy)\n",
         "--num-samples=0": "error: --num-samples must be at least 1, got 0 (ask for 1 or more samples)\n",
+        "--min-p=2": "error: --min-p must be in [0, 1], got 2.0 (e.g. 0.05, or leave it unset)\n",
+        "--repetition-penalty=0": "error: --repetition-penalty must be a finite number > 0, got 0.0 (1.0 is none)\n",
     }
     for flag, message in bad.items():
         r = gptlab("sample", "run", "--start", "the", flag, cwd=workdir)

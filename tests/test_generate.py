@@ -2,14 +2,16 @@ import pytest
 import torch
 
 from gptlab.config import ModelConfig
-from gptlab.generate import Generator, sample_next
+from gptlab.generate import Engine, Generator, SamplingParams, filter_logits, sample_next
 from gptlab.model import GPT
+from gptlab.tokenizers import Tokenizer
 
 
-def tiny(arch: str = "modern") -> GPT:
+def tiny(arch: str = "modern", vocab_size: int = 40, block_size: int = 16) -> GPT:
     """A random model with weights scaled up, so its next token depends on the whole context."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(arch=arch, vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    cfg = ModelConfig(arch=arch, vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -67,6 +69,199 @@ def test_top_k_and_top_p_filter():
     assert picks == {2, 3}
 
 
-def test_prompt_longer_than_context_is_refused():
-    with pytest.raises(ValueError, match="longer than the context of 16"):
-        Generator(tiny()).generate([list(range(17))], 3)
+def test_prompt_longer_than_context_is_refused_or_cut_on_the_left():
+    gen = Generator(tiny())
+    with pytest.raises(ValueError) as e:
+        gen.generate([list(range(17))], 3)
+    assert str(e.value) == "the prompt has 17 tokens, more than the context of 16"
+    cut = gen.generate([list(range(20))], 5, temperature=0, truncate=True)
+    assert cut == gen.generate([list(range(4, 20))], 5, temperature=0)
+
+
+TEXT = "naïve café — 日本語のテキスト 🙂 the king and the queen.\n" * 20
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return Tokenizer.train("bpe", [TEXT], 300)
+
+
+def run(engine: Engine, ids: list[int]) -> dict[int, list]:
+    """Step the engine until it is idle; every update of each request, in order."""
+    got: dict[int, list] = {i: [] for i in ids}
+    while engine.has_work():
+        for u in engine.step():
+            got[u.id].append(u)
+    return got
+
+
+def text_of(updates: list) -> str:
+    return "".join(u.text for u in updates)
+
+
+def test_batched_logits_equal_one_by_one_within_1e_5():
+    model = tiny(block_size=32)
+    prompts = [[1, 2, 3], list(range(5, 25)), [9], [4, 4, 4, 4, 4, 4, 4]]
+
+    def logits_of(batch: list[list[int]]) -> list[torch.Tensor]:
+        engine, seen = Engine(model, max_batch=8), []
+        forward = engine._forward
+        engine._forward = lambda: seen.append(forward()) or seen[-1]
+        run(engine, [engine.submit(p, 12, SamplingParams(temperature=0)) for p in batch])
+        return seen
+
+    together = logits_of(prompts)
+    for i, p in enumerate(prompts):
+        alone = logits_of([p])
+        for step, row in enumerate(alone):
+            assert torch.allclose(together[step][i], row[0], atol=1e-5, rtol=0)
+
+
+def test_requests_joining_a_running_batch_get_their_own_tokens_in_n_plus_8_forwards():
+    model, n = tiny(block_size=32), 20
+    prompts = [[i + 1] * (i + 1) for i in range(8)]
+    alone = [Generator(model).generate([p], n, temperature=0)[0] for p in prompts]
+    engine = Engine(model, max_batch=8)
+    ids, got = [], {}
+    for p in prompts:  # one request joins after each step
+        ids.append(engine.submit(p, n, SamplingParams(temperature=0)))
+        for u in engine.step():
+            got.setdefault(u.id, []).extend(u.token_ids)
+    got.update(
+        {
+            k: got.get(k, []) + v
+            for k, v in ((k, sum((u.token_ids for u in us), [])) for k, us in run(engine, ids).items())
+        }
+    )
+    assert [got[i] for i in ids] == alone
+    assert engine.forward_calls <= n + 8
+    assert engine.num_running == engine.num_waiting == 0 and engine.cache is None
+
+
+class Scripted(GPT):
+    """A GPT (its cache and all) whose greedy choice for row 0 follows a script of token ids."""
+
+    def __init__(self, cfg: ModelConfig, script: list[int]) -> None:
+        super().__init__(cfg)
+        self.script, self.calls = script, 0
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        logits = super().forward(*args, **kwargs)
+        token = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        logits[:, -1, token] = 1e4
+        return logits
+
+
+def scripted(tok: Tokenizer, text: str) -> tuple[Scripted, list[int]]:
+    ids = tok.encode(text)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=16)
+    return Scripted(cfg, ids).eval(), ids
+
+
+SAID = "the king — café 日本語 🙂🙂 the queen said: the end"
+
+
+def test_stop_strings_cut_exactly(bpe):
+    for stop in ("the queen", "🙂", "é 日", "end", SAID[:1]):
+        model, ids = scripted(bpe, SAID)
+        engine = Engine(model, bpe)
+        rid = engine.submit([0], len(ids), SamplingParams(temperature=0), stop=[stop, "never there"])
+        updates = run(engine, [rid])[rid]
+        assert text_of(updates) == SAID[: SAID.index(stop)]
+        assert updates[-1].finished and updates[-1].finish_reason == "stop"
+        assert all(not any(s in u.text for s in (stop,)) for u in updates)
+
+
+def test_streamed_text_equals_the_whole_and_never_splits_a_character(bpe):
+    assert any("\ufffd" in bpe.decode([t]) for t in bpe.encode(SAID))  # some characters span several tokens
+    model, ids = scripted(bpe, SAID)
+    pieces = list(Generator(model, bpe).stream([0], len(ids), SamplingParams(temperature=0)))
+    assert "".join(pieces) == SAID and len(pieces) > 5
+    assert all("\ufffd" not in p for p in pieces)
+    model, ids = scripted(bpe, SAID)
+    assert Generator(model, bpe).complete([0], len(ids), SamplingParams(temperature=0)) == SAID
+    # bytes that are not UTF-8 (a random model) still come out once they cannot become a character
+    gen = Generator(tiny(vocab_size=bpe.vocab_size, block_size=64), bpe)
+    for seed in range(3):
+        pieces = list(gen.stream([5], 60, SamplingParams(temperature=1.0, seed=seed)))
+        ids = gen.generate([[5]], 60, temperature=1.0, seed=seed)[0]
+        # the same characters; only how many U+FFFD mark the bad bytes may differ, decoded in pieces
+        assert "".join(pieces).replace("\ufffd", "") == bpe.decode(ids).replace("\ufffd", "")
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates():
+    model = tiny()
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=3)
+    alone = Engine(model)
+    a = sum((u.token_ids for u in run(alone, [alone.submit([1, 2], 15, params)])[0]), [])
+    crowd = Engine(model)
+    ids = [crowd.submit([5, 6, 7], 15, SamplingParams(temperature=1.0)), crowd.submit([1, 2], 15, params)]
+    b = sum((u.token_ids for u in run(crowd, ids)[ids[1]]), [])
+    assert a == b
+
+
+def test_cancel_frees_the_row():
+    engine = Engine(tiny())
+    ids = [engine.submit([1, 2], 30, SamplingParams(temperature=0)) for _ in range(3)]
+    engine.step()
+    engine.cancel(ids[1])
+    updates = engine.step()
+    assert [u.finish_reason for u in updates if u.id == ids[1]] == ["cancelled"]
+    assert engine.num_running == 2 and engine.cache.k.shape[1] == 2
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, top_k=5),
+        SamplingParams(temperature=1.3, top_p=0.6),
+        SamplingParams(temperature=1.0, min_p=0.2),
+        SamplingParams(temperature=0.9, repetition_penalty=1.5, top_k=20, top_p=0.9),
+    ],
+)
+def test_sampling_filters_match_transformers(params):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )  # fmt: skip
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 3
+    seen = torch.tensor([[1, 4, 7, 30]])
+    procs = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    procs.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        procs.append(TopKLogitsWarper(params.top_k))
+    if params.top_p:
+        procs.append(TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        procs.append(MinPLogitsWarper(params.min_p))
+    theirs = procs(seen, logits.clone())
+    ours = filter_logits(logits, params, seen)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    kept = ~torch.isinf(ours)
+    assert torch.allclose(ours[kept], theirs[kept], atol=1e-6)
+
+
+def test_bad_sampling_values_are_refused():
+    engine = Engine(tiny())
+    cases = {
+        SamplingParams(temperature=-1): "temperature must be a finite number >= 0, got -1",
+        SamplingParams(top_k=0): "top_k must be at least 1, got 0",
+        SamplingParams(top_p=0): "top_p must be in (0, 1], got 0",
+        SamplingParams(min_p=1.5): "min_p must be in [0, 1], got 1.5",
+        SamplingParams(repetition_penalty=0): "repetition_penalty must be a finite number > 0, got 0",
+    }
+    for params, message in cases.items():
+        with pytest.raises(ValueError) as e:
+            engine.submit([1], 3, params)
+        assert str(e.value) == message
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        engine.submit([], 3)

@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.config import check_sampling
-    from gptlab.generate import Generator
+    from gptlab.generate import Generator, SamplingParams
     from gptlab.train.checkpoint import load_run
     from gptlab.train.trainer import select_device, select_dtype
 
@@ -115,29 +115,48 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     ids = tokenizer.encode(start)
     if not ids:
         raise GptlabError("the prompt is empty", "give --start some text")
-    if len(ids) > model.cfg.block_size:
+    if len(ids) > model.cfg.block_size and not args.truncate:
         raise GptlabError(
-            f"the prompt has {len(ids)} tokens, more than the context of {model.cfg.block_size}", "shorten --start"
+            f"the prompt has {len(ids)} tokens, more than the context of {model.cfg.block_size}",
+            "shorten --start, or pass --truncate to keep its end",
         )
 
     def pick(flag: object, default: object) -> object:
         return flag if flag is not None else default
 
     n, max_new = pick(args.num_samples, s.num_samples), pick(args.max_new_tokens, s.max_new_tokens)
-    temperature, top_k, top_p = (
-        pick(args.temperature, s.temperature),
-        pick(args.top_k, s.top_k),
-        pick(args.top_p, s.top_p),
-    )
-    check_sampling(n, max_new, temperature, top_k, top_p, flags=True)
-    out = Generator(model).generate(
-        [ids] * n, max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_id=tokenizer.eos_id, seed=pick(args.seed, s.seed),
+    params = SamplingParams(
+        pick(args.temperature, s.temperature), pick(args.top_k, s.top_k), pick(args.top_p, s.top_p),
+        pick(args.min_p, s.min_p), pick(args.repetition_penalty, s.repetition_penalty), pick(args.seed, s.seed),
     )  # fmt: skip
-    for i, toks in enumerate(out):
+    check_sampling(n, max_new, params.temperature, params.top_k, params.top_p, True, params.min_p,
+                   params.repetition_penalty)  # fmt: skip
+    stop = pick(args.stop, list(s.stop))
+    gen = Generator(model, tokenizer)
+    if n == 1:  # one sample streams to the terminal as it is made
+        print(start, end="", flush=True)
+        for piece in gen.stream(ids, max_new, params, stop=stop, truncate=args.truncate):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    for i, text in enumerate(gen.texts(ids, n, max_new, params, stop=stop, truncate=args.truncate)):
         if i:
             print("-" * 40)
-        print(start + tokenizer.decode(toks))
+        print(start + text)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab serve --help`")
+    try:
+        from gptlab.serve import serve
+    except ImportError as e:
+        raise GptlabError(f"serving needs FastAPI and uvicorn ({e})", "pip install 'gptlab[serve]'") from e
+    serve(
+        args.run_dir, args.host, args.port, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+        max_batch=args.max_batch, model_name=args.model_name,
+    )  # fmt: skip
     return 0
 
 
@@ -214,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="0 = greedy")
     p.add_argument("--top-k", "--top_k", type=int, dest="top_k")
     p.add_argument("--top-p", "--top_p", type=float, dest="top_p")
+    p.add_argument("--min-p", "--min_p", type=float, dest="min_p")
+    p.add_argument("--repetition-penalty", "--repetition_penalty", type=float, dest="repetition_penalty")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeat for more)")
+    p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder such as step_500")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")

@@ -173,6 +173,9 @@ class SampleConfig:
     temperature: float = 0.8
     top_k: int | None = 200
     top_p: float | None = None
+    min_p: float | None = None  # drop tokens below min_p times the top token's probability
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    stop: list[str] = field(default_factory=list)  # stop strings, cut from the output
     seed: int = 1337
 
 
@@ -324,8 +327,9 @@ def validate(cfg: Config) -> None:
     for key, (value, low, high) in ranges.items():
         if not low <= value <= high:
             raise GptlabError(f"{key}={value} is out of range", f"use a value in [{low}, {high}]")
-    check_sampling(cfg.sample.num_samples, cfg.sample.max_new_tokens, cfg.sample.temperature,
-                   cfg.sample.top_k, cfg.sample.top_p, flags=False)  # fmt: skip
+    sc = cfg.sample
+    check_sampling(sc.num_samples, sc.max_new_tokens, sc.temperature, sc.top_k, sc.top_p, False, sc.min_p,
+                   sc.repetition_penalty)  # fmt: skip
     if t.keep_last < 1:
         raise GptlabError("train.keep_last must be at least 1", "keep at least the latest checkpoint")
     if cfg.model.arch not in ARCHES:
@@ -350,8 +354,36 @@ def validate_data(d: DataConfig) -> None:
         )
 
 
+def sampling_problem(
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+) -> tuple[str, str, str] | None:
+    """The first sampling value a generator cannot honour, as (key, what is wrong, how to fix); None if all can be."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        return "temperature", f"must be a finite number >= 0, got {temperature}", "0 is greedy"
+    if top_k is not None and top_k < 1:
+        return "top_k", f"must be at least 1, got {top_k}", "or leave it unset"
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        return "top_p", f"must be in (0, 1], got {top_p}", "e.g. 0.95, or leave it unset"
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        return "min_p", f"must be in [0, 1], got {min_p}", "e.g. 0.05, or leave it unset"
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        return "repetition_penalty", f"must be a finite number > 0, got {repetition_penalty}", "1.0 is none"
+    return None
+
+
 def check_sampling(
-    num_samples: int, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, flags: bool
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    flags: bool,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
 ) -> None:
     """Sampling values a generator can honour, named as CLI flags (`flags`) or as sample.* config keys."""
 
@@ -362,12 +394,10 @@ def check_sampling(
         raise GptlabError(f"{name('num_samples')} must be at least 1, got {num_samples}", "ask for 1 or more samples")
     if max_new_tokens < 0:
         raise GptlabError(f"{name('max_new_tokens')} must be 0 or more, got {max_new_tokens}", "e.g. 500")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise GptlabError(f"{name('temperature')} must be a finite number >= 0, got {temperature}", "0 is greedy")
-    if top_k is not None and top_k < 1:
-        raise GptlabError(f"{name('top_k')} must be at least 1, got {top_k}", "or leave it unset")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise GptlabError(f"{name('top_p')} must be in (0, 1], got {top_p}", "e.g. 0.95, or leave it unset")
+    problem = sampling_problem(temperature, top_k, top_p, min_p, repetition_penalty)
+    if problem is not None:
+        key, what, fix = problem
+        raise GptlabError(f"{name(key)} {what}", fix)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,18 +1,73 @@
-"""Sampling from a GPT with a KV cache: greedy, temperature, top-k, top-p, EOS, seeds, batches.
+"""Generation with a KV cache: one continuous-batching engine behind `gptlab sample`, the server and Python users.
 
-Generation past the context keeps a sliding window per row: when a row's window is full it is cut to its
-last 3/4 of the context and that row's cache is rebuilt, so the cache stays preallocated and positions stay
-inside what the model was trained on. The uncached path follows the same windows, so both give the same
-tokens, and a row's tokens never depend on the other rows of its batch.
+`Engine` keeps a batch of running requests, each a row of one preallocated KV cache. Every `step()` is one
+model forward: new requests' prompts and the running rows' last tokens go in together (rows right-padded
+to the widest; padding lands in a spare cache slot no real token attends to), so requests join and leave
+between decode steps. Generation past the context keeps a sliding window per row: when a row's window is
+full it is cut to its last 3/4 of the context and fed again from position 0 in the next step. The
+uncached path (`use_cache=False`) runs each row's whole window instead and gives the same tokens; a row's
+tokens never depend on the other rows of its batch.
+
+Text comes out incrementally: never half of a multi-byte character, and never text that could still turn
+out to begin a stop string, so a streamed result is exactly the non-streamed one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from gptlab.config import sampling_problem
 from gptlab.model import GPT, KVCache
+from gptlab.tokenizers import Tokenizer
+
+REPLACEMENT = "\ufffd"  # what decoding shows for an incomplete UTF-8 sequence
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens; temperature 0 is greedy."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None  # drop tokens below min_p times the top token's probability
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (as HF)
+    seed: int | None = None
+
+    def check(self) -> None:
+        """Raise ValueError naming the first value a sampler cannot honour."""
+        problem = sampling_problem(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        if problem is not None:
+            raise ValueError(f"{problem[0]} {problem[1]}")
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, vocab) logits after repetition penalty, temperature, top-k, top-p and min-p (dropped = -inf)."""
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        picked = logits.gather(-1, seen)
+        picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+        logits = logits.scatter(-1, seen, picked)
+    if params.temperature == 0:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > params.top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if params.min_p:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return logits
 
 
 def sample_next(
@@ -21,51 +76,280 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    min_p: float | None = None,
 ) -> torch.Tensor:
     """Pick one token id per row from (B, vocab) logits; temperature 0 is greedy."""
+    params = SamplingParams(temperature, top_k, top_p, min_p)
+    logits = filter_logits(logits, params)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-class Generator:
-    """Generates continuations of token-id prompts with one model, batched across prompts."""
+@dataclass
+class Update:
+    """What one step did for one request: its new tokens and text, and whether it is done."""
 
-    def __init__(self, model: GPT) -> None:
+    id: int
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (end-of-text or a stop string), "length", "cancelled"
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams
+    stop: tuple[str, ...]
+    stop_at_eos: bool
+    generator: torch.Generator | None
+    window: list[int] = field(default_factory=list)  # the tokens in context: what the cache holds, and `feed`
+    feed: list[int] = field(default_factory=list)  # tokens the next forward must run for this row
+    out: list[int] = field(default_factory=list)
+    text: str = ""  # decoded output so far (complete characters only)
+    sent: int = 0  # characters of `text` already handed out
+    read: int = 0  # tokens of `out` whose text is in `text`
+    cancelled: bool = False
+
+
+class Engine:
+    """Continuous batching over one model: `submit` requests, call `step` until `has_work()` is False."""
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer | None = None,
+        max_batch: int = 32,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+    ) -> None:
         self.model = model
+        self.tokenizer = tokenizer
         self.block_size = model.cfg.block_size
         if self.block_size < 2:
             raise ValueError("generation needs a context (model.block_size) of at least 2 tokens")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.keep = max(2, self.block_size * 3 // 4)  # window kept when the context is full
+        self.max_batch = max_batch
+        self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
+        self.use_cache = use_cache
+        self.running: list[_Request] = []  # row b of the cache is running[b]
+        self.waiting: deque[_Request] = deque()
+        self.cache: KVCache | None = None
+        self.forward_calls = 0
+        self._ids = itertools.count()
+        self._finished_early: list[Update] = []
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
-    def _prefill(self, windows: list[list[int]], use_cache: bool) -> tuple[torch.Tensor, KVCache | None]:
-        """Run right-padded windows; return each row's last logits and a cache holding them."""
-        lens = torch.tensor([len(w) for w in windows], device=self.device)
-        width = int(lens.max())
-        ids = torch.zeros(len(windows), width, dtype=torch.long, device=self.device)
-        for b, w in enumerate(windows):
-            ids[b, : len(w)] = torch.tensor(w, dtype=torch.long)
-        cache = self.model.new_cache(len(windows)) if use_cache else None
-        logits = self.model(ids, cache=cache)
-        if cache is not None:
-            cache.lengths.copy_(lens)  # padding slots beyond a row's length get overwritten later
-        return logits[torch.arange(len(windows)), lens - 1], cache
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        """Whether a `step()` would do anything."""
+        return bool(self.running or self.waiting or self._finished_early)
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+        stop_at_eos: bool = True,
+        truncate: bool = False,
+    ) -> int:
+        """Queue a request; return its id. A prompt longer than the context is refused, or cut on the left."""
+        params.check()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if len(prompt) > self.block_size:
+            if not truncate:
+                raise ValueError(f"the prompt has {len(prompt)} tokens, more than the context of {self.block_size}")
+            prompt = prompt[-self.block_size :]
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer")
+        if any(not s for s in stop):
+            raise ValueError("a stop string is empty")
+        generator = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        req = _Request(next(self._ids), prompt, max_new_tokens, params, tuple(stop), stop_at_eos, generator)
+        if max_new_tokens == 0:
+            self._finished_early.append(Update(req.id, [], "", True, "length"))
+        else:
+            req.window, req.feed = list(prompt), list(prompt)
+            self.waiting.append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a waiting or running request; its row is freed at the next step."""
+        for req in itertools.chain(self.waiting, self.running):
+            if req.id == request_id:
+                req.cancelled = True
 
     @torch.no_grad()
+    def step(self) -> list[Update]:
+        """One model forward: admit waiting requests, run every row, pick each row's next token."""
+        updates, self._finished_early = self._finished_early, []
+        cancelled = [r for r in itertools.chain(self.waiting, self.running) if r.cancelled]
+        self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        self._leave([b for b, r in enumerate(self.running) if r.cancelled])
+        updates += [Update(r.id, [], "", True, "cancelled") for r in cancelled]
+        joined = []
+        while self.waiting and len(self.running) + len(joined) < self.max_batch:
+            joined.append(self.waiting.popleft())
+        if joined and self.use_cache:
+            fresh = self.model.new_cache(len(joined), max_len=self.block_size + 1)  # + the padding slot
+            self.cache = fresh if self.cache is None else self.cache.extend(fresh)
+        self.running += joined
+        if not self.running:
+            return updates
+        logits = self._forward()
+        done: list[int] = []
+        for b, (req, token) in enumerate(zip(self.running, self._pick(logits), strict=True)):
+            update = self._advance(req, token)
+            updates.append(update)
+            if update.finished:
+                done.append(b)
+        self._leave(done)
+        return updates
+
+    def _forward(self) -> torch.Tensor:
+        """Last-position logits (B, vocab) of every running row, from one model call."""
+        rows = self.running
+        feeds = [r.feed if self.use_cache else r.window for r in rows]
+        lens = torch.tensor([len(f) for f in feeds], device=self.device)
+        width = max(len(f) for f in feeds)
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for b, f in enumerate(feeds):
+            ids[b, : len(f)] = torch.tensor(f, dtype=torch.long)
+        self.forward_calls += 1
+        if not self.use_cache:
+            return self.model(ids, logits_at=lens - 1)[:, 0]
+        assert self.cache is not None
+        starts = torch.tensor([len(r.window) - len(r.feed) for r in rows], device=self.device)
+        self.cache.lengths.copy_(starts)  # a row fed its whole window again starts over at slot 0
+        offsets = torch.arange(width, device=self.device)
+        slots = torch.where(offsets < lens[:, None], starts[:, None] + offsets, self.block_size)  # padding: spare
+        logits = self.model(ids, positions=slots, cache=self.cache, logits_at=lens - 1)[:, 0]
+        self.cache.advance(lens)
+        return logits
+
+    def _pick(self, logits: torch.Tensor) -> list[int]:
+        """Each row's next token, with its own sampling settings and random generator."""
+        rows = self.running
+        simple = [b for b, r in enumerate(rows) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0]
+        tokens = [0] * len(rows)
+        if simple:
+            for b, t in zip(simple, logits[simple].argmax(dim=-1).tolist(), strict=True):
+                tokens[b] = t
+        for b, req in enumerate(rows):
+            if b in simple:
+                continue
+            seen = None
+            if req.params.repetition_penalty != 1.0:
+                seen = torch.tensor([sorted(set(req.prompt + req.out))], device=logits.device)
+            row = filter_logits(logits[b : b + 1], req.params, seen)
+            if req.params.temperature == 0:
+                tokens[b] = int(row.argmax())
+            else:
+                tokens[b] = int(torch.multinomial(row.softmax(dim=-1), 1, generator=req.generator))
+        return tokens
+
+    def _advance(self, req: _Request, token: int) -> Update:
+        """Record a row's new token: its text, stop checks, and the window it feeds next."""
+        if req.stop_at_eos and self.eos_id is not None and token == self.eos_id:
+            return self._finish(req, [], "stop")
+        req.out.append(token)
+        req.window.append(token)
+        req.feed = [token]
+        if len(req.window) > self.block_size:  # the window slides: feed its last 3/4 again from slot 0
+            req.window = req.window[-self.keep :]
+            req.feed = list(req.window)
+        if self.tokenizer is None:
+            finished = len(req.out) >= req.max_new_tokens
+            return Update(req.id, [token], "", finished, "length" if finished else None)
+        self._decode(req)
+        for s in req.stop:
+            at = req.text.find(s, max(0, req.sent - len(s) + 1))
+            if at >= 0:
+                req.text = req.text[:at]
+                return self._finish(req, [token], "stop")
+        if len(req.out) >= req.max_new_tokens:
+            return self._finish(req, [token], "length")
+        held = max((_overlap(req.text, s) for s in req.stop), default=0)  # might be the start of a stop string
+        text, req.sent = req.text[req.sent : len(req.text) - held], max(req.sent, len(req.text) - held)
+        return Update(req.id, [token], text)
+
+    def _decode(self, req: _Request) -> None:
+        """Extend `req.text` with the output tokens that now decode to whole characters."""
+        assert self.tokenizer is not None
+        new = self.tokenizer.decode(req.out[req.read :])
+        # a character's bytes may still be arriving (at most 3 more, one token each at worst); past that the
+        # replacement character is in the output for good (the model wrote bytes that are not UTF-8)
+        if new and (not new.endswith(REPLACEMENT) or len(req.out) - req.read > 3):
+            req.text += new
+            req.read = len(req.out)
+
+    def _finish(self, req: _Request, tokens: list[int], reason: str) -> Update:
+        if self.tokenizer is not None and reason == "length" and req.read < len(req.out):
+            req.text += self.tokenizer.decode(req.out[req.read :])  # an incomplete character, as it is
+        text = req.text[req.sent :]
+        req.sent = len(req.text)
+        return Update(req.id, tokens, text, True, reason)
+
+    def _leave(self, rows: list[int]) -> None:
+        """Remove finished or cancelled rows from the batch and the cache."""
+        if not rows:
+            return
+        keep = [b for b in range(len(self.running)) if b not in set(rows)]
+        self.running = [self.running[b] for b in keep]
+        if self.cache is not None:
+            if keep:
+                self.cache.select(keep)
+            else:
+                self.cache = None
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `stop`."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+class Generator:
+    """Generates continuations of prompts with one model: batches of token ids, or streamed text."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.block_size = model.cfg.block_size
+        if self.block_size < 2:
+            raise ValueError("generation needs a context (model.block_size) of at least 2 tokens")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -76,42 +360,79 @@ class Generator:
         eos_id: int | None = None,
         seed: int | None = None,
         use_cache: bool = True,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        truncate: bool = False,
     ) -> list[list[int]]:
-        """New tokens for each prompt (stopping after `eos_id`, which is not returned)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        too_long = [len(p) for p in prompts if len(p) > self.block_size]
-        if too_long:
-            raise ValueError(f"a prompt of {too_long[0]} tokens is longer than the context of {self.block_size}")
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        windows = [list(p) for p in prompts]
-        out: list[list[int]] = [[] for _ in prompts]
-        active = list(range(len(prompts)))  # rows still generating; the cache holds exactly these
-        logits, cache = self._prefill(windows, use_cache)
-        for step in range(max_new_tokens):
-            tokens = sample_next(logits, temperature, top_k, top_p, generator).tolist()
-            keep = [i for i, tok in enumerate(tokens) if eos_id is None or tok != eos_id]
-            for i in keep:
-                out[active[i]].append(tokens[i])
-                windows[active[i]].append(tokens[i])
-            if not keep or step == max_new_tokens - 1:
-                break
-            if len(keep) < len(active):  # finished rows leave the batch
-                active, tokens = [active[i] for i in keep], [tokens[i] for i in keep]
-                if cache is not None:
-                    cache.select(keep)
-            full = [i for i, b in enumerate(active) if len(windows[b]) > self.block_size]
-            for i in full:  # a full window slides: keep its last 3/4 of the context
-                windows[active[i]] = windows[active[i]][-self.keep :]
-            if cache is None:
-                logits, _ = self._prefill([windows[b] for b in active], use_cache=False)
-                continue
-            if full:  # rebuild those rows' cache from their window minus the token fed below
-                _, rebuilt = self._prefill([windows[active[i]][:-1] for i in full], use_cache=True)
-                cache.replace_rows(full, rebuilt)
-            ids = torch.tensor(tokens, device=self.device)[:, None]
-            logits = self.model(ids, cache=cache)[:, -1]
-            cache.advance(1)
-        return out
+        """New tokens for each prompt, all in one batch (stopping after `eos_id`, which is not returned).
+
+        With a seed, prompt i samples with seed + i, so equal prompts give different samples.
+        """
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        engine = Engine(self.model, None, max_batch=len(prompts), eos_id=eos_id, use_cache=use_cache)
+        ids = []
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(
+                temperature, top_k, top_p, min_p, repetition_penalty, None if seed is None else seed + i
+            )
+            ids.append(engine.submit(prompt, max_new_tokens, params, stop_at_eos=eos_id is not None, truncate=truncate))
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        while engine.has_work():
+            for u in engine.step():
+                out[u.id] += u.token_ids
+        return [out[i] for i in ids]
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+        truncate: bool = False,
+    ) -> Iterator[str]:
+        """Yield the text of one continuation as it is produced (stopping at end-of-text or a stop string)."""
+        if self.tokenizer is None:
+            raise ValueError("streaming text needs the generator's tokenizer")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        engine = Engine(self.model, self.tokenizer, max_batch=1)
+        engine.submit(ids, max_new_tokens, params, stop=stop, truncate=truncate)
+        while engine.has_work():
+            for u in engine.step():
+                if u.text:
+                    yield u.text
+
+    def texts(
+        self,
+        prompt: str | Sequence[int],
+        num_samples: int,
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+        truncate: bool = False,
+    ) -> list[str]:
+        """`num_samples` continuations of one prompt, made in one batch; with a seed, sample i uses seed + i."""
+        if self.tokenizer is None:
+            raise ValueError("texts need the generator's tokenizer")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        engine = Engine(self.model, self.tokenizer, max_batch=num_samples)
+        rows = []
+        for i in range(num_samples):
+            seed = None if params.seed is None else params.seed + i
+            rows.append(engine.submit(ids, max_new_tokens, replace(params, seed=seed), stop=stop, truncate=truncate))
+        out = {r: "" for r in rows}
+        while engine.has_work():
+            for u in engine.step():
+                out[u.id] += u.text
+        return [out[r] for r in rows]
+
+    def complete(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+        truncate: bool = False,
+    ) -> str:
+        """The text of one continuation, whole (the streamed pieces joined)."""
+        return "".join(self.stream(prompt, max_new_tokens, params, stop, truncate))

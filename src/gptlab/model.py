@@ -67,10 +67,13 @@ class KVCache:
         idx = torch.tensor(rows, device=self.lengths.device)
         self.k, self.v, self.lengths = self.k[:, idx], self.v[:, idx], self.lengths[idx]
 
-    def replace_rows(self, rows: list[int], other: KVCache) -> None:
-        """Overwrite these rows with the rows of `other` (a cache rebuilt for them)."""
-        idx = torch.tensor(rows, device=self.lengths.device)
-        self.k[:, idx], self.v[:, idx], self.lengths[idx] = other.k, other.v, other.lengths
+    def extend(self, other: KVCache) -> KVCache:
+        """This cache with the rows of `other` (new requests joining a batch) after its own."""
+        if other.max_len != self.max_len:
+            raise ValueError(f"cannot join caches of {self.max_len} and {other.max_len} slots")
+        self.k, self.v = torch.cat([self.k, other.k], dim=1), torch.cat([self.v, other.v], dim=1)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        return self
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -232,12 +235,15 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for each position (or only the last with `last_only`).
+        """Logits for each position (only the last with `last_only`; only position logits_at[b] of row b).
 
         Without a cache, positions default to 0..T-1 and attention is causal. With a cache, the
-        new tokens' keys and values are stored at `positions` (default: each row's length onward);
-        the caller advances `cache.lengths` afterwards.
+        new tokens' keys and values are stored in the slots `positions` (default: each row's length onward);
+        the caller advances `cache.lengths` afterwards. A slot past the context (padding a row of fewer new
+        tokens than the batch's widest) takes the last position's embedding and is never attended to by a
+        real token, whose slot is lower.
         """
         B, T = idx.shape
         if positions is None and cache is not None:
@@ -246,17 +252,21 @@ class GPT(nn.Module):
             if T > self.cfg.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context of {self.cfg.block_size}")
             positions = torch.arange(T, device=idx.device)[None]
+        slots = positions.expand(B, T) if cache is not None else None
+        if cache is not None:
+            positions = positions.clamp(max=self.cfg.block_size - 1)
         x = self.embed(idx, positions)
         rope = None
         if self.pos_emb is None:
             dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else x.dtype
             rope = (self.rope_cos[positions][:, :, None].to(dtype), self.rope_sin[positions][:, :, None].to(dtype))
         x = F.dropout(x, self.cfg.dropout, self.training)
-        pos = positions.expand(B, T) if cache is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, pos, cache, i)
+            x = block(x, rope, slots, cache, i)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]
         return self.lm_head(self.norm_f(x))
 
     @torch.compiler.disable
