@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 GPTLAB := $(VENV)/bin/gptlab
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install browser run test bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,7 +27,14 @@ run: install
 	$(GPTLAB) train $(CONFIG) $(OVERRIDES) --overwrite
 	$(GPTLAB) sample $(RUN_DIR)
 
-test: install
+# the web page's test drives Debian's chromium through chromedriver; installed once, never downloaded by the tests
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+test: install browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q

@@ -248,6 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("serve", help="serve a trained run over HTTP: an OpenAI-compatible API and a web page")
+    p.add_argument("run_dir", help="the run directory (train.out_dir)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
+    p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder such as step_500")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument(
+        "--dtype", default="auto", help="auto: bf16 on CUDA, fp32 elsewhere",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )  # fmt: skip
+    p.add_argument("--max-batch", "--max_batch", type=int, default=32, dest="max_batch",
+                   help="requests decoded together; more wait in a queue")  # fmt: skip
+    p.add_argument("--model-name", "--model_name", dest="model_name",
+                   help="the model id clients send (default: the run directory's name)")  # fmt: skip
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", help="time training steps on synthetic data and report MFU")
     with_config(p)
     p.add_argument("--steps", type=int, default=20)

@@ -234,6 +234,13 @@ class Engine:
     def _forward(self) -> torch.Tensor:
         """Last-position logits (B, vocab) of every running row, from one model call."""
         rows = self.running
+        if self.use_cache and all(len(r.feed) == 1 for r in rows):  # the common step: one new token per row
+            assert self.cache is not None
+            ids = torch.tensor([r.feed for r in rows], device=self.device)
+            self.forward_calls += 1
+            logits = self.model(ids, cache=self.cache, last_only=True)[:, 0]  # each row writes at its length
+            self.cache.advance(1)
+            return logits
         feeds = [r.feed if self.use_cache else r.window for r in rows]
         lens = torch.tensor([len(f) for f in feeds], device=self.device)
         width = max(len(f) for f in feeds)
