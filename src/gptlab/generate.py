@@ -263,6 +263,8 @@ class Engine:
         """Each row's next token, with its own sampling settings and random generator."""
         rows = self.running
         simple = [b for b, r in enumerate(rows) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0]
+        if len(simple) == len(rows):  # all greedy
+            return logits.argmax(dim=-1).tolist()
         tokens = [0] * len(rows)
         if simple:
             for b, t in zip(simple, logits[simple].argmax(dim=-1).tolist(), strict=True):

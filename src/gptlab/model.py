@@ -49,9 +49,8 @@ class KVCache:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, t, kv_heads, head_dim) keys/values into the step's slots; return the slots before its end."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[layer].index_put_((rows, step.slots), k.to(self.k.dtype))
-        self.v[layer].index_put_((rows, step.slots), v.to(self.v.dtype))
+        self.k[layer].index_put_((step.rows, step.slots), k.to(self.k.dtype))
+        self.v[layer].index_put_((step.rows, step.slots), v.to(self.v.dtype))
         return self.k[layer, :, : step.end], self.v[layer, :, : step.end]
 
     def advance(self, counts: torch.Tensor | int) -> None:
@@ -77,6 +76,7 @@ class CacheStep:
     """Where one forward's new tokens go in a KV cache, and which slots each may attend to."""
 
     slots: torch.Tensor  # (B, T) the slot of each new token
+    rows: torch.Tensor  # (B, 1) the row of each new token
     end: int  # one past the highest slot written: attention reads slots [0, end)
     mask: torch.Tensor | None  # (B, 1, T, end): slot j is visible to a token in slot p when j <= p; None = all
 
@@ -87,10 +87,11 @@ class CacheStep:
         end = int(slots.max()) + 1
         if end > cache.max_len:
             raise ValueError(f"KV cache overflow: position {end - 1} >= {cache.max_len}")
+        rows = torch.arange(B, device=slots.device)[:, None]
         if B == 1 and T == 1:  # one token of one row: its slot is the highest, so every filled slot is visible
-            return cls(slots, end, None)
+            return cls(slots, rows, end, None)
         visible = torch.arange(end, device=slots.device) <= slots[:, :, None]
-        return cls(slots, end, visible[:, None])
+        return cls(slots, rows, end, visible[:, None])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,8 @@ class Attention(nn.Module):
                 attn_mask=step.mask, enable_gqa=gqa,
             )  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, C)
-        return F.dropout(self.out(y), dropout, self.training)
+        y = self.out(y)
+        return F.dropout(y, dropout, True) if dropout else y
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values; outside training one matmul of the three matrices stacked (faster decoding)."""
@@ -184,7 +186,7 @@ class MLP(nn.Module):
                 gate, up = self.gate(x), self.up(x)
             else:  # one matmul of both matrices stacked (faster decoding)
                 gate, up = F.linear(x, *fused(self, (self.gate, self.up))).chunk(2, dim=-1)
-            return F.dropout(self.down(F.silu(gate) * up), self.dropout, self.training)
+            return self._drop(self.down(F.silu(gate) * up))
         h = self.fc(x)
         if torch.compiler.is_compiling() and h.device.type == "cpu":
             # the same tanh GELU, since (1 + tanh(z)) / 2 = sigmoid(2z): inductor's CPU tanh is slow,
@@ -192,7 +194,10 @@ class MLP(nn.Module):
             h = h * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (h + 0.044715 * h * h * h))
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
-        return F.dropout(self.down(h), self.dropout, self.training)
+        return self._drop(self.down(h))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, True) if self.training and self.dropout else x  # no call when off
 
 
 def fused(owner: nn.Module, layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -301,7 +306,8 @@ class GPT(nn.Module):
         if self.pos_emb is None:
             dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else x.dtype
             rope = (self.rope_cos[positions][:, :, None].to(dtype), self.rope_sin[positions][:, :, None].to(dtype))
-        x = F.dropout(x, self.cfg.dropout, self.training)
+        if self.training and self.cfg.dropout:
+            x = F.dropout(x, self.cfg.dropout, True)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, step, cache, i)
         if last_only:
