@@ -345,6 +345,12 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
+def _updates(engine: Engine) -> Iterator[Update]:
+    """Every update of an engine's requests, stepping it until it is idle."""
+    while engine.has_work():
+        yield from engine.step()
+
+
 class Generator:
     """Generates continuations of prompts with one model: batches of token ids, or streamed text."""
 
@@ -387,9 +393,8 @@ class Generator:
             )
             ids.append(engine.submit(prompt, max_new_tokens, params, stop_at_eos=eos_id is not None, truncate=truncate))
         out: dict[int, list[int]] = {i: [] for i in ids}
-        while engine.has_work():
-            for u in engine.step():
-                out[u.id] += u.token_ids
+        for u in _updates(engine):
+            out[u.id] += u.token_ids
         return [out[i] for i in ids]
 
     def stream(
@@ -401,15 +406,9 @@ class Generator:
         truncate: bool = False,
     ) -> Iterator[str]:
         """Yield the text of one continuation as it is produced (stopping at end-of-text or a stop string)."""
-        if self.tokenizer is None:
-            raise ValueError("streaming text needs the generator's tokenizer")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        engine = Engine(self.model, self.tokenizer, max_batch=1)
-        engine.submit(ids, max_new_tokens, params, stop=stop, truncate=truncate)
-        while engine.has_work():
-            for u in engine.step():
-                if u.text:
-                    yield u.text
+        engine = Engine(self.model, self._text_tokenizer(), max_batch=1)
+        engine.submit(self._ids(prompt), max_new_tokens, params, stop=stop, truncate=truncate)
+        yield from (u.text for u in _updates(engine) if u.text)
 
     def texts(
         self,
@@ -421,19 +420,23 @@ class Generator:
         truncate: bool = False,
     ) -> list[str]:
         """`num_samples` continuations of one prompt, made in one batch; with a seed, sample i uses seed + i."""
-        if self.tokenizer is None:
-            raise ValueError("texts need the generator's tokenizer")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        engine = Engine(self.model, self.tokenizer, max_batch=num_samples)
-        rows = []
+        engine = Engine(self.model, self._text_tokenizer(), max_batch=num_samples)
+        ids, rows = self._ids(prompt), []
         for i in range(num_samples):
             seed = None if params.seed is None else params.seed + i
             rows.append(engine.submit(ids, max_new_tokens, replace(params, seed=seed), stop=stop, truncate=truncate))
-        out = {r: "" for r in rows}
-        while engine.has_work():
-            for u in engine.step():
-                out[u.id] += u.text
+        out = dict.fromkeys(rows, "")
+        for u in _updates(engine):
+            out[u.id] += u.text
         return [out[r] for r in rows]
+
+    def _text_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("text generation needs the generator's tokenizer: Generator(model, tokenizer)")
+        return self.tokenizer
+
+    def _ids(self, prompt: str | Sequence[int]) -> Sequence[int]:
+        return self._text_tokenizer().encode(prompt) if isinstance(prompt, str) else prompt
 
     def complete(
         self,
