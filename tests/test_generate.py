@@ -67,6 +67,10 @@ def test_top_k_and_top_p_filter():
     g = torch.Generator().manual_seed(0)
     picks = {sample_next(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(50)}
     assert picks == {2, 3}
+    # mass reaching top_p exactly: the smallest prefix that reaches it, as transformers keeps
+    halves = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert torch.isinf(filter_logits(halves, SamplingParams(top_p=0.5))).tolist() == [[False, True, True]]
+    assert torch.isinf(filter_logits(halves, SamplingParams(top_p=0.75))).tolist() == [[False, False, True]]
 
 
 def test_prompt_longer_than_context_is_refused_or_cut_on_the_left():
@@ -265,3 +269,64 @@ def test_bad_sampling_values_are_refused():
         assert str(e.value) == message
     with pytest.raises(ValueError, match="the prompt is empty"):
         engine.submit([], 3)
+
+
+def byte_id(tok: Tokenizer, data: bytes) -> int:
+    return tok.token_bytes().index(data)
+
+
+def run_script(tok: Tokenizer, ids: list[int], max_new: int, stop: list[str] = ()) -> list:
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=16)
+    model = Scripted(cfg, ids).eval()
+    engine = Engine(model, tok)
+    rid = engine.submit([0], max_new, SamplingParams(temperature=0), stop=stop)
+    return run(engine, [rid])[rid]
+
+
+def test_several_stop_strings_cut_at_the_earliest(bpe):
+    for stops in (["king", "e king"], ["e king", "king"], ["queen", "k"]):
+        updates = run_script(bpe, bpe.encode(SAID), 100, stops)
+        assert text_of(updates) == SAID[: min(SAID.index(s) for s in stops)]
+
+
+def test_held_bytes_come_out_at_the_end_and_stops_still_apply(bpe):
+    lead = byte_id(bpe, "日".encode()[:1])
+    # end-of-text while a character is incomplete: what is complete comes out, then the bad byte as U+FFFD
+    updates = run_script(bpe, [*bpe.encode("the king"), lead, bpe.eos_id], 100)
+    assert text_of(updates) == "the king\ufffd" and updates[-1].finish_reason == "stop"
+    # max tokens reached with a stop string in text that was held back
+    ids = [*bpe.encode("the king"), *bpe.encode(" na"), lead]
+    updates = run_script(bpe, ids, len(ids), stop=["na"])
+    assert text_of(updates) == "the king " and updates[-1].finish_reason == "stop"
+    # a stray byte does not break the 4-byte character after it
+    ids = [
+        *bpe.encode("ok "),
+        byte_id(bpe, b"\x80"),
+        *(byte_id(bpe, bytes([b])) for b in "🙂".encode()),
+        *bpe.encode(" ok"),
+    ]
+    updates = run_script(bpe, ids, len(ids))
+    assert text_of(updates) == "ok \ufffd🙂 ok" == bpe.decode(ids)
+    assert all(u.text.count("\ufffd") <= 1 for u in updates)
+
+
+def test_stacked_weights_follow_the_weights():
+    model = tiny()  # the modern block: q/k/v and gate/up are stacked while decoding
+    x = torch.randint(0, 40, (2, 10))
+
+    def exact() -> torch.Tensor:  # with gradients on, the stacks are never used
+        return model(x).detach()
+
+    Generator(model).generate([[1, 2]], 3, temperature=0)  # stacks the weights
+    with torch.no_grad():
+        assert torch.allclose(model(x), exact(), atol=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # fused AdamW leaves _version alone
+    model.train()  # drops the stacks
+    model(x).sum().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), exact(), atol=1e-5)  # what evaluation during training sees
+    assert Generator(model).generate([[1, 2]], 5, temperature=0) == Generator(model).generate(
+        [[1, 2]], 5, temperature=0, use_cache=False
+    )

@@ -101,12 +101,14 @@ LONG = "the " * 20  # 80 characters, 80 tokens: more than the context of 64
         ({"prompt": "the", "max_tokens": 2.5}, 400, "'max_tokens': Input should be a valid integer, got a number with a fractional part", "max_tokens"),
         ({"prompt": "the", "temperature": -0.5}, 400, "temperature must be a finite number >= 0, got -0.5 (0 is greedy)", "temperature"),
         ({"prompt": "the", "temperature": "hot"}, 400, "'temperature': Input should be a valid number, unable to parse string as a number", "temperature"),
-        ({"prompt": "the", "top_p": 0}, 400, "top_p must be in (0, 1], got 0.0 (e.g. 0.95, or leave it out)", "top_p"),
-        ({"prompt": "the", "top_p": 1.5}, 400, "top_p must be in (0, 1], got 1.5 (e.g. 0.95, or leave it out)", "top_p"),
-        ({"prompt": "the", "top_k": 0}, 400, "top_k must be at least 1, got 0 (or leave it out)", "top_k"),
-        ({"prompt": "the", "min_p": 1.5}, 400, "min_p must be in [0, 1], got 1.5 (e.g. 0.05, or leave it out)", "min_p"),
-        ({"prompt": "the", "repetition_penalty": 0}, 400, "repetition_penalty must be a number > 0, got 0.0 (1 is off)", "repetition_penalty"),
+        ({"prompt": "the", "top_p": 0}, 400, "top_p must be in (0, 1], got 0.0 (e.g. 0.95, or leave it unset)", "top_p"),
+        ({"prompt": "the", "top_p": 1.5}, 400, "top_p must be in (0, 1], got 1.5 (e.g. 0.95, or leave it unset)", "top_p"),
+        ({"prompt": "the", "top_k": 0}, 400, "top_k must be at least 1, got 0 (or leave it unset)", "top_k"),
+        ({"prompt": "the", "min_p": 1.5}, 400, "min_p must be in [0, 1], got 1.5 (e.g. 0.05, or leave it unset)", "min_p"),
+        ({"prompt": "the", "repetition_penalty": 0}, 400, "repetition_penalty must be a finite number > 0, got 0.0 (1.0 is none)", "repetition_penalty"),
         ({"prompt": "the", "n": 2}, 400, "n must be 1, got 2 (send one request per completion)", "n"),
+        ({"prompt": "the", "seed": 2**70}, 400, f"seed must be in [-2**63, 2**64), got {2**70} (e.g. 1337)", "seed"),
+        ({"prompt": "the", "stop": ["x"] * 17}, 400, "give at most 16 stop strings of at most 1000 characters", "stop"),
         ({"prompt": "the", "stop": ["king", ""]}, 400, "stop strings must not be empty", "stop"),
         ({"prompt": "the", "stop": 3}, 400, "stop must be a string or a list of strings", "stop"),
         ({"prompt": "the", "logprobs": 5}, 400, "'logprobs' is not supported by this server (leave it out)", "logprobs"),
@@ -213,6 +215,26 @@ def test_a_failing_step_is_a_500_and_the_server_keeps_serving(client, monkeypatc
     r = client.post("/v1/completions", json={"prompt": "the", "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert client.get("/health").json() == {"status": "ok", "active": 0, "queued": 0}
+
+
+def test_a_dead_engine_thread_answers_503_instead_of_hanging(run_dir):
+    _, model, tokenizer = load_run(run_dir, "latest")
+    with TestClient(create_app(model, tokenizer, "run")) as c:
+        engine = c.app.state.engine
+
+        def broken() -> bool:
+            raise RuntimeError("a bug")
+
+        engine.has_work = broken  # the loop itself fails, outside any step
+        r = c.post("/v1/completions", json={"prompt": "the", "max_tokens": 3})
+        assert r.status_code in (500, 503)
+        health = c.get("/health")
+        assert (health.status_code, health.json()["status"]) == (503, "error")
+        r = c.post("/v1/completions", json={"prompt": "the", "max_tokens": 3})
+        assert r.status_code == 503
+        assert (
+            r.json()["error"]["message"] == "the generation engine stopped: RuntimeError('a bug') (restart the server)"
+        )
 
 
 def test_stop_strings_cut_the_text_and_say_stop(client):

@@ -360,6 +360,7 @@ def sampling_problem(
     top_p: float | None = None,
     min_p: float | None = None,
     repetition_penalty: float = 1.0,
+    seed: int | None = None,
 ) -> tuple[str, str, str] | None:
     """The first sampling value a generator cannot honour, as (key, what is wrong, how to fix); None if all can be."""
     if not (math.isfinite(temperature) and temperature >= 0):
@@ -372,6 +373,8 @@ def sampling_problem(
         return "min_p", f"must be in [0, 1], got {min_p}", "e.g. 0.05, or leave it unset"
     if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
         return "repetition_penalty", f"must be a finite number > 0, got {repetition_penalty}", "1.0 is none"
+    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        return "seed", f"must be in [-2**63, 2**64), got {seed}", "e.g. 1337"
     return None
 
 

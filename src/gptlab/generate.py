@@ -14,6 +14,7 @@ out to begin a stop string, so a streamed result is exactly the non-streamed one
 
 from __future__ import annotations
 
+import codecs
 import itertools
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -41,7 +42,9 @@ class SamplingParams:
 
     def check(self) -> None:
         """Raise ValueError naming the first value a sampler cannot honour."""
-        problem = sampling_problem(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        problem = sampling_problem(
+            self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.seed
+        )
         if problem is not None:
             raise ValueError(f"{problem[0]} {problem[1]}")
 
@@ -62,7 +65,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tens
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > params.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = probs.cumsum(dim=-1) - probs >= params.top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if params.min_p:
         probs = logits.softmax(dim=-1)
@@ -111,7 +114,7 @@ class _Request:
     out: list[int] = field(default_factory=list)
     text: str = ""  # decoded output so far (complete characters only)
     sent: int = 0  # characters of `text` already handed out
-    read: int = 0  # tokens of `out` whose text is in `text`
+    utf8: codecs.IncrementalDecoder | None = None  # the output's bytes so far, for tokenizers that have them
     cancelled: bool = False
 
 
@@ -142,6 +145,7 @@ class Engine:
         self.cache: KVCache | None = None
         self.forward_calls = 0
         self._ids = itertools.count()
+        model.stack_for_inference()  # q/k/v in one matmul while decoding; the weights must not change meanwhile
         self._finished_early: list[Update] = []
 
     @property
@@ -191,6 +195,8 @@ class Engine:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             generator = torch.Generator(device=self.device).manual_seed(seed)
         req = _Request(next(self._ids), prompt, max_new_tokens, params, tuple(stop), stop_at_eos, generator)
+        if self.tokenizer is not None and self.tokenizer.token_bytes() is not None:
+            req.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         if max_new_tokens == 0:
             self._finished_early.append(Update(req.id, [], "", True, "length"))
         else:
@@ -284,45 +290,39 @@ class Engine:
 
     def _advance(self, req: _Request, token: int) -> Update:
         """Record a row's new token: its text, stop checks, and the window it feeds next."""
-        if req.stop_at_eos and self.eos_id is not None and token == self.eos_id:
-            return self._finish(req, [], "stop")
-        req.out.append(token)
-        req.window.append(token)
-        req.feed = [token]
-        if len(req.window) > self.block_size:  # the window slides: feed its last 3/4 again from slot 0
-            req.window = req.window[-self.keep :]
-            req.feed = list(req.window)
+        eos = req.stop_at_eos and self.eos_id is not None and token == self.eos_id
+        if not eos:
+            req.out.append(token)
+            req.window.append(token)
+            req.feed = [token]
+            if len(req.window) > self.block_size:  # the window slides: feed its last 3/4 again from slot 0
+                req.window = req.window[-self.keep :]
+                req.feed = list(req.window)
+        tokens = [] if eos else [token]
+        reason = "stop" if eos else "length" if len(req.out) >= req.max_new_tokens else None
         if self.tokenizer is None:
-            finished = len(req.out) >= req.max_new_tokens
-            return Update(req.id, [token], "", finished, "length" if finished else None)
-        self._decode(req)
-        for s in req.stop:
-            at = req.text.find(s, max(0, req.sent - len(s) + 1))
-            if at >= 0:
-                req.text = req.text[:at]
-                return self._finish(req, [token], "stop")
-        if len(req.out) >= req.max_new_tokens:
-            return self._finish(req, [token], "length")
-        held = max((_overlap(req.text, s) for s in req.stop), default=0)  # might be the start of a stop string
+            return Update(req.id, tokens, "", reason is not None, reason)
+        self._decode(req, token if not eos else None, final=reason is not None)
+        cuts = [at for s in req.stop if (at := req.text.find(s, max(0, req.sent - len(s) + 1))) >= 0]
+        if cuts:  # the earliest stop string wins
+            req.text, reason = req.text[: min(cuts)], "stop"
+        held = 0 if reason else max((_overlap(req.text, s) for s in req.stop), default=0)  # may begin a stop
         text, req.sent = req.text[req.sent : len(req.text) - held], max(req.sent, len(req.text) - held)
-        return Update(req.id, [token], text)
+        return Update(req.id, tokens, text, reason is not None, reason)
 
-    def _decode(self, req: _Request) -> None:
-        """Extend `req.text` with the output tokens that now decode to whole characters."""
+    def _decode(self, req: _Request, token: int | None, final: bool) -> None:
+        """Extend `req.text` with the characters the output now holds whole (all of it when `final`)."""
         assert self.tokenizer is not None
-        new = self.tokenizer.decode(req.out[req.read :])
-        # a character's bytes may still be arriving (at most 3 more, one token each at worst); past that the
-        # replacement character is in the output for good (the model wrote bytes that are not UTF-8)
-        if new and (not new.endswith(REPLACEMENT) or len(req.out) - req.read > 3):
-            req.text += new
-            req.read = len(req.out)
-
-    def _finish(self, req: _Request, tokens: list[int], reason: str) -> Update:
-        if self.tokenizer is not None and reason == "length" and req.read < len(req.out):
-            req.text += self.tokenizer.decode(req.out[req.read :])  # an incomplete character, as it is
-        text = req.text[req.sent :]
-        req.sent = len(req.text)
-        return Update(req.id, tokens, text, True, reason)
+        if req.utf8 is not None:  # a byte-level or character tokenizer: the exact incremental UTF-8 decode
+            table = self.tokenizer.token_bytes()
+            assert table is not None
+            data = table[token] if token is not None and token < len(table) else b""
+            req.text += req.utf8.decode(data, final=final)
+            return
+        # any other tokenizer: decode it all again, waiting while the end is an incomplete character
+        full = self.tokenizer.decode(req.out)
+        if final or not full.endswith(REPLACEMENT):
+            req.text = full
 
     def _leave(self, rows: list[int]) -> None:
         """Remove finished or cancelled rows from the batch and the cache."""

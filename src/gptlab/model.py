@@ -24,9 +24,9 @@ class KVCache:
     """Preallocated keys and values for every layer, with a length per row.
 
     Row b holds its tokens in slots 0..lengths[b]-1. New tokens are written from slot lengths[b] on,
-    and a token's position id is its slot, so rows of different lengths decode in one batch: a
-    right-padded prompt is prefilled whole, then `lengths` is set to the real prompt lengths and
-    the padding slots are overwritten by the next tokens.
+    and a token's position id is its slot, so rows of different lengths decode in one batch. A caller
+    that pads rows to one width writes the padding into a slot past every real one (the generation
+    engine gives its caches one spare slot at the end for it), where no real token attends.
     """
 
     def __init__(
@@ -159,11 +159,11 @@ class Attention(nn.Module):
         return F.dropout(y, dropout, True) if dropout else y
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values; outside training one matmul of the three matrices stacked (faster decoding)."""
-        if self.training or torch.compiler.is_compiling():
+        """Queries, keys and values; one matmul of the three matrices stacked when decoding (faster)."""
+        weights = stacked(self)
+        if weights is None:
             return self.q(x), self.k(x), self.v(x)
-        w, b = fused(self, (self.q, self.k, self.v))
-        return F.linear(x, w, b).split([self.q.out_features, self.k.out_features, self.v.out_features], dim=-1)
+        return F.linear(x, *weights).split([self.q.out_features, self.k.out_features, self.v.out_features], dim=-1)
 
 
 class MLP(nn.Module):
@@ -182,10 +182,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            if self.training or torch.compiler.is_compiling():
+            weights = stacked(self)
+            if weights is None:
                 gate, up = self.gate(x), self.up(x)
             else:  # one matmul of both matrices stacked (faster decoding)
-                gate, up = F.linear(x, *fused(self, (self.gate, self.up))).chunk(2, dim=-1)
+                gate, up = F.linear(x, *weights).chunk(2, dim=-1)
             return self._drop(self.down(F.silu(gate) * up))
         h = self.fc(x)
         if torch.compiler.is_compiling() and h.device.type == "cpu":
@@ -200,17 +201,19 @@ class MLP(nn.Module):
         return F.dropout(x, self.dropout, True) if self.training and self.dropout else x  # no call when off
 
 
-def fused(owner: nn.Module, layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weights (and biases) of `layers` stacked into one, kept on `owner` and rebuilt when any changes."""
-    params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-    version = tuple((p._version, p.data_ptr()) for p in params)  # in-place updates and moves change these
-    cached = owner.__dict__.get("_fused")
-    if cached is None or cached[0] != version:
-        with torch.no_grad():
-            w = torch.cat([layer.weight for layer in layers])
-            b = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
-        cached = owner.__dict__["_fused"] = (version, (w, b))
-    return cached[1]
+def stack_weights(owner: nn.Module, layers: tuple[nn.Linear, ...]) -> None:
+    """Keep the weights (and biases) of `layers` stacked into one matrix on `owner`, for `stacked` to use."""
+    with torch.no_grad():
+        w = torch.cat([layer.weight for layer in layers])
+        b = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+    owner.__dict__["_stacked"] = (w, b)
+
+
+def stacked(owner: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The stacked weights, when they may be used: inference (no gradients) after `GPT.stack_for_inference`."""
+    if owner.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return owner.__dict__.get("_stacked")
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -322,6 +325,24 @@ class GPT(nn.Module):
         backward adds gradient rows with atomics, so compiled runs on several threads would not repeat exactly."""
         x = self.tok_emb(idx)
         return x + self.pos_emb(positions) if self.pos_emb is not None else x
+
+    def stack_for_inference(self) -> None:
+        """Stack q/k/v (and SwiGLU's gate/up) weights into one matmul each for no-gradient eval forwards.
+
+        The stacks are copies: they are dropped by `train()`, and a caller that changes the weights while
+        staying in eval mode must call this again (the generation engine calls it when it starts).
+        """
+        for block in self.blocks:
+            stack_weights(block.attn, (block.attn.q, block.attn.k, block.attn.v))
+            if block.mlp.swiglu:
+                stack_weights(block.mlp, (block.mlp.gate, block.mlp.up))
+
+    def train(self, mode: bool = True) -> GPT:
+        """Switch training mode; entering it drops the inference stacks (the weights are about to change)."""
+        if mode:
+            for m in self.modules():
+                m.__dict__.pop("_stacked", None)
+        return super().train(mode)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; without the position embedding (and untied token embedding) by default."""

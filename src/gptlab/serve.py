@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import queue
 import socket
@@ -35,12 +34,14 @@ from pydantic import BaseModel, ConfigDict
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptlab.config import sampling_problem
 from gptlab.errors import GptlabError
 from gptlab.generate import Engine, SamplingParams, Update
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
 
 MAX_TOKENS_CAP = 4096  # the largest max_tokens a request may ask for
+MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # stop strings per request, and their length
 CHAT_MAX_TOKENS = 256  # chat's default max_tokens (OpenAI's is "until the end", which a small model may never reach)
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 CLIENT_CLOSED = 499  # the status logged for a request whose client left before the answer (nobody receives it)
@@ -151,18 +152,12 @@ def _sampling(body: _Body) -> SamplingParams:
         raise APIError(400, f"n must be 1, got {body.n} (send one request per completion)", "n")
     t = 1.0 if body.temperature is None else body.temperature
     r = 1.0 if body.repetition_penalty is None else body.repetition_penalty
-    p, k, m = body.top_p, body.top_k, body.min_p
-    if not (math.isfinite(t) and t >= 0):
-        raise APIError(400, f"temperature must be a finite number >= 0, got {t} (0 is greedy)", "temperature")
-    if p is not None and not 0 < p <= 1:
-        raise APIError(400, f"top_p must be in (0, 1], got {p} (e.g. 0.95, or leave it out)", "top_p")
-    if k is not None and k < 1:
-        raise APIError(400, f"top_k must be at least 1, got {k} (or leave it out)", "top_k")
-    if m is not None and not 0 <= m <= 1:
-        raise APIError(400, f"min_p must be in [0, 1], got {m} (e.g. 0.05, or leave it out)", "min_p")
-    if not (math.isfinite(r) and r > 0):
-        raise APIError(400, f"repetition_penalty must be a number > 0, got {r} (1 is off)", "repetition_penalty")
-    return SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r, seed=body.seed)
+    params = SamplingParams(t, body.top_k, body.top_p, body.min_p, r, body.seed)
+    problem = sampling_problem(t, body.top_k, body.top_p, body.min_p, r, body.seed)
+    if problem is not None:
+        key, what, fix = problem
+        raise APIError(400, f"{key} {what} ({fix})", key)
+    return params
 
 
 def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -170,6 +165,8 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if any(s == "" for s in stops):
         raise APIError(400, "stop strings must not be empty", "stop")
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):  # each is checked at every token
+        raise APIError(400, f"give at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
     return stops
 
 
@@ -275,6 +272,7 @@ class EngineThread:
         self._jobs: dict[int, _Job] = {}
         self._lock = threading.Lock()
         self._submitted = 0  # submissions not yet taken by the engine thread
+        self.dead: BaseException | None = None  # why the engine thread stopped, if it did
         self._thread = threading.Thread(target=self._run, name="gptlab-engine", daemon=True)
         self._thread.start()
 
@@ -286,6 +284,8 @@ class EngineThread:
 
     async def start(self, job: _Job) -> None:
         """Submit a job; raises APIError if the engine refuses it."""
+        if self.dead is not None:
+            raise APIError(503, f"the generation engine stopped: {self.dead!r} (restart the server)")
         with self._lock:
             self._submitted += 1
         self._commands.put(("submit", job))
@@ -323,6 +323,22 @@ class EngineThread:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug outside a step: answer everyone rather than leave them waiting
+            log.exception("the engine thread stopped; the server answers 503 from now on")
+            self.dead = e
+            for job in list(self._jobs.values()):
+                job.put(e)
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command is not None:
+                    command[1].put(e)
+
+    def _loop(self) -> None:
         while True:
             # block while idle; otherwise take whatever arrived during the last step and go on stepping
             commands = [] if self.engine.has_work() else [self._commands.get()]
@@ -570,8 +586,9 @@ def create_app(
         return {"object": "list", "data": [{**card, "context_length": engine.block_size}]}
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "active": worker.running, "queued": worker.queued}
+    async def health() -> JSONResponse:
+        body = {"status": "ok" if worker.dead is None else "error", "active": worker.running, "queued": worker.queued}
+        return JSONResponse(body, status_code=200 if worker.dead is None else 503)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:

@@ -103,6 +103,10 @@ class Tokenizer:
         self._enc = _tiktoken_encoding(text, spec, added)
         self.engine = "hf" if self._enc is None else "tiktoken"
         self._valid_ids: frozenset[int] | None = None
+        decoder = (spec.get("decoder") or {}).get("type")
+        # the bytes of each token, where decoding is just joining them (byte-level files and characters)
+        self._bytes_known = decoder == "ByteLevel" or (is_char and decoder in (None, "Fuse"))
+        self._bytes: list[bytes] | None = None
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, engine={self.engine!r}, vocab_size={self.vocab_size})"
@@ -210,6 +214,21 @@ class Tokenizer:
             return [self._encode_tiktoken(text) for text in texts]
         encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # _fast skips offsets (tokenizers>=0.21)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def token_bytes(self) -> list[bytes] | None:
+        """The bytes each id decodes to (b"" for unused ids), when decoding is joining them; else None."""
+        if not self._bytes_known:
+            return None
+        if self._bytes is None:
+            inverse = {c: b for b, c in enumerate(_byte_table())}
+            byte_level = self.kind != "char"
+            table = [b""] * self.vocab_size
+            for token, i in self.hf.get_vocab(with_added_tokens=False).items():
+                table[i] = bytes(inverse[c] for c in token) if byte_level else token.encode()
+            for i, t in self.hf.get_added_tokens_decoder().items():
+                table[i] = t.content.encode()
+            self._bytes = table
+        return self._bytes
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids, special tokens included; ids outside the vocabulary are skipped."""
