@@ -210,7 +210,7 @@ class Engine:
             if req.id == request_id:
                 req.cancelled = True
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: measurably less overhead per op than no_grad
     def step(self) -> list[Update]:
         """One model forward: admit waiting requests, run every row, pick each row's next token."""
         updates, self._finished_early = self._finished_early, []

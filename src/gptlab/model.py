@@ -37,7 +37,7 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (cfg.n_layer, batch_size, max_len, cfg.n_kv_head, cfg.head_dim)
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)  # attention's layout: no transposes
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -48,10 +48,14 @@ class KVCache:
         return self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, t, kv_heads, head_dim) keys/values into the step's slots; return the slots before its end."""
-        self.k[layer].index_put_((step.rows, step.slots), k.to(self.k.dtype))
-        self.v[layer].index_put_((step.rows, step.slots), v.to(self.v.dtype))
-        return self.k[layer, :, : step.end], self.v[layer, :, : step.end]
+        """Write (B, t, kv_heads, head_dim) keys/values into the step's slots; return (B, kv_heads, end, head_dim)."""
+        if step.slot is not None:
+            self.k[layer, :, :, step.slot] = k[:, 0]
+            self.v[layer, :, :, step.slot] = v[:, 0]
+        else:  # (B, t) rows and slots around the heads select (B, t, heads, dim)
+            self.k[layer][step.rows, :, step.slots] = k
+            self.v[layer][step.rows, :, step.slots] = v
+        return self.k[layer, :, :, : step.end], self.v[layer, :, :, : step.end]
 
     def advance(self, counts: torch.Tensor | int) -> None:
         """Mark `counts` more tokens per row as filled."""
@@ -79,17 +83,19 @@ class CacheStep:
     rows: torch.Tensor  # (B, 1) the row of each new token
     end: int  # one past the highest slot written: attention reads slots [0, end)
     mask: torch.Tensor | None  # (B, 1, T, end): slot j is visible to a token in slot p when j <= p; None = all
+    slot: int | None = None  # the one slot of every new token (one per row, all rows alike): a plain copy
 
     @classmethod
     def of(cls, slots: torch.Tensor, cache: KVCache) -> CacheStep:
         """The step for tokens in `slots`; the one host sync of a cached forward happens here."""
         B, T = slots.shape
-        end = int(slots.max()) + 1
+        low, high = (int(v) for v in torch.aminmax(slots))
+        end = high + 1
         if end > cache.max_len:
             raise ValueError(f"KV cache overflow: position {end - 1} >= {cache.max_len}")
         rows = torch.arange(B, device=slots.device)[:, None]
-        if B == 1 and T == 1:  # one token of one row: its slot is the highest, so every filled slot is visible
-            return cls(slots, rows, end, None)
+        if T == 1 and low == high:  # one token per row, all in the same slot: every filled slot is visible
+            return cls(slots, rows, end, None, high)
         visible = torch.arange(end, device=slots.device) <= slots[:, :, None]
         return cls(slots, rows, end, visible[:, None])
 
@@ -127,9 +133,6 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self._project(x)
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -150,20 +153,25 @@ class Attention(nn.Module):
         else:
             assert step is not None
             k_all, v_all = cache.store(layer, k, v, step)
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_all.transpose(1, 2).to(q.dtype), v_all.transpose(1, 2).to(q.dtype),
-                attn_mask=step.mask, enable_gqa=gqa,
-            )  # fmt: skip
+            if k_all.dtype != q.dtype:  # a cache kept in another precision than this forward's
+                k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, attn_mask=step.mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, C)
         y = self.out(y)
         return F.dropout(y, dropout, True) if dropout else y
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values; one matmul of the three matrices stacked when decoding (faster)."""
+        """Queries, keys and values (B, T, heads, head_dim); one matmul of the three stacked when decoding."""
+        B, T, _ = x.shape
         weights = stacked(self)
         if weights is None:
-            return self.q(x), self.k(x), self.v(x)
-        return F.linear(x, *weights).split([self.q.out_features, self.k.out_features, self.v.out_features], dim=-1)
+            return (
+                self.q(x).view(B, T, self.n_head, self.head_dim),
+                self.k(x).view(B, T, self.n_kv_head, self.head_dim),
+                self.v(x).view(B, T, self.n_kv_head, self.head_dim),
+            )
+        qkv = F.linear(x, *weights).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        return qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
 
 
 class MLP(nn.Module):
