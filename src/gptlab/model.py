@@ -170,7 +170,7 @@ class Attention(nn.Module):
                 self.k(x).view(B, T, self.n_kv_head, self.head_dim),
                 self.v(x).view(B, T, self.n_kv_head, self.head_dim),
             )
-        qkv = F.linear(x, *weights).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        qkv = linear_stacked(x, weights).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         return qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
 
 
@@ -194,7 +194,7 @@ class MLP(nn.Module):
             if weights is None:
                 gate, up = self.gate(x), self.up(x)
             else:  # one matmul of both matrices stacked (faster decoding)
-                gate, up = F.linear(x, *weights).chunk(2, dim=-1)
+                gate, up = linear_stacked(x, weights).chunk(2, dim=-1)
             return self._drop(self.down(F.silu(gate) * up))
         h = self.fc(x)
         if torch.compiler.is_compiling() and h.device.type == "cpu":
@@ -210,11 +210,23 @@ class MLP(nn.Module):
 
 
 def stack_weights(owner: nn.Module, layers: tuple[nn.Linear, ...]) -> None:
-    """Keep the weights (and biases) of `layers` stacked into one matrix on `owner`, for `stacked` to use."""
+    """Keep the weights (and biases) of `layers` stacked into one matrix on `owner`, for `stacked` to use.
+
+    The copy is stored (in, out), the layout in which a one-row matmul on CPU is fastest (measured 10.8 vs
+    15.6 us for 384 -> 1152 against nn.Linear's (out, in)).
+    """
     with torch.no_grad():
-        w = torch.cat([layer.weight for layer in layers])
+        w = torch.cat([layer.weight for layer in layers]).t().contiguous()
         b = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
     owner.__dict__["_stacked"] = (w, b)
+
+
+def linear_stacked(x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """x @ w + b for weights kept by `stack_weights`."""
+    w, b = weights
+    rows = x.reshape(-1, x.shape[-1])
+    y = torch.addmm(b, rows, w) if b is not None else rows @ w
+    return y.view(*x.shape[:-1], w.shape[1])
 
 
 def stacked(owner: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
