@@ -23,6 +23,7 @@ import torch
 
 from gptlab.config import ModelConfig
 from gptlab.generate import Generator
+from gptlab.interop.hf import to_hf
 from gptlab.model import GPT
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)
@@ -33,39 +34,6 @@ def gptlab_model(vocab_size: int) -> GPT:
     """The benchmark's model with seeded random weights, fp32, eval mode."""
     torch.manual_seed(0)
     return GPT(ModelConfig(arch="gpt2", vocab_size=vocab_size, dropout=0.0, **SHAPE)).eval()
-
-
-def hf_copy(model: GPT):  # noqa: ANN201 - transformers is a benchmark-only import
-    """The same weights in a `transformers.GPT2LMHeadModel` (Conv1D layers hold transposed matrices)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = model.cfg
-    hf_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
-    )  # fmt: skip
-    hf = GPT2LMHeadModel(hf_cfg).eval()
-    assert hf.config._attn_implementation == "sdpa"
-    t = hf.transformer
-    with torch.no_grad():
-        t.wte.weight.copy_(model.tok_emb.weight)
-        t.wpe.weight.copy_(model.pos_emb.weight)
-        for ours, theirs in zip(model.blocks, t.h, strict=True):
-            a = ours.attn
-            theirs.ln_1.load_state_dict(ours.norm1.state_dict())
-            theirs.ln_2.load_state_dict(ours.norm2.state_dict())
-            theirs.attn.c_attn.weight.copy_(torch.cat([a.q.weight, a.k.weight, a.v.weight]).T)
-            theirs.attn.c_attn.bias.copy_(torch.cat([a.q.bias, a.k.bias, a.v.bias]))
-            theirs.attn.c_proj.weight.copy_(a.out.weight.T)
-            theirs.attn.c_proj.bias.copy_(a.out.bias)
-            theirs.mlp.c_fc.weight.copy_(ours.mlp.fc.weight.T)
-            theirs.mlp.c_fc.bias.copy_(ours.mlp.fc.bias)
-            theirs.mlp.c_proj.weight.copy_(ours.mlp.down.weight.T)
-            theirs.mlp.c_proj.bias.copy_(ours.mlp.down.bias)
-        t.ln_f.load_state_dict(model.norm_f.state_dict())
-    hf.tie_weights()
-    return hf
 
 
 def generate_gptlab(gen: Generator, prompts: torch.Tensor) -> list[list[int]]:
@@ -98,7 +66,8 @@ def main() -> None:
     rows = []
     for vocab in map(int, args.vocabs.split(",")):
         model = gptlab_model(vocab)
-        hf = hf_copy(model)
+        hf = to_hf(model)  # the same weights, as `gptlab export` writes them
+        assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
         gen = Generator(model)
         with torch.no_grad():
             x = torch.randint(0, vocab, (2, 32))

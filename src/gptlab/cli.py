@@ -146,6 +146,16 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.interop.hf import export
+
+    if extra:
+        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab export --help`")
+    out = export(args.run_dir, args.out_dir, args.checkpoint)
+    print(f"exported {args.run_dir} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab serve --help`")
@@ -247,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
     )
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face folder that from_pretrained loads")
+    p.add_argument("run_dir", help="the run directory (train.out_dir)")
+    p.add_argument("out_dir", help="a new or empty folder for config.json, model.safetensors and the tokenizer")
+    p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder such as step_500")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve a trained run over HTTP: an OpenAI-compatible API and a web page")
     p.add_argument("run_dir", help="the run directory (train.out_dir)")

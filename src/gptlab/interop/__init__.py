@@ -1,0 +1,1 @@
+"""Moving models in and out of gptlab: Hugging Face `transformers` (and, later, nanoGPT)."""

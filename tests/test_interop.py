@@ -1,0 +1,108 @@
+"""Models out to Hugging Face: exported folders load with from_pretrained and compute what gptlab computes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_text, tiny_config
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from gptlab.cli import main
+from gptlab.config import ModelConfig
+from gptlab.data.shards import prepare
+from gptlab.generate import Generator
+from gptlab.interop.hf import to_hf
+from gptlab.model import GPT
+from gptlab.train.checkpoint import load_run
+from gptlab.train.trainer import Trainer
+
+
+def greedy_hf(hf, prompt: list[int], n: int) -> list[int]:  # noqa: ANN001
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("arch, extra", [("gpt2", {}), ("modern", {}), ("modern", {"n_kv_head": 1})])
+def test_random_models_convert_with_equal_logits_and_greedy_tokens(arch, extra):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, vocab_size=50, block_size=48, n_layer=2, n_head=2, n_embd=32, **extra)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # larger weights, so the greedy tokens depend on the whole context
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    hf = to_hf(model)
+    x = torch.randint(0, 50, (3, 24))
+    with torch.no_grad():
+        assert torch.allclose(model(x), hf(x).logits, atol=1e-5, rtol=0)
+    prompt = [3, 1, 4, 1, 5]
+    assert greedy_hf(hf, prompt, 20) == Generator(model).generate([prompt], 20, temperature=0)[0]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "modern"])
+def trained(request, tmp_path_factory) -> Path:
+    """A run of each block trained a few steps by gptlab, exported with `gptlab export`."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    (tmp / "corpus.txt").write_text(make_text())
+    cfg = tiny_config(tmp, tmp / "corpus.txt", f"model.arch={request.param}", "model.block_size=64")
+    prepare(cfg.data, quiet=True)
+    Trainer(cfg, quiet=True).fit()
+    assert main(["export", cfg.train.out_dir, str(tmp / "hf")]) == 0
+    return tmp
+
+
+def test_exported_run_loads_with_from_pretrained_and_matches(trained):
+    _, model, tokenizer = load_run(trained / "run", "best")
+    hf = AutoModelForCausalLM.from_pretrained(trained / "hf").eval()
+    hf_tok = AutoTokenizer.from_pretrained(trained / "hf")
+    assert sorted(p.name for p in (trained / "hf").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    ]  # fmt: skip
+    text = "ROMEO:\nthe king"
+    ids = tokenizer.encode(text)
+    assert hf_tok(text)["input_ids"] == ids
+    with torch.no_grad():
+        assert torch.allclose(model(torch.tensor([ids])), hf(torch.tensor([ids])).logits, atol=1e-5, rtol=0)
+    assert greedy_hf(hf, ids, 20) == Generator(model).generate([ids], 20, temperature=0)[0]
+
+
+def test_pipeline_text_equals_gptlab_sample(trained):
+    generate = pipeline("text-generation", model=str(trained / "hf"))
+    theirs = generate("ROMEO:", max_new_tokens=30, do_sample=False)[0]["generated_text"]
+    ours = subprocess.run(
+        [sys.executable, "-m", "gptlab", "sample", str(trained / "run"), "--start", "ROMEO:", "--num-samples", "1",
+         "--max-new-tokens", "30", "--temperature", "0"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert theirs + "\n" == ours
+
+
+def test_switches_without_a_hugging_face_architecture_are_user_errors(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text(make_text(50))
+    cfg = tiny_config(tmp_path, tmp_path / "corpus.txt", "model.qk_norm=true", "train.max_iters=2")
+    prepare(cfg.data, quiet=True)
+    Trainer(cfg, quiet=True).fit()
+    assert main(["export", cfg.train.out_dir, str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (
+        "error: model.qk_norm=true has no Hugging Face architecture here (train with model.qk_norm=false)\n"
+    )
+    cases = {
+        ("position=learned", "norm=rmsnorm"): "error: model.norm=rmsnorm has no Hugging Face architecture with "
+        "model.position=learned (GPT2LMHeadModel needs model.norm=layernorm; export models whose switches match "
+        "GPT-2 or Llama)",
+        ("arch=gpt2", "n_kv_head=1"): "error: model.n_kv_head=1 (grouped-query attention) has no GPT-2 form "
+        "(use model.n_kv_head=null)",
+    }
+    from gptlab.errors import GptlabError
+    from gptlab.interop.hf import hf_architecture
+
+    for switches, message in cases.items():
+        kwargs = dict(s.split("=") for s in switches)
+        kwargs = {k: (int(v) if v.isdigit() else v) for k, v in kwargs.items()}
+        with pytest.raises(GptlabError) as e:
+            hf_architecture(ModelConfig(vocab_size=10, n_head=2, n_embd=16, **kwargs))
+        assert "error: " + str(e.value) == message
