@@ -106,3 +106,67 @@ def test_switches_without_a_hugging_face_architecture_are_user_errors(tmp_path, 
         with pytest.raises(GptlabError) as e:
             hf_architecture(ModelConfig(vocab_size=10, n_head=2, n_embd=16, **kwargs))
         assert "error: " + str(e.value) == message
+
+
+def save_hf(tmp: Path, kind: str, tokenizer) -> Path:  # noqa: ANN001
+    """A random-weight transformers model of `kind` with `tokenizer`, saved as a local folder (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from gptlab.interop.hf import hf_tokenizer
+
+    torch.manual_seed(1)
+    v = tokenizer.vocab_size
+    if kind == "gpt2":
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=v, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                        bos_token_id=None, eos_token_id=None))  # fmt: skip
+    else:
+        hf = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          rope_theta=500.0, bos_token_id=None, eos_token_id=None))  # fmt: skip
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(4 if p.dim() == 2 else 1)
+    folder = tmp / f"hf-{kind}"
+    hf.save_pretrained(folder)
+    hf_tokenizer(tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hugging_face_models_import_with_equal_logits_and_greedy_tokens(kind, tmp_path, capsys):
+    from gptlab.tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.train("bpe", [make_text(100)], 300)
+    folder = save_hf(tmp_path, kind, tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert main(["import", "hf", str(folder), str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out == f"imported {folder} into {tmp_path / 'run'} (gptlab sample {tmp_path / 'run'})\n"
+    cfg, model, tok = load_run(tmp_path / "run")
+    assert cfg.model.arch == ("gpt2" if kind == "gpt2" else "modern")
+    ids = tok.encode("ROMEO:\nthe king")
+    assert ids == tokenizer.encode("ROMEO:\nthe king")
+    with torch.no_grad():
+        assert torch.allclose(model(torch.tensor([ids])), hf(torch.tensor([ids])).logits, atol=1e-5, rtol=0)
+    assert greedy_hf(hf, ids, 20) == Generator(model).generate([ids], 20, temperature=0)[0]
+    # and back out again: the round trip keeps the weights
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "again")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert torch.allclose(again(torch.tensor([ids])).logits, hf(torch.tensor([ids])).logits, atol=1e-5)
+
+
+def test_import_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["import", "hf", "nobody/no-such-model", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not load 'nobody/no-such-model' (") and err.endswith(
+        f"(check the name, or download the model where there is a network and pass its folder: "
+        f"gptlab import hf ./no-such-model {tmp_path / 'run'})\n"
+    )
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["import", "hf", str(tmp_path), str(tmp_path / "full")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: '{tmp_path / 'full'}' is not empty (give a new folder, or pass --overwrite)\n"
+    )

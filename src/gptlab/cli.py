@@ -156,6 +156,16 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.interop.hf import import_hf
+
+    if extra:
+        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab import hf --help`")
+    out = import_hf(args.source, args.out_dir, overwrite=args.overwrite)
+    print(f"imported {args.source} into {out} (gptlab sample {out})")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab serve --help`")
@@ -263,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="a new or empty folder for config.json, model.safetensors and the tokenizer")
     p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder such as step_500")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="make a run directory from another tool's model")
+    imp = p.add_subparsers(dest="import_command", required=True)
+    p = imp.add_parser("hf", help="a Hugging Face GPT-2 or Llama model (hub name or local folder)")
+    p.add_argument("source", help="a hub name such as gpt2, or a folder with config.json, weights and tokenizer")
+    p.add_argument("out_dir", help="the run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace what out_dir holds")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("serve", help="serve a trained run over HTTP: an OpenAI-compatible API and a web page")
     p.add_argument("run_dir", help="the run directory (train.out_dir)")

@@ -1,5 +1,6 @@
-"""gptlab models out to Hugging Face `transformers`: `GPT2LMHeadModel` for the GPT-2 block, `LlamaForCausalLM`
-for the default block, saved with their tokenizer so `from_pretrained` (and vLLM, TGI) load them without code.
+"""gptlab models to and from Hugging Face `transformers`: `GPT2LMHeadModel` is the GPT-2 block, `LlamaForCausalLM`
+the default block. Exported folders load with `from_pretrained` (and in vLLM, TGI) without custom code; imported
+checkpoints become run directories that `gptlab sample`, `serve` and `export` read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from gptlab.tokenizers import Tokenizer
 
 GPT2_SWITCHES = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
 LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+LLAMA_NAMES = {  # gptlab module -> Llama module, inside block i / layer i
+    "norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj", "attn.out": "self_attn.o_proj",
+    "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj",
+}  # fmt: skip
 
 
 def _require_transformers() -> Any:
@@ -104,17 +110,12 @@ def _gpt2_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
 
 def _llama_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Llama's names; gptlab's rotary layout is already Llama's rotate-half one, so nothing is permuted."""
-    names = {
-        "norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q": "self_attn.q_proj",
-        "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj", "attn.out": "self_attn.o_proj",
-        "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj",
-    }  # fmt: skip
     out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
     for key, value in sd.items():
         if key.startswith("blocks."):
             _, i, rest = key.split(".", 2)
             module, param = rest.rsplit(".", 1)
-            out[f"model.layers.{i}.{names[module]}.{param}"] = value
+            out[f"model.layers.{i}.{LLAMA_NAMES[module]}.{param}"] = value
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return out
@@ -148,3 +149,125 @@ def hf_tokenizer(tokenizer: Tokenizer) -> Any:
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer.hf, eos_token=eos, pad_token=eos, clean_up_tokenization_spaces=False
     )
+
+
+# ----- in ----------------------------------------------------------------------------------------------------------
+def model_config_of(hf_config: Any) -> ModelConfig:
+    """The gptlab `ModelConfig` of a `transformers` GPT-2 or Llama config, or a user error saying what differs."""
+    kind = getattr(hf_config, "model_type", None)
+    if kind == "gpt2":
+        if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise GptlabError(
+                f"GPT-2 activation '{hf_config.activation_function}' is not the tanh GELU gptlab uses",
+                "import GPT-2 checkpoints with activation_function gelu_new",
+            )
+        return ModelConfig(
+            arch="gpt2", vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions, n_layer=hf_config.n_layer,
+            n_head=hf_config.n_head, n_embd=hf_config.n_embd, d_ff=hf_config.n_inner or 4 * hf_config.n_embd,
+            norm_eps=hf_config.layer_norm_epsilon, tie_embeddings=hf_config.tie_word_embeddings,
+        ).resolved()  # fmt: skip
+    if kind == "llama":
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        rope = getattr(hf_config, "rope_scaling", None) or {}
+        scaled = rope.get("rope_type", rope.get("type", "default")) not in ("default", None)
+        if head_dim * hf_config.num_attention_heads != hf_config.hidden_size or scaled:
+            what = "a head size other than hidden_size / heads" if not scaled else f"rope scaling {rope}"
+            raise GptlabError(f"this Llama checkpoint uses {what}, which gptlab's block does not have", "pick another")
+        if getattr(hf_config, "mlp_bias", False) != getattr(hf_config, "attention_bias", False):
+            raise GptlabError("this Llama checkpoint has biases in attention or MLP only", "pick another")
+        theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None)) or 10000.0
+        return ModelConfig(
+            arch="modern", vocab_size=hf_config.vocab_size, block_size=hf_config.max_position_embeddings,
+            n_layer=hf_config.num_hidden_layers, n_head=hf_config.num_attention_heads,
+            n_kv_head=hf_config.num_key_value_heads, n_embd=hf_config.hidden_size, d_ff=hf_config.intermediate_size,
+            norm_eps=hf_config.rms_norm_eps, rope_theta=float(theta), bias=bool(hf_config.attention_bias),
+            tie_embeddings=hf_config.tie_word_embeddings,
+        ).resolved()  # fmt: skip
+    raise GptlabError(f"model type '{kind}' cannot be imported", "import a GPT-2 or Llama-architecture checkpoint")
+
+
+def from_hf(hf: Any) -> GPT:
+    """A gptlab model holding a copy of a `transformers` GPT-2 or Llama model's weights (fp32, eval mode)."""
+    cfg = model_config_of(hf.config)
+    theirs = {k: v.detach().float().cpu() for k, v in hf.state_dict().items()}
+    try:
+        tensors = _from_gpt2(theirs, cfg) if cfg.arch == "gpt2" else _from_llama(theirs, cfg)
+    except KeyError as e:
+        raise GptlabError(f"the checkpoint has no tensor {e}", "check that it is a whole GPT-2 or Llama model") from e
+    model = GPT(cfg)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:  # a mapping bug, not a user error
+        raise RuntimeError(f"weights did not map from {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def _from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """gptlab's names for GPT-2's tensors: Conv1D matrices transposed, `c_attn` split into q, k, v."""
+    out = {"tok_emb.weight": sd["transformer.wte.weight"], "pos_emb.weight": sd["transformer.wpe.weight"]}
+    for i in range(cfg.n_layer):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        q, k, v = sd[h + "attn.c_attn.weight"].T.chunk(3)
+        qb, kb, vb = sd[h + "attn.c_attn.bias"].chunk(3)
+        out |= {
+            b + "norm1.weight": sd[h + "ln_1.weight"], b + "norm1.bias": sd[h + "ln_1.bias"],
+            b + "attn.q.weight": q, b + "attn.k.weight": k, b + "attn.v.weight": v,
+            b + "attn.q.bias": qb, b + "attn.k.bias": kb, b + "attn.v.bias": vb,
+            b + "attn.out.weight": sd[h + "attn.c_proj.weight"].T, b + "attn.out.bias": sd[h + "attn.c_proj.bias"],
+            b + "norm2.weight": sd[h + "ln_2.weight"], b + "norm2.bias": sd[h + "ln_2.bias"],
+            b + "mlp.fc.weight": sd[h + "mlp.c_fc.weight"].T, b + "mlp.fc.bias": sd[h + "mlp.c_fc.bias"],
+            b + "mlp.down.weight": sd[h + "mlp.c_proj.weight"].T, b + "mlp.down.bias": sd[h + "mlp.c_proj.bias"],
+        }  # fmt: skip
+    out |= {"norm_f.weight": sd["transformer.ln_f.weight"], "norm_f.bias": sd["transformer.ln_f.bias"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _from_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """gptlab's names for Llama's tensors (RMSNorm has no bias, whatever the linear layers have)."""
+    out = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"]}
+    for i in range(cfg.n_layer):
+        for ours, theirs in LLAMA_NAMES.items():
+            for param in ("weight", "bias") if cfg.bias and not ours.startswith("norm") else ("weight",):
+                out[f"blocks.{i}.{ours}.{param}"] = sd[f"model.layers.{i}.{theirs}.{param}"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """A run directory (config, tokenizer, one checkpoint) from a Hugging Face GPT-2 or Llama model."""
+    transformers = _require_transformers()
+    from gptlab.config import Config, to_yaml
+    from gptlab.data.shards import write_atomic
+    from gptlab.train.checkpoint import save_checkpoint
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise GptlabError(f"'{out}' is not empty", "give a new folder, or pass --overwrite")
+    local = Path(source).is_dir()
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        fix = (
+            "check the folder holds config.json, the weights and tokenizer files"
+            if local
+            else "check the name, or download the model where there is a network and pass its folder: "
+            f"gptlab import hf ./{source.split('/')[-1]} {out}"
+        )
+        raise GptlabError(f"could not load '{source}' ({str(e).splitlines()[0]})", fix) from e
+    if not getattr(hf_tok, "is_fast", False):
+        raise GptlabError(f"'{source}' has no tokenizer.json (a fast tokenizer)", "import a model with tokenizer.json")
+    model = from_hf(hf)
+    tokenizer = Tokenizer(hf_tok.backend_tokenizer)
+    cfg = Config(model=model.cfg)
+    cfg.data.tokenizer = "tokenizer.json"
+    cfg.data.special_tokens = [t for t, _ in sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])]
+    cfg.train.out_dir = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.yaml", to_yaml(cfg).encode())
+    tokenizer.save(out / "tokenizer.json")
+    save_checkpoint(out / "checkpoints", 0, model, {}, {"imported_from": source})
+    return out
