@@ -17,6 +17,13 @@ from gptlab.tokenizers import Tokenizer
 
 GPT2_SWITCHES = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
 LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+GPT2_NAMES = {  # gptlab -> GPT-2 inside block i / h.i (q, k, v are stacked into c_attn); True: transposed
+    "norm1.weight": ("ln_1.weight", False), "norm1.bias": ("ln_1.bias", False),
+    "attn.out.weight": ("attn.c_proj.weight", True), "attn.out.bias": ("attn.c_proj.bias", False),
+    "norm2.weight": ("ln_2.weight", False), "norm2.bias": ("ln_2.bias", False),
+    "mlp.fc.weight": ("mlp.c_fc.weight", True), "mlp.fc.bias": ("mlp.c_fc.bias", False),
+    "mlp.down.weight": ("mlp.c_proj.weight", True), "mlp.down.bias": ("mlp.c_proj.bias", False),
+}  # fmt: skip
 LLAMA_NAMES = {  # gptlab module -> Llama module, inside block i / layer i
     "norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q": "self_attn.q_proj",
     "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj", "attn.out": "self_attn.o_proj",
@@ -92,16 +99,10 @@ def _gpt2_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"]}
     for i in range(cfg.n_layer):
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
-        qkv = [b + f"attn.{x}" for x in "qkv"]
-        out |= {
-            h + "ln_1.weight": sd[b + "norm1.weight"], h + "ln_1.bias": sd[b + "norm1.bias"],
-            h + "attn.c_attn.weight": torch.cat([sd[p + ".weight"] for p in qkv]).T,
-            h + "attn.c_attn.bias": torch.cat([sd[p + ".bias"] for p in qkv]),
-            h + "attn.c_proj.weight": sd[b + "attn.out.weight"].T, h + "attn.c_proj.bias": sd[b + "attn.out.bias"],
-            h + "ln_2.weight": sd[b + "norm2.weight"], h + "ln_2.bias": sd[b + "norm2.bias"],
-            h + "mlp.c_fc.weight": sd[b + "mlp.fc.weight"].T, h + "mlp.c_fc.bias": sd[b + "mlp.fc.bias"],
-            h + "mlp.c_proj.weight": sd[b + "mlp.down.weight"].T, h + "mlp.c_proj.bias": sd[b + "mlp.down.bias"],
-        }  # fmt: skip
+        for ours, (theirs, transposed) in GPT2_NAMES.items():
+            out[h + theirs] = sd[b + ours].T if transposed else sd[b + ours]
+        out[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{x}.weight"] for x in "qkv"]).T
+        out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{x}.bias"] for x in "qkv"])
     out |= {"transformer.ln_f.weight": sd["norm_f.weight"], "transformer.ln_f.bias": sd["norm_f.bias"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
@@ -203,21 +204,14 @@ def from_hf(hf: Any) -> GPT:
 
 
 def _from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """gptlab's names for GPT-2's tensors: Conv1D matrices transposed, `c_attn` split into q, k, v."""
+    """gptlab's names for GPT-2's tensors (the inverse of `_gpt2_tensors`)."""
     out = {"tok_emb.weight": sd["transformer.wte.weight"], "pos_emb.weight": sd["transformer.wpe.weight"]}
     for i in range(cfg.n_layer):
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
-        q, k, v = sd[h + "attn.c_attn.weight"].T.chunk(3)
-        qb, kb, vb = sd[h + "attn.c_attn.bias"].chunk(3)
-        out |= {
-            b + "norm1.weight": sd[h + "ln_1.weight"], b + "norm1.bias": sd[h + "ln_1.bias"],
-            b + "attn.q.weight": q, b + "attn.k.weight": k, b + "attn.v.weight": v,
-            b + "attn.q.bias": qb, b + "attn.k.bias": kb, b + "attn.v.bias": vb,
-            b + "attn.out.weight": sd[h + "attn.c_proj.weight"].T, b + "attn.out.bias": sd[h + "attn.c_proj.bias"],
-            b + "norm2.weight": sd[h + "ln_2.weight"], b + "norm2.bias": sd[h + "ln_2.bias"],
-            b + "mlp.fc.weight": sd[h + "mlp.c_fc.weight"].T, b + "mlp.fc.bias": sd[h + "mlp.c_fc.bias"],
-            b + "mlp.down.weight": sd[h + "mlp.c_proj.weight"].T, b + "mlp.down.bias": sd[h + "mlp.c_proj.bias"],
-        }  # fmt: skip
+        for ours, (theirs, transposed) in GPT2_NAMES.items():
+            out[b + ours] = sd[h + theirs].T if transposed else sd[h + theirs]
+        for x, w, bias in zip("qkv", sd[h + "attn.c_attn.weight"].T.chunk(3), sd[h + "attn.c_attn.bias"].chunk(3)):
+            out[b + f"attn.{x}.weight"], out[b + f"attn.{x}.bias"] = w, bias
     out |= {"norm_f.weight": sd["transformer.ln_f.weight"], "norm_f.bias": sd["transformer.ln_f.bias"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
