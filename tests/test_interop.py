@@ -170,3 +170,22 @@ def test_import_errors(tmp_path, capsys, monkeypatch):
         capsys.readouterr().err
         == f"error: '{tmp_path / 'full'}' is not empty (give a new folder, or pass --overwrite)\n"
     )
+    assert main(["import", "hf", str(tmp_path), str(tmp_path / "full" / "x")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: '{tmp_path / 'full' / 'x'}' is a file (give a folder for the run directory)\n"
+    )
+
+
+def test_import_overwrite_replaces_the_old_run(tmp_path):
+    from gptlab.tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.train("bpe", [make_text(50)], 280)
+    gpt2, llama = save_hf(tmp_path, "gpt2", tokenizer), save_hf(tmp_path, "llama", tokenizer)
+    assert main(["import", "hf", str(gpt2), str(tmp_path / "run")]) == 0
+    assert main(["import", "hf", str(llama), str(tmp_path / "run"), "--overwrite"]) == 0
+    cfg, model, _ = load_run(tmp_path / "run")
+    hf = AutoModelForCausalLM.from_pretrained(llama).eval()
+    x = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert cfg.model.arch == "modern" and torch.allclose(model(x), hf(x).logits, atol=1e-5)

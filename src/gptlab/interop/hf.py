@@ -5,6 +5,7 @@ checkpoints become run directories that `gptlab sample`, `serve` and `export` re
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,9 @@ def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path
     from gptlab.train.checkpoint import save_checkpoint
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"'{out}' is a file", "give a folder for the run directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise GptlabError(f"'{out}' is not empty", "give a new folder, or pass --overwrite")
     local = Path(source).is_dir()
     try:
@@ -260,6 +263,8 @@ def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path
     cfg.data.tokenizer = "tokenizer.json"
     cfg.data.special_tokens = [t for t, _ in sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])]
     cfg.train.out_dir = str(out)
+    if overwrite and out.is_dir():  # nothing of the old run may survive (a step_0 would be kept as it was)
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", to_yaml(cfg).encode())
     tokenizer.save(out / "tokenizer.json")
