@@ -87,12 +87,19 @@ def to_hf(model: GPT) -> Any:
         )  # fmt: skip
         tensors = _llama_tensors(sd, cfg)
         hf = transformers.LlamaForCausalLM(hf_cfg)
-    missing, unexpected = hf.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:  # a mapping bug, not a user error
-        raise RuntimeError(f"weights did not map onto {name}: missing {missing}, unexpected {unexpected}")
+    _load_all(hf, tensors, cfg.tie_embeddings)
     hf.tie_weights()
     return hf.eval()
+
+
+def _load_all(target: torch.nn.Module, tensors: dict[str, torch.Tensor], tied: bool) -> None:
+    """Load mapped tensors, every one of them (a tied head excepted): a miss is a mapping bug, not a user error."""
+    missing, unexpected = target.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"weights did not map onto {type(target).__name__}: missing {missing}, unexpected {unexpected}"
+        )
 
 
 def _gpt2_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -197,10 +204,7 @@ def from_hf(hf: Any) -> GPT:
     except KeyError as e:
         raise GptlabError(f"the checkpoint has no tensor {e}", "check that it is a whole GPT-2 or Llama model") from e
     model = GPT(cfg)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:  # a mapping bug, not a user error
-        raise RuntimeError(f"weights did not map from {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
+    _load_all(model, tensors, cfg.tie_embeddings)
     return model.eval()
 
 
