@@ -189,3 +189,66 @@ def test_import_overwrite_replaces_the_old_run(tmp_path):
     x = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         assert cfg.model.arch == "modern" and torch.allclose(model(x), hf(x).logits, atol=1e-5)
+
+
+def test_exported_config_and_generation_config_agree_on_end_of_text(trained):
+    import json
+
+    config = json.loads((trained / "hf" / "config.json").read_text())
+    generation = json.loads((trained / "hf" / "generation_config.json").read_text())
+    _, _, tokenizer = load_run(trained / "run")
+    assert config["eos_token_id"] == generation["eos_token_id"] == tokenizer.eos_id
+    assert config.get("bos_token_id") is None
+
+
+@pytest.mark.parametrize(
+    "kind, setting, message",
+    [
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "this GPT-2 checkpoint scales attention differently"),
+        ("gpt2", {"scale_attn_weights": False}, "this GPT-2 checkpoint scales attention differently"),
+        ("llama", {"hidden_act": "gelu"}, "this Llama checkpoint's MLP uses gelu, gptlab's SwiGLU uses silu"),
+    ],
+)
+def test_checkpoints_gptlab_cannot_reproduce_are_refused(kind, setting, message):
+    from transformers import GPT2Config, LlamaConfig
+
+    from gptlab.errors import GptlabError
+    from gptlab.interop.hf import model_config_of
+
+    config = GPT2Config(n_layer=1, **setting) if kind == "gpt2" else LlamaConfig(num_hidden_layers=1, **setting)
+    with pytest.raises(GptlabError) as e:
+        model_config_of(config)
+    assert str(e.value).startswith(message)
+
+
+def test_import_folder_errors(tmp_path, capsys):
+    assert main(["import", "hf", "./no-such-folder", str(tmp_path / "run")]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: no folder './no-such-folder' (check the path, or give a hub name such as gpt2)\n"
+    )
+    (tmp_path / "empty").mkdir()
+    assert main(["import", "hf", str(tmp_path / "empty"), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not load '{tmp_path / 'empty'}' (")
+    assert err.endswith("(the folder needs config.json of a GPT-2 or Llama model, its weights and tokenizer.json)\n")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("keep me")
+    assert main(["import", "hf", str(tmp_path / "empty"), str(tmp_path / "notes"), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: '{tmp_path / 'notes'}' holds files but is not a run directory (give a new or empty folder)\n"
+    )
+    assert (tmp_path / "notes" / "notes.txt").read_text() == "keep me"
+
+
+def test_an_interrupted_export_leaves_nothing(trained, tmp_path, monkeypatch):
+    import gptlab.interop.hf as interop
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(interop, "hf_tokenizer", lambda tok: type("T", (), {"save_pretrained": broken})())
+    with pytest.raises(KeyboardInterrupt):
+        interop.export(trained / "run", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

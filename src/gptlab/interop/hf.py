@@ -5,7 +5,11 @@ checkpoints become run directories that `gptlab sample`, `serve` and `export` re
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +88,7 @@ def to_hf(model: GPT) -> Any:
             head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
             rope_theta=cfg.rope_theta, attention_bias=cfg.bias, mlp_bias=cfg.bias,
             tie_word_embeddings=cfg.tie_embeddings, attention_dropout=0.0,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )  # fmt: skip
         tensors = _llama_tensors(sd, cfg)
         hf = transformers.LlamaForCausalLM(hf_cfg)
@@ -143,12 +148,32 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -
         raise GptlabError(f"'{out}' is not empty", "give a new or empty folder")
     hf = to_hf(model)
     eos = tokenizer.eos_id
+    hf.config.eos_token_id = hf.config.pad_token_id = eos  # config.json and generation_config.json agree
     hf.generation_config = transformers.GenerationConfig(
         eos_token_id=eos, pad_token_id=eos, bos_token_id=None, max_length=model.cfg.block_size
     )
-    hf.save_pretrained(out)  # config.json, model.safetensors, generation_config.json
-    hf_tokenizer(tokenizer).save_pretrained(out)
+    with _building(out) as tmp:  # a folder that is whole, or not there
+        hf.save_pretrained(tmp)  # config.json, model.safetensors, generation_config.json
+        hf_tokenizer(tokenizer).save_pretrained(tmp)
     return out
+
+
+@contextlib.contextmanager
+def _building(out: Path) -> Iterator[Path]:
+    """A sibling temporary folder to fill, renamed onto `out` at the end (whatever `out` held goes: check first)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.is_dir():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def hf_tokenizer(tokenizer: Tokenizer) -> Any:
@@ -170,6 +195,14 @@ def model_config_of(hf_config: Any) -> ModelConfig:
                 f"GPT-2 activation '{hf_config.activation_function}' is not the tanh GELU gptlab uses",
                 "import GPT-2 checkpoints with activation_function gelu_new",
             )
+        if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or not getattr(
+            hf_config, "scale_attn_weights", True
+        ):
+            raise GptlabError(
+                "this GPT-2 checkpoint scales attention differently (scale_attn_by_inverse_layer_idx or "
+                "scale_attn_weights=false), which gptlab's block does not do",
+                "import a checkpoint with GPT-2's own attention scaling",
+            )
         return ModelConfig(
             arch="gpt2", vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions, n_layer=hf_config.n_layer,
             n_head=hf_config.n_head, n_embd=hf_config.n_embd, d_ff=hf_config.n_inner or 4 * hf_config.n_embd,
@@ -182,6 +215,10 @@ def model_config_of(hf_config: Any) -> ModelConfig:
         if head_dim * hf_config.num_attention_heads != hf_config.hidden_size or scaled:
             what = "a head size other than hidden_size / heads" if not scaled else f"rope scaling {rope}"
             raise GptlabError(f"this Llama checkpoint uses {what}, which gptlab's block does not have", "pick another")
+        if hf_config.hidden_act not in ("silu", "swish"):
+            raise GptlabError(
+                f"this Llama checkpoint's MLP uses {hf_config.hidden_act}, gptlab's SwiGLU uses silu", "pick another"
+            )
         if getattr(hf_config, "mlp_bias", False) != getattr(hf_config, "attention_bias", False):
             raise GptlabError("this Llama checkpoint has biases in attention or MLP only", "pick another")
         theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None)) or 10000.0
@@ -245,19 +282,25 @@ def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GptlabError(f"'{out}' is a file", "give a folder for the run directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise GptlabError(f"'{out}' is not empty", "give a new folder, or pass --overwrite")
-    local = Path(source).is_dir()
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise GptlabError(f"'{out}' is not empty", "give a new folder, or pass --overwrite")
+        if not (out / "config.yaml").is_file():  # --overwrite replaces runs, not any folder
+            raise GptlabError(f"'{out}' holds files but is not a run directory", "give a new or empty folder")
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():  # a path, not a hub name
+        raise GptlabError(f"no folder '{source}'", "check the path, or give a hub name such as gpt2")
     try:
         hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         hf_tok = transformers.AutoTokenizer.from_pretrained(source)
-    except OSError as e:
-        fix = (
-            "check the folder holds config.json, the weights and tokenizer files"
-            if local
-            else "check the name, or download the model where there is a network and pass its folder: "
-            f"gptlab import hf ./{source.split('/')[-1]} {out}"
-        )
+    except (OSError, ValueError) as e:  # transformers' own words on a missing file, a download, a model type
+        if Path(source).is_dir():
+            fix = "the folder needs config.json of a GPT-2 or Llama model, its weights and tokenizer.json"
+        else:
+            local = shlex.quote("./" + Path(source.rstrip("/")).name)
+            fix = (
+                "check the name, or download the model where there is a network and pass its folder: "
+                f"gptlab import hf {local} {shlex.quote(str(out))}"
+            )
         raise GptlabError(f"could not load '{source}' ({str(e).splitlines()[0]})", fix) from e
     if not getattr(hf_tok, "is_fast", False):
         raise GptlabError(f"'{source}' has no tokenizer.json (a fast tokenizer)", "import a model with tokenizer.json")
@@ -267,10 +310,8 @@ def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path
     cfg.data.tokenizer = "tokenizer.json"
     cfg.data.special_tokens = [t for t, _ in sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])]
     cfg.train.out_dir = str(out)
-    if overwrite and out.is_dir():  # nothing of the old run may survive (a step_0 would be kept as it was)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", to_yaml(cfg).encode())
-    tokenizer.save(out / "tokenizer.json")
-    save_checkpoint(out / "checkpoints", 0, model, {}, {"imported_from": source})
+    with _building(out) as tmp:  # an old run (--overwrite) goes only once the new one is whole
+        write_atomic(tmp / "config.yaml", to_yaml(cfg).encode())
+        tokenizer.save(tmp / "tokenizer.json")
+        save_checkpoint(tmp / "checkpoints", 0, model, {}, {"imported_from": source})
     return out
