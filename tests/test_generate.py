@@ -61,11 +61,11 @@ def test_stops_at_eos_and_leaves_it_out():
 
 def test_top_k_and_top_p_filter():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
-    assert sample_next(logits, temperature=1.0, top_k=1).item() == 3
+    assert sample_next(logits, SamplingParams(temperature=1.0, top_k=1)).item() == 3
     # the top token holds ~64% of the mass: top_p 0.5 keeps it alone
-    assert sample_next(logits, temperature=1.0, top_p=0.5).item() == 3
+    assert sample_next(logits, SamplingParams(temperature=1.0, top_p=0.5)).item() == 3
     g = torch.Generator().manual_seed(0)
-    picks = {sample_next(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(50)}
+    picks = {sample_next(logits, SamplingParams(temperature=1.0, top_k=2), g).item() for _ in range(50)}
     assert picks == {2, 3}
     # mass reaching top_p exactly: the smallest prefix that reaches it, as transformers keeps
     halves = torch.tensor([[0.5, 0.25, 0.25]]).log()

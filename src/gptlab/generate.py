@@ -75,16 +75,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tens
 
 def sample_next(
     logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    params: SamplingParams = SamplingParams(),
     generator: torch.Generator | None = None,
-    min_p: float | None = None,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pick one token id per row from (B, vocab) logits; temperature 0 is greedy."""
-    params = SamplingParams(temperature, top_k, top_p, min_p)
-    logits = filter_logits(logits, params)
-    if temperature == 0:
+    """Pick one token id per row from (B, vocab) logits (`seen`: ids the repetition penalty applies to)."""
+    logits = filter_logits(logits, params, seen)
+    if params.temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
@@ -281,11 +278,7 @@ class Engine:
             seen = None
             if req.params.repetition_penalty != 1.0:
                 seen = torch.tensor([sorted(set(req.prompt + req.out))], device=logits.device)
-            row = filter_logits(logits[b : b + 1], req.params, seen)
-            if req.params.temperature == 0:
-                tokens[b] = int(row.argmax())
-            else:
-                tokens[b] = int(torch.multinomial(row.softmax(dim=-1), 1, generator=req.generator))
+            tokens[b] = int(sample_next(logits[b : b + 1], req.params, req.generator, seen))
         return tokens
 
     def _advance(self, req: _Request, token: int) -> Update:
@@ -328,7 +321,8 @@ class Engine:
         """Remove finished or cancelled rows from the batch and the cache."""
         if not rows:
             return
-        keep = [b for b in range(len(self.running)) if b not in set(rows)]
+        gone = set(rows)
+        keep = [b for b in range(len(self.running)) if b not in gone]
         self.running = [self.running[b] for b in keep]
         if self.cache is not None:
             if keep:

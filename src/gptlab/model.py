@@ -80,7 +80,7 @@ class CacheStep:
     """Where one forward's new tokens go in a KV cache, and which slots each may attend to."""
 
     slots: torch.Tensor  # (B, T) the slot of each new token
-    rows: torch.Tensor  # (B, 1) the row of each new token
+    rows: torch.Tensor | None  # (B, 1) the row of each new token; None with `slot`
     end: int  # one past the highest slot written: attention reads slots [0, end)
     mask: torch.Tensor | None  # (B, 1, T, end): slot j is visible to a token in slot p when j <= p; None = all
     slot: int | None = None  # the one slot of every new token (one per row, all rows alike): a plain copy
@@ -93,11 +93,10 @@ class CacheStep:
         end = high + 1
         if end > cache.max_len:
             raise ValueError(f"KV cache overflow: position {end - 1} >= {cache.max_len}")
-        rows = torch.arange(B, device=slots.device)[:, None]
         if T == 1 and low == high:  # one token per row, all in the same slot: every filled slot is visible
-            return cls(slots, rows, end, None, high)
+            return cls(slots, None, end, None, high)
         visible = torch.arange(end, device=slots.device) <= slots[:, :, None]
-        return cls(slots, rows, end, visible[:, None])
+        return cls(slots, torch.arange(B, device=slots.device)[:, None], end, visible[:, None])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
