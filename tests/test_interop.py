@@ -13,7 +13,7 @@ from gptlab.cli import main
 from gptlab.config import ModelConfig
 from gptlab.data.shards import prepare
 from gptlab.generate import Generator
-from gptlab.interop.hf import to_hf
+from gptlab.interop.hf import from_hf, to_hf
 from gptlab.model import GPT
 from gptlab.train.checkpoint import load_run
 from gptlab.train.trainer import Trainer
@@ -26,7 +26,9 @@ def greedy_hf(hf, prompt: list[int], n: int) -> list[int]:  # noqa: ANN001
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("arch, extra", [("gpt2", {}), ("modern", {}), ("modern", {"n_kv_head": 1})])
+@pytest.mark.parametrize(
+    "arch, extra", [("gpt2", {}), ("gpt2", {"mlp": "gelu_exact"}), ("modern", {}), ("modern", {"n_kv_head": 1})]
+)
 def test_random_models_convert_with_equal_logits_and_greedy_tokens(arch, extra):
     torch.manual_seed(0)
     cfg = ModelConfig(arch=arch, vocab_size=50, block_size=48, n_layer=2, n_head=2, n_embd=32, **extra)
@@ -41,6 +43,7 @@ def test_random_models_convert_with_equal_logits_and_greedy_tokens(arch, extra):
         assert torch.allclose(model(x), hf(x).logits, atol=1e-5, rtol=0)
     prompt = [3, 1, 4, 1, 5]
     assert greedy_hf(hf, prompt, 20) == Generator(model).generate([prompt], 20, temperature=0)[0]
+    assert from_hf(hf).cfg == model.cfg
 
 
 @pytest.fixture(scope="module", params=["gpt2", "modern"])

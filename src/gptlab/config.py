@@ -37,7 +37,7 @@ class ModelConfig:
     dropout: float = 0.0
     position: str | None = None  # "rope" or "learned"
     norm: str | None = None  # "rmsnorm" or "layernorm"
-    mlp: str | None = None  # "swiglu" or "gelu"
+    mlp: str | None = None  # "swiglu", "gelu" (tanh approximation: GPT-2) or "gelu_exact" (erf: nanoGPT)
     bias: bool | None = None  # biases in linear layers and norms
     tie_embeddings: bool | None = None  # share the token embedding with the output head
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
@@ -62,7 +62,7 @@ class ModelConfig:
             if values[key] is None:
                 values[key] = default
         if values["d_ff"] is None:
-            if values["mlp"] == "gelu":
+            if values["mlp"] != "swiglu":
                 values["d_ff"] = 4 * self.n_embd
             else:  # SwiGLU: 2/3 of 4*n_embd keeps the parameter count, rounded up to a multiple of 64
                 values["d_ff"] = 64 * math.ceil(8 * self.n_embd / 3 / 64)
@@ -75,7 +75,7 @@ class ModelConfig:
         for key, choices in (
             ("position", ("rope", "learned")),
             ("norm", ("rmsnorm", "layernorm")),
-            ("mlp", ("swiglu", "gelu")),
+            ("mlp", ("swiglu", "gelu", "gelu_exact")),
         ):
             if getattr(self, key) not in choices:
                 raise _choice_error(f"model.{key}", getattr(self, key), choices)

@@ -20,7 +20,8 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
 
-GPT2_SWITCHES = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+GPT2_SWITCHES = {"position": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu_exact"), "bias": True}
+GPT2_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu"}  # gptlab's mlp -> GPT2Config.activation_function
 LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 GPT2_NAMES = {  # gptlab -> GPT-2 inside block i / h.i (q, k, v are stacked into c_attn); True: transposed
     "norm1.weight": ("ln_1.weight", False), "norm1.bias": ("ln_1.bias", False),
@@ -52,10 +53,12 @@ def hf_architecture(cfg: ModelConfig) -> str:
     family = GPT2_SWITCHES if cfg.position == "learned" else LLAMA_SWITCHES
     name = "GPT2LMHeadModel" if family is GPT2_SWITCHES else "LlamaForCausalLM"
     for key, want in family.items():
-        if getattr(cfg, key) != want:
+        allowed = want if isinstance(want, tuple) else (want,)
+        if getattr(cfg, key) not in allowed:
             raise GptlabError(
                 f"model.{key}={getattr(cfg, key)} has no Hugging Face architecture with model.position={cfg.position}",
-                f"{name} needs model.{key}={want}; export models whose switches match GPT-2 or Llama",
+                f"{name} needs model.{key}={' or '.join(map(str, allowed))}; "
+                "export models whose switches match GPT-2 or Llama",
             )
     if cfg.qk_norm:
         raise GptlabError("model.qk_norm=true has no Hugging Face architecture here", "train with model.qk_norm=false")
@@ -75,9 +78,9 @@ def to_hf(model: GPT) -> Any:
     if name == "GPT2LMHeadModel":
         hf_cfg = transformers.GPT2Config(
             vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, n_inner=cfg.d_ff, activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings,
-            bos_token_id=None, eos_token_id=None,
+            n_head=cfg.n_head, n_inner=cfg.d_ff, activation_function=GPT2_ACTIVATIONS[cfg.mlp],
+            layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None,
         )  # fmt: skip
         tensors = _gpt2_tensors(sd, cfg)
         hf = transformers.GPT2LMHeadModel(hf_cfg)
@@ -190,10 +193,11 @@ def model_config_of(hf_config: Any) -> ModelConfig:
     """The gptlab `ModelConfig` of a `transformers` GPT-2 or Llama config, or a user error saying what differs."""
     kind = getattr(hf_config, "model_type", None)
     if kind == "gpt2":
-        if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        mlp = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}.get(hf_config.activation_function)
+        if mlp is None:
             raise GptlabError(
-                f"GPT-2 activation '{hf_config.activation_function}' is not the tanh GELU gptlab uses",
-                "import GPT-2 checkpoints with activation_function gelu_new",
+                f"GPT-2 activation '{hf_config.activation_function}' is neither GELU gptlab has",
+                "import GPT-2 checkpoints with activation_function gelu_new or gelu",
             )
         if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or not getattr(
             hf_config, "scale_attn_weights", True
@@ -205,7 +209,7 @@ def model_config_of(hf_config: Any) -> ModelConfig:
             )
         return ModelConfig(
             arch="gpt2", vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions, n_layer=hf_config.n_layer,
-            n_head=hf_config.n_head, n_embd=hf_config.n_embd, d_ff=hf_config.n_inner or 4 * hf_config.n_embd,
+            n_head=hf_config.n_head, n_embd=hf_config.n_embd, d_ff=hf_config.n_inner or 4 * hf_config.n_embd, mlp=mlp,
             norm_eps=hf_config.layer_norm_epsilon, tie_embeddings=hf_config.tie_word_embeddings,
         ).resolved()  # fmt: skip
     if kind == "llama":
