@@ -246,12 +246,13 @@ def test_import_folder_errors(tmp_path, capsys):
 
 
 def test_an_interrupted_export_leaves_nothing(trained, tmp_path, monkeypatch):
-    import gptlab.interop.hf as interop
+    import gptlab.interop.hf as hf
+    import gptlab.interop.runs as interop
 
     def broken(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(interop, "hf_tokenizer", lambda tok: type("T", (), {"save_pretrained": broken})())
+    monkeypatch.setattr(hf, "hf_tokenizer", lambda tok, template=None: type("T", (), {"save_pretrained": broken})())
     with pytest.raises(KeyboardInterrupt):
         interop.export(trained / "run", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -27,6 +27,10 @@ class ModelConfig:
     """Shape and switches of the GPT; `arch` fills every switch left at null."""
 
     arch: str = "modern"  # "modern": RoPE+RMSNorm+SwiGLU, no bias, untied; "gpt2": the GPT-2 block
+    # start from trained weights: "scratch", a Hugging Face GPT-2/Llama (gpt2, gpt2-medium, gpt2-large, gpt2-xl,
+    # a hub name or a local folder) or a gptlab run directory; the shape then comes from there, and
+    # block_size (smaller crops the context), dropout and a grown vocabulary (new special tokens) from here
+    init_from: str = "scratch"
     vocab_size: int = 0  # 0 = take it from the prepared data's meta.json
     block_size: int = 256  # context length in tokens
     n_layer: int = 6
@@ -127,6 +131,11 @@ class DataConfig:
     chunk_chars: int = 1 << 16  # text per encoding task; memory is bounded by this, not the corpus
     workers: int = 0  # encoding processes; 0 = one per CPU core
     dtype: str = "auto"  # token array type: auto (uint16 when the vocabulary fits), uint16, uint32
+    # "text": one stream of documents; "sft": prompt/response examples from .jsonl, the loss on responses only
+    # (prompts rendered with the tokenizer's chat template when it has one)
+    format: str = "text"
+    prompt_field: str = "prompt"  # sft: the field holding the prompt
+    response_field: str = "response"  # sft: the field holding the response
 
 
 @dataclass
@@ -161,6 +170,9 @@ class TrainConfig:
     keep_last: int = 2  # step checkpoints kept besides the best
     monitor: str = "val_loss"  # the metric that picks the best checkpoint
     monitor_mode: str = "min"  # "min" or "max"
+    lora_rank: int = 0  # > 0: train low-rank adapters on attention and MLP projections, the base frozen
+    lora_alpha: float = 16.0  # adapters add (lora_alpha / lora_rank) * B @ A to each weight
+    lora_dropout: float = 0.0  # dropout on the adapters' input
 
 
 @dataclass
@@ -298,6 +310,7 @@ def validate(cfg: Config) -> None:
         "data.split": (cfg.data.split, ("tail", "document")),
         "data.errors": (cfg.data.errors, ("strict", "replace")),
         "data.dtype": (cfg.data.dtype, ("auto", "uint16", "uint32")),
+        "data.format": (cfg.data.format, ("text", "sft")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -330,6 +343,12 @@ def validate(cfg: Config) -> None:
     sc = cfg.sample
     check_sampling(sc.num_samples, sc.max_new_tokens, sc.temperature, sc.top_k, sc.top_p, False, sc.min_p,
                    sc.repetition_penalty)  # fmt: skip
+    if t.lora_rank < 0 or t.lora_alpha <= 0 or not 0.0 <= t.lora_dropout < 1.0:
+        raise GptlabError(
+            "train.lora_rank must be 0 (off) or more, lora_alpha > 0 and lora_dropout in [0, 1)", "e.g. lora_rank=8"
+        )
+    if t.lora_rank and cfg.model.init_from == "scratch":
+        raise GptlabError("train.lora_rank is set but there is no base model to adapt", "set model.init_from")
     if t.keep_last < 1:
         raise GptlabError("train.keep_last must be at least 1", "keep at least the latest checkpoint")
     if cfg.model.arch not in ARCHES:

@@ -355,9 +355,12 @@ class GPT(nn.Module):
         staying in eval mode must call this again (the generation engine calls it when it starts).
         """
         for block in self.blocks:
-            stack_weights(block.attn, (block.attn.q, block.attn.k, block.attn.v))
+            layers = [(block.attn, (block.attn.q, block.attn.k, block.attn.v))]
             if block.mlp.swiglu:
-                stack_weights(block.mlp, (block.mlp.gate, block.mlp.up))
+                layers.append((block.mlp, (block.mlp.gate, block.mlp.up)))
+            for owner, group in layers:
+                if all(type(layer) is nn.Linear for layer in group):  # not adapted layers (LoRA): merge them first
+                    stack_weights(owner, group)
 
     def train(self, mode: bool = True) -> GPT:
         """Switch training mode; entering it drops the inference stacks (the weights are about to change)."""

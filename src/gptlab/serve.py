@@ -20,7 +20,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -29,11 +28,11 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptlab.chat import ChatTemplate, load_chat_template
 from gptlab.config import sampling_problem
 from gptlab.errors import GptlabError
 from gptlab.generate import Engine, SamplingParams, Update
@@ -168,61 +167,6 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):  # each is checked at every token
         raise APIError(400, f"give at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
     return stops
-
-
-# ----- chat templates -------------------------------------------------------------------------------------------
-class ChatTemplate:
-    """A Jinja chat template rendered as `transformers` renders it (sandboxed, trim_blocks, lstrip_blocks)."""
-
-    def __init__(self, source: str, special_tokens: dict[str, str] | None = None) -> None:
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = _raise_template_error
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        try:
-            self.template = env.from_string(source)
-        except jinja2.TemplateError as e:
-            raise GptlabError(f"the chat template does not parse: {e}", "fix chat_template.jinja") from e
-        self.special_tokens = dict(special_tokens or {})
-
-    def render(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text of a conversation, ending where the assistant's reply begins."""
-        return self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
-
-
-def _raise_template_error(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def load_chat_template(run_dir: str | Path, tokenizer: Tokenizer) -> ChatTemplate | None:
-    """The run's chat template (`chat_template.jinja`, else `chat_template` in tokenizer_config.json), if any."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "tokenizer_config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    except ValueError as e:
-        raise GptlabError(f"'{config_path}' is not valid JSON ({e})", "fix or remove the file") from e
-    source = config.get("chat_template")
-    if isinstance(source, list):  # transformers' named templates: [{"name": "default", "template": ...}, ...]
-        source = next((t["template"] for t in source if t.get("name") == "default"), None)
-    jinja_path = run_dir / "chat_template.jinja"
-    if jinja_path.is_file():
-        source = jinja_path.read_text(encoding="utf-8")
-    if not source:
-        return None
-    specials = {}
-    eos = next((t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id), None)
-    if eos is not None:
-        specials["eos_token"] = eos
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = config.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            specials[key] = value
-    return ChatTemplate(source, specials)
 
 
 def _chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

@@ -184,6 +184,15 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises a bare Exception on bad JSON
             raise GptlabError(f"tokenizer file '{path}' is unreadable: {e}", "prepare the data again") from e
 
+    def with_specials(self, specials: Sequence[str]) -> Tokenizer:
+        """This tokenizer with the special tokens it lacks added after its highest id (itself if none is missing)."""
+        missing = [s for s in _check_specials(specials) if s not in self.special_ids]
+        if not missing:
+            return self
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.add_special_tokens([_special(s) for s in missing])
+        return Tokenizer(hf)
+
     def save(self, path: str | Path) -> None:
         """Write `tokenizer.json` (atomically)."""
         path = Path(path)

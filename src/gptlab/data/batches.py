@@ -21,6 +21,19 @@ from gptlab.errors import GptlabError
 from gptlab.tokenizers import Tokenizer
 
 IGNORE_INDEX = -100  # targets with this value are excluded from the loss
+EXAMPLE_FILES = ("tokens", "mask", "offsets")  # the arrays of each split of an sft folder (data/examples.py)
+
+
+@dataclass
+class Examples:
+    """One split's examples: token ids, the response mask and where each example starts."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
 
 
 @dataclass
@@ -31,6 +44,7 @@ class PreparedData:
     meta: dict[str, Any]
     train: list[np.ndarray]
     val: list[np.ndarray]
+    examples: dict[str, Examples] | None = None  # an sft folder's examples per split (no shards then)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -77,9 +91,83 @@ def load_prepared(data_dir: str | Path) -> PreparedData:
                 if not path.is_file() or path.stat().st_size != entry["tokens"] * dtype.itemsize:
                     raise GptlabError(f"shard '{path}' is missing or has the wrong size", again)
                 splits[split].append(np.memmap(path, dtype=dtype, mode="r"))
+        examples = {s: load_examples(d, meta, s) for s in ("train", "val")} if meta.get("format") == "sft" else None
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise GptlabError(f"'{meta_path}' is corrupted: {e!r}", again) from e
-    return PreparedData(d, meta, splits["train"], splits["val"])
+    return PreparedData(d, meta, splits["train"], splits["val"], examples)
+
+
+def load_examples(d: Path, meta: dict[str, Any], split: str) -> Examples:
+    """One split of a prepared sft folder, memory-mapped and checked against meta.json."""
+    info = meta["examples"][split]
+    dtypes = {"tokens": np.dtype(meta["dtype"]), "mask": np.dtype(np.uint8), "offsets": np.dtype(np.int64)}
+    sizes = {"tokens": info["tokens"], "mask": info["tokens"], "offsets": info["count"] + 1}
+    arrays = {}
+    for name in EXAMPLE_FILES:
+        path = d / f"{split}_{name}.bin"
+        if not path.is_file() or path.stat().st_size != sizes[name] * dtypes[name].itemsize:
+            raise GptlabError(f"'{path}' is missing or has the wrong size", "run `gptlab prepare --overwrite` again")
+        arrays[name] = np.memmap(path, dtype=dtypes[name], mode="r")
+    return Examples(**arrays)
+
+
+class ExampleBatches:
+    """One example per row, cut to the context and right-padded; the batch of step s is a pure function of (seed, s).
+
+    Targets are the next token where that token is part of the response, and IGNORE_INDEX elsewhere (the prompt,
+    the padding), so the loss is taken on responses only. Rank r takes rows r::world, as `Batches`.
+    """
+
+    def __init__(
+        self,
+        examples: Examples,
+        block_size: int,
+        batch_size: int,
+        mode: str,
+        seed: int,
+        steps_per_epoch: int | None = None,
+        rank: int = 0,
+        world: int = 1,
+        split: str = "train",
+        pad_id: int = 0,
+    ) -> None:
+        n = len(examples)
+        if batch_size % world:
+            raise GptlabError(f"batch size {batch_size} is not divisible by {world} ranks", "change train.batch_size")
+        if mode == "epoch" and n < batch_size:
+            raise GptlabError(
+                f"the {split} split has {n} examples, fewer than one batch", "lower train.batch_size or add examples"
+            )
+        self.examples, self.block_size, self.batch_size = examples, block_size, batch_size
+        self.mode, self.seed, self.rank, self.world, self.pad_id = mode, seed, rank, world, pad_id
+        self.steps_per_epoch = n // batch_size if mode == "epoch" else steps_per_epoch or 1
+        lengths = np.diff(examples.offsets)
+        self.truncated = int((lengths > block_size + 1).sum())  # examples longer than the context lose their end
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def indices(self, step: int) -> np.ndarray:
+        """The examples of the whole global batch of `step` (all ranks)."""
+        n = len(self.examples)
+        if self.mode == "random":
+            return np.random.default_rng([self.seed, step]).integers(0, n, size=self.batch_size)
+        epoch, s = divmod(step, self.steps_per_epoch)
+        if self._perm_epoch != epoch:
+            self._perm, self._perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(n), epoch
+        return self._perm[s * self.batch_size : (s + 1) * self.batch_size]
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's rows of the batch of `step`: inputs and targets (B, block_size), int64."""
+        rows = self.indices(step)[self.rank :: self.world]
+        T = self.block_size
+        x = np.full((len(rows), T), self.pad_id, dtype=np.int64)
+        y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
+        ex = self.examples
+        for b, i in enumerate(rows):
+            start, end = int(ex.offsets[i]), min(int(ex.offsets[i + 1]), int(ex.offsets[i]) + T + 1)
+            ids, mask = ex.tokens[start:end].astype(np.int64), ex.mask[start:end]
+            x[b, : len(ids) - 1] = ids[:-1]
+            y[b, : len(ids) - 1] = np.where(mask[1:] == 1, ids[1:], IGNORE_INDEX)
+        return x, y
 
 
 class Batches:

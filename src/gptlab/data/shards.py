@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from gptlab.chat import TEMPLATE_FILE
 from gptlab.config import DataConfig
 from gptlab.data.batches import file_sha256, load_prepared
 from gptlab.data.chunking import Chunk, chunk_stream
@@ -191,7 +192,7 @@ def _same_settings(old: Any, new: dict[str, Any], tokenizer: str) -> bool:
     return old == new
 
 
-def _read_meta(path: Path) -> dict[str, Any] | None:
+def read_meta(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
@@ -203,13 +204,14 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
         raise GptlabError(f"'{path}' is corrupted: {e}", "run `gptlab prepare --overwrite` again") from e
 
 
-def _clear(out: Path) -> None:
+def clear_prepared(out: Path) -> None:
     """Remove what a prepare writes (meta.json first, so nothing reads as complete meanwhile)."""
     (out / "meta.json").unlink(missing_ok=True)
     for split in SPLITS:
         for p in out.glob(f"{split}_*.bin"):
             p.unlink()
     (out / "tokenizer.json").unlink(missing_ok=True)
+    (out / TEMPLATE_FILE).unlink(missing_ok=True)
 
 
 def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> PrepareResult:
@@ -217,12 +219,16 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
     out = Path(data.dir)
     if out.exists() and not out.is_dir():
         raise GptlabError(f"data.dir '{out}' is a file", "set data.dir to a folder")
+    if data.format == "sft":  # prompt/response examples: their own small writer, in the sibling module
+        from gptlab.data.examples import prepare_examples
+
+        return prepare_examples(data, overwrite, quiet)
     source = open_source(data.source, text_field=data.text_field, errors=data.errors, split=data.hub_split)
     settings, fingerprint = _settings(data), source.fingerprint()
     if data.tokenizer.endswith(".json") and Path(data.tokenizer).is_file():  # a changed file is another setting
         fingerprint += ":" + file_sha256(Path(data.tokenizer))
     meta_path = out / "meta.json"
-    meta = None if overwrite else _read_meta(meta_path)
+    meta = None if overwrite else read_meta(meta_path)
     if meta is not None:
         same = (
             _same_settings(meta.get("settings"), settings, data.tokenizer)
@@ -250,7 +256,7 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
             raise GptlabError(
                 f"cannot create data.dir '{out}': {e.strerror}", "set data.dir to a writable folder"
             ) from e
-        _clear(out)
+        clear_prepared(out)
         tokenizer.save(out / "tokenizer.json")
         meta = _new_meta(data, settings, source, fingerprint, tokenizer, out)
         write_atomic(meta_path, json.dumps(meta, indent=2).encode())

@@ -307,9 +307,9 @@ def _split_text(text: str, nbytes: int) -> Iterator[Chunk]:
         start, given = end, share
 
 
-def _field_fix(text_field: str, strings: list[str], present: list[str]) -> str:
+def _field_fix(text_field: str, strings: list[str], present: list[str], setting: str = "data.text_field") -> str:
     if strings:
-        return f"set data.text_field to one of: {', '.join(strings)}"
+        return f"set {setting} to one of: {', '.join(strings)}"
     return f"give every row a string field '{text_field}'; fields present: {', '.join(present) or 'none'}"
 
 
@@ -318,6 +318,13 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", in
 
 def _jsonl_rows(path: Path, text_field: str, errors: str) -> Iterator[Chunk]:
     """JSON lines: each line an object whose `text_field` string is one document; blank lines and "" are skipped."""
+    for lineno, row, nbytes in jsonl_objects(path, errors):
+        text = string_field(row, text_field, path, lineno) if row is not None else ""
+        yield from _split_text(text, nbytes) if text else [("", nbytes, False)]
+
+
+def jsonl_objects(path: Path, errors: str = "strict") -> Iterator[tuple[int, dict[str, Any] | None, int]]:
+    """(line number, object or None for a blank line, bytes) of each line of a JSON-lines file."""
     offset = 0
     with _open(path) as f:
         for lineno, raw in enumerate(f, 1):
@@ -330,7 +337,7 @@ def _jsonl_rows(path: Path, text_field: str, errors: str) -> Iterator[Chunk]:
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
             if not line.strip():
-                yield "", len(raw), False
+                yield lineno, None, len(raw)
                 continue
             try:
                 row = json.loads(line)
@@ -344,15 +351,20 @@ def _jsonl_rows(path: Path, text_field: str, errors: str) -> Iterator[Chunk]:
                 raise GptlabError(
                     f"'{path}' line {lineno} is a JSON {kind}, not an object", "give one JSON object per line"
                 )
-            text = row.get(text_field)
-            if not isinstance(text, str):
-                strings = [k for k, v in row.items() if isinstance(v, str) and k != text_field]
-                fix = _field_fix(text_field, strings, list(row))
-                if text is None:  # null counts as missing
-                    raise GptlabError(f"'{path}' line {lineno} has no field '{text_field}'", fix)
-                kind = _JSON_TYPES.get(type(text), type(text).__name__)
-                raise GptlabError(f"'{path}' line {lineno} field '{text_field}' is a {kind}, not a string", fix)
-            yield from _split_text(text, len(raw)) if text else [("", len(raw), False)]
+            yield lineno, row, len(raw)
+
+
+def string_field(row: dict[str, Any], name: str, path: Path, lineno: int, setting: str = "data.text_field") -> str:
+    """The string `row[name]`, or a user error naming the line and the string fields it does have."""
+    text = row.get(name)
+    if not isinstance(text, str):
+        strings = [k for k, v in row.items() if isinstance(v, str) and k != name]
+        fix = _field_fix(name, strings, list(row), setting)
+        if text is None:  # null counts as missing
+            raise GptlabError(f"'{path}' line {lineno} has no field '{name}'", fix)
+        kind = _JSON_TYPES.get(type(text), type(text).__name__)
+        raise GptlabError(f"'{path}' line {lineno} field '{name}' is a {kind}, not a string", fix)
+    return text
 
 
 def _is_text_type(t: Any) -> bool:

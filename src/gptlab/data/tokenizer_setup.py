@@ -40,13 +40,8 @@ def make_tokenizer(
             raise GptlabError(
                 f"tokenizer file '{kind}' not found", "check data.tokenizer, or make one with `gptlab tokenizer train`"
             )
-        tokenizer = Tokenizer.load(kind)
-        missing = [s for s in specials if s not in tokenizer.special_ids]
-        if missing:
-            raise GptlabError(
-                f"tokenizer '{kind}' has no special token '{missing[0]}'",
-                f"set data.special_tokens to some of its specials: {sorted(tokenizer.special_ids) or 'none'}",
-            )
+        # specials it lacks are added (new ids after its own): a fine-tuned model grows its vocabulary for them
+        tokenizer = Tokenizer.load(kind).with_specials(specials)
         return tokenizer
     if kind == "gpt2":
         return Tokenizer.gpt2(files=gpt2_files, specials=specials)

@@ -1,15 +1,10 @@
-"""gptlab models to and from Hugging Face `transformers`: `GPT2LMHeadModel` is the GPT-2 block, `LlamaForCausalLM`
-the default block. Exported folders load with `from_pretrained` (and in vLLM, TGI) without custom code; imported
-checkpoints become run directories that `gptlab sample`, `serve` and `export` read.
+"""gptlab models to and from Hugging Face `transformers` models: `GPT2LMHeadModel` is the GPT-2 block,
+`LlamaForCausalLM` the default block. Conversions only; `interop/runs.py` writes them as folders and run directories.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +32,7 @@ LLAMA_NAMES = {  # gptlab module -> Llama module, inside block i / layer i
 }  # fmt: skip
 
 
-def _require_transformers() -> Any:
+def require_transformers() -> Any:
     try:
         import transformers
     except ImportError as e:
@@ -71,7 +66,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
 
 def to_hf(model: GPT) -> Any:
     """A `transformers` causal LM holding a copy of `model`'s weights (fp32, eval mode)."""
-    transformers = _require_transformers()
+    transformers = require_transformers()
     cfg = model.cfg
     name = hf_architecture(cfg)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
@@ -138,54 +133,14 @@ def _llama_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     return out
 
 
-def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
-    """Write a run's model, tokenizer and generation settings as a `from_pretrained` folder."""
-    transformers = _require_transformers()
-    from gptlab.train.checkpoint import load_run
-
-    _, model, tokenizer = load_run(run_dir, checkpoint, "cpu")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise GptlabError(f"'{out}' is a file", "give a folder to export into")
-    if out.is_dir() and any(out.iterdir()):
-        raise GptlabError(f"'{out}' is not empty", "give a new or empty folder")
-    hf = to_hf(model)
-    eos = tokenizer.eos_id
-    hf.config.eos_token_id = hf.config.pad_token_id = eos  # config.json and generation_config.json agree
-    hf.generation_config = transformers.GenerationConfig(
-        eos_token_id=eos, pad_token_id=eos, bos_token_id=None, max_length=model.cfg.block_size
-    )
-    with _building(out) as tmp:  # a folder that is whole, or not there
-        hf.save_pretrained(tmp)  # config.json, model.safetensors, generation_config.json
-        hf_tokenizer(tokenizer).save_pretrained(tmp)
-    return out
-
-
-@contextlib.contextmanager
-def _building(out: Path) -> Iterator[Path]:
-    """A sibling temporary folder to fill, renamed onto `out` at the end (whatever `out` held goes: check first)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.is_dir():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def hf_tokenizer(tokenizer: Tokenizer) -> Any:
+def hf_tokenizer(tokenizer: Tokenizer, chat_template: str | None = None) -> Any:
     """The tokenizer as `transformers.PreTrainedTokenizerFast`, text kept exactly as gptlab decodes it."""
-    transformers = _require_transformers()
+    transformers = require_transformers()
     eos = next((t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id), None)
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer.hf, eos_token=eos, pad_token=eos, clean_up_tokenization_spaces=False
-    )
+        tokenizer_object=tokenizer.hf, eos_token=eos, pad_token=eos, clean_up_tokenization_spaces=False,
+        chat_template=chat_template,
+    )  # fmt: skip
 
 
 # ----- in ----------------------------------------------------------------------------------------------------------
@@ -276,23 +231,13 @@ def _from_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torc
     return out
 
 
-def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """A run directory (config, tokenizer, one checkpoint) from a Hugging Face GPT-2 or Llama model."""
-    transformers = _require_transformers()
-    from gptlab.config import Config, to_yaml
-    from gptlab.data.shards import write_atomic
-    from gptlab.train.checkpoint import save_checkpoint
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise GptlabError(f"'{out}' is a file", "give a folder for the run directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise GptlabError(f"'{out}' is not empty", "give a new folder, or pass --overwrite")
-        if not (out / "config.yaml").is_file():  # --overwrite replaces runs, not any folder
-            raise GptlabError(f"'{out}' holds files but is not a run directory", "give a new or empty folder")
+def load_pretrained(source: str, out_hint: str = "OUT") -> tuple[GPT, Tokenizer, str | None]:
+    """(model, tokenizer, chat template source or None) of a Hugging Face GPT-2 or Llama model: hub name or folder."""
+    transformers = require_transformers()
     if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():  # a path, not a hub name
         raise GptlabError(f"no folder '{source}'", "check the path, or give a hub name such as gpt2")
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars (downloads keep the hub's own)
     try:
         hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         hf_tok = transformers.AutoTokenizer.from_pretrained(source)
@@ -303,19 +248,13 @@ def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path
             local = shlex.quote("./" + Path(source.rstrip("/")).name)
             fix = (
                 "check the name, or download the model where there is a network and pass its folder: "
-                f"gptlab import hf {local} {shlex.quote(str(out))}"
+                f"gptlab import hf {local} {out_hint}"
             )
         raise GptlabError(f"could not load '{source}' ({str(e).splitlines()[0]})", fix) from e
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     if not getattr(hf_tok, "is_fast", False):
         raise GptlabError(f"'{source}' has no tokenizer.json (a fast tokenizer)", "import a model with tokenizer.json")
-    model = from_hf(hf)
-    tokenizer = Tokenizer(hf_tok.backend_tokenizer)
-    cfg = Config(model=model.cfg)
-    cfg.data.tokenizer = "tokenizer.json"
-    cfg.data.special_tokens = [t for t, _ in sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])]
-    cfg.train.out_dir = str(out)
-    with _building(out) as tmp:  # an old run (--overwrite) goes only once the new one is whole
-        write_atomic(tmp / "config.yaml", to_yaml(cfg).encode())
-        tokenizer.save(tmp / "tokenizer.json")
-        save_checkpoint(tmp / "checkpoints", 0, model, {}, {"imported_from": source})
-    return out
+    template = hf_tok.chat_template if isinstance(hf_tok.chat_template, str) else None
+    return from_hf(hf), Tokenizer(hf_tok.backend_tokenizer), template

@@ -1,27 +1,36 @@
-"""Checkpoints in a run directory, written atomically and loaded without unpickling objects.
+"""Checkpoints in a run directory, written atomically and loaded without unpickling objects; what a run starts from.
 
 Layout: checkpoints/step_N/{model.safetensors, state.pt, meta.json} plus the pointer files
 `latest` and `best`, each holding a folder name. A checkpoint is built in a temporary folder, each
 file fsynced, then renamed into place; the pointers are replaced last. A crash at any moment leaves
-the previous checkpoint and pointers intact.
+the previous checkpoint and pointers intact. A LoRA run's checkpoints hold only its adapters; `load_run` rebuilds
+its base from `model.init_from` and merges them in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gptlab.chat import load_chat_template
+from gptlab.config import Config, ModelConfig, from_dict
 from gptlab.errors import GptlabError
+from gptlab.interop.hf import load_pretrained
+from gptlab.lora import add_lora, is_adapter, merge_lora
 from gptlab.model import GPT
+from gptlab.tokenizers import Tokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS, STATE, META = "model.safetensors", "state.pt", "meta.json"
@@ -56,10 +65,12 @@ def read_pointer(path: Path) -> str | None:
 
 
 def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights for safetensors: a tied head is stored once, as the embedding."""
+    """The weights to store: a tied head once, as the embedding; with LoRA, the adapters only."""
     state = model.state_dict()
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight")
+    if any(is_adapter(k) for k in state):  # the frozen base is model.init_from's, not this run's to store
+        state = {k: v for k, v in state.items() if is_adapter(k)}
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -189,13 +200,87 @@ def load_state(path: Path) -> dict[str, Any]:
         raise GptlabError(f"checkpoint '{path}' is corrupted: {STATE} unreadable", "pick an older checkpoint") from e
 
 
+@dataclass
+class Pretrained:
+    """What `model.init_from` names: a trained model, its tokenizer and its chat template (if any)."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    chat_template: str | None
+    origin: str
+
+
+def load_init(init_from: str) -> Pretrained:
+    """The model a run starts from: a gptlab run directory (its best checkpoint) or a Hugging Face GPT-2/Llama."""
+    path = Path(init_from).expanduser()
+    if (path / "config.yaml").is_file():
+        _, model, tokenizer = load_run(path, "best")
+        template = load_chat_template(path, tokenizer)
+        return Pretrained(model, tokenizer, template.source if template else None, init_from)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise GptlabError(
+            f"model.init_from '{init_from}' is neither a gptlab run directory nor a Hugging Face model folder",
+            "give a run directory (with config.yaml), a folder with config.json, or a hub name such as gpt2",
+        )
+    model, tokenizer, template = load_pretrained(init_from, "runs/NAME")
+    return Pretrained(model, tokenizer, template, init_from)
+
+
+def init_config(base: ModelConfig, wanted: ModelConfig) -> ModelConfig:
+    """The config of a model started from `base`: its shape, with the context, dropout and vocabulary asked for."""
+    if wanted.block_size > base.block_size and base.position == "learned":
+        raise GptlabError(
+            f"model.block_size={wanted.block_size} is longer than the {base.block_size} positions "
+            f"{wanted.init_from} learned",
+            f"set model.block_size to at most {base.block_size}",
+        )
+    return replace(
+        base, init_from=wanted.init_from, block_size=wanted.block_size, dropout=wanted.dropout,
+        vocab_size=max(base.vocab_size, wanted.vocab_size),
+    ).resolved()  # fmt: skip
+
+
+def init_tensors(base: GPT, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """`base`'s weights shaped for `cfg`: the position table cut to the context, embeddings grown for new tokens.
+
+    New tokens' rows start at the mean of the trained rows (as `transformers`' resize_token_embeddings), so
+    they begin as an average token rather than noise that would swamp the first steps.
+    """
+    tensors = model_tensors(base)
+    if "pos_emb.weight" in tensors:
+        tensors["pos_emb.weight"] = tensors["pos_emb.weight"][: cfg.block_size]
+    for name in ("tok_emb.weight", "lm_head.weight"):
+        if name in tensors and len(tensors[name]) < cfg.vocab_size:
+            w = tensors[name]
+            tensors[name] = torch.cat([w, w.mean(0, keepdim=True).expand(cfg.vocab_size - len(w), -1)])
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def base_fingerprint(model: GPT) -> str:
+    """A cheap fingerprint of a base model's weights (shapes and a sample of values), to notice a changed base."""
+    h = hashlib.sha256()
+    for name, t in sorted(model_tensors(model).items()):
+        flat = t.flatten().float()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(torch.cat([flat[:256], flat[-256:]]).numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_model(cfg: Config, base: Pretrained | None = None) -> GPT:
+    """The model a run trains: random, or started from `base` (shaped by `init_tensors`), with LoRA adapters if set."""
+    model = GPT(cfg.model)
+    if base is not None:
+        load_model_tensors(model, init_tensors(base.model, model.cfg), base.origin)
+    if cfg.train.lora_rank:
+        add_lora(model, cfg.train.lora_rank, cfg.train.lora_alpha, cfg.train.lora_dropout)
+    return model
+
+
 def load_run(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu") -> tuple[Any, GPT, Any]:
-    """(config, model in eval mode, tokenizer) of a run directory's checkpoint ('best' falls back to 'latest')."""
-    import yaml
+    """(config, model in eval mode, tokenizer) of a run directory's checkpoint ('best' falls back to 'latest').
 
-    from gptlab.config import from_dict
-    from gptlab.tokenizers import Tokenizer
-
+    A LoRA run's adapters are merged into its base, so the model is a plain one.
+    """
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -206,7 +291,15 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
     if which == "best" and read_pointer(run_dir / "checkpoints" / "best") is None:
         which = "latest"
     path = find_checkpoint(run_dir, which)
-    read_meta(path)
-    model = GPT(cfg.model)
+    meta = read_meta(path)
+    base = load_init(cfg.model.init_from) if cfg.train.lora_rank else None
+    if base is not None and meta.get("base_fingerprint") != base_fingerprint(base.model):
+        raise GptlabError(
+            f"the base model '{cfg.model.init_from}' of the LoRA run '{run_dir}' is not the one its adapters were "
+            "trained on",
+            "point model.init_from in its config.yaml at the original base",
+        )
+    model = build_model(cfg, base)
     load_model_tensors(model, load_weights(path), str(path))
+    merge_lora(model)
     return cfg, model.to(device).eval(), Tokenizer.load(run_dir / "tokenizer.json")

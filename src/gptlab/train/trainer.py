@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from gptlab.chat import TEMPLATE_FILE
 from gptlab.config import Config, TrainConfig, from_dict, to_yaml
-from gptlab.data.batches import IGNORE_INDEX, Batches, load_prepared, prefetch
+from gptlab.data.batches import IGNORE_INDEX, Batches, ExampleBatches, load_prepared, prefetch
 from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
@@ -182,18 +183,19 @@ class Trainer:
         self.run_dir = Path(cfg.train.out_dir)
         self.resume, self.quiet = resume, quiet
         self.data = load_prepared(cfg.data.dir)
+        cfg, self.base = self._load_base(cfg)  # before seeding: loading a Hugging Face model draws random numbers
         cfg = self._with_vocab(cfg)
         self.cfg = cfg
         t = cfg.train
+        self._check_lora_vocab()
+        self.base_fingerprint = ckpt.base_fingerprint(self.base.model) if self.base and t.lora_rank else None
 
         self.device = select_device(t.device)
         torch.manual_seed(t.seed)
-        self.model = GPT(cfg.model).to(self.device)
+        self.model = ckpt.build_model(cfg, self.base).to(self.device)
         self.micro_batch_size = micro_batch_size(t, world=1)
         T = cfg.model.block_size
-        self.train_batches = Batches(self.data.train, T, t.batch_size, t.data_mode, t.seed, t.eval_interval)
-        # validation batches are the same every evaluation, so the numbers compare across steps
-        self.val_batches = Batches(self.data.val, T, t.batch_size, t.data_mode, t.seed + 1, t.eval_iters, split="val")
+        self.train_batches, self.val_batches = self._batches(cfg)
         self.steps_per_epoch = self.train_batches.steps_per_epoch
         self.tokens_per_step = t.batch_size * T
         budgets = [t.max_iters]
@@ -219,11 +221,41 @@ class Trainer:
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
 
     # ----- set-up -----------------------------------------------------------------------------
+    def _load_base(self, cfg: Config) -> tuple[Config, ckpt.Pretrained | None]:
+        """The model `model.init_from` names (not needed to resume a full fine-tune), and the config shaped by it."""
+        init_from = cfg.model.init_from
+        if init_from == "scratch" or (self.resume and not cfg.train.lora_rank):
+            return cfg, None
+        base = ckpt.load_init(init_from)
+        cfg = replace(cfg, model=ckpt.init_config(base.model.cfg, cfg.model))
+        ours = self.data.tokenizer().hf.get_vocab(with_added_tokens=True)
+        theirs = base.tokenizer.hf.get_vocab(with_added_tokens=True)
+        differ = sum(ours.get(token) != i for token, i in theirs.items())
+        if differ:  # the data may add tokens (new specials), not renumber the model's
+            hint = "gpt2" if base.tokenizer.kind == "gpt2" else "the tokenizer.json of " + init_from
+            raise GptlabError(
+                f"the data in '{self.data.dir}' was prepared with another tokenizer than {init_from}'s "
+                f"({differ} of its {len(theirs)} tokens have other ids)",
+                f"prepare the data with data.tokenizer={hint}",
+            )
+        return cfg, base
+
+    def _check_lora_vocab(self) -> None:
+        if self.base is None or not self.cfg.train.lora_rank:
+            return
+        grown = self.cfg.model.vocab_size - self.base.model.cfg.vocab_size
+        if grown > 0:
+            raise GptlabError(
+                f"the data's tokenizer adds {grown} tokens to {self.cfg.model.init_from}'s, whose embeddings LoRA "
+                "would keep frozen and untrained",
+                "fine-tune without train.lora_rank, or prepare the data with the base model's own tokenizer",
+            )
+
     def _with_vocab(self, cfg: Config) -> Config:
         data_vocab = int(self.data.meta["vocab_size"])
         model_cfg = cfg.model
-        if model_cfg.vocab_size == 0:
-            model_cfg = replace(model_cfg, vocab_size=data_vocab)
+        if model_cfg.vocab_size == 0 or (model_cfg.init_from != "scratch" and model_cfg.vocab_size < data_vocab):
+            model_cfg = replace(model_cfg, vocab_size=data_vocab)  # from scratch, or a base growing new tokens
         elif model_cfg.vocab_size < data_vocab:
             raise GptlabError(
                 f"vocabulary mismatch: the data in '{self.data.dir}' has {data_vocab} token ids, "
@@ -272,6 +304,26 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg).encode())
         write_atomic(self.run_dir / "tokenizer.json", self.data.tokenizer_path.read_bytes())
+        # the chat template goes with the tokenizer: the data's (sft), else the base model's
+        template_path = self.data.dir / TEMPLATE_FILE
+        template = template_path.read_text() if template_path.is_file() else self.base and self.base.chat_template
+        if template:
+            write_atomic(self.run_dir / TEMPLATE_FILE, template.encode())
+
+    def _batches(self, cfg: Config) -> tuple[Batches | ExampleBatches, Batches | ExampleBatches]:
+        """Train and validation batches; validation's are the same every evaluation, so the numbers compare."""
+        t, T = cfg.train, cfg.model.block_size
+        if self.data.examples is None:
+            train = Batches(self.data.train, T, t.batch_size, t.data_mode, t.seed, t.eval_interval)
+            return train, Batches(self.data.val, T, t.batch_size, t.data_mode, t.seed + 1, t.eval_iters, split="val")
+        pad = self.data.meta["eot_id"] or 0  # padding is never attended to by a real token nor a target
+        ex = self.data.examples
+        train = ExampleBatches(ex["train"], T, t.batch_size, t.data_mode, t.seed, t.eval_interval, pad_id=pad)
+        val = ExampleBatches(ex["val"], T, t.batch_size, "random", t.seed + 1, t.eval_iters, split="val", pad_id=pad)
+        if train.truncated and not self.quiet:
+            console.print(f"[yellow]{train.truncated} of {len(ex['train'])} examples are longer than the context of "
+                          f"{T} tokens: their ends are cut (raise model.block_size to keep them)[/]")  # fmt: skip
+        return train, val
 
     def default_callbacks(self) -> list[Callback]:
         t = self.cfg.train
@@ -306,11 +358,18 @@ class Trainer:
             "epoch": max(0, self.step - 1) // self.steps_per_epoch,
             "tokens": self.step * self.tokens_per_step,
         }
+        if self.base_fingerprint is not None:  # a LoRA checkpoint names the base its adapters belong to
+            meta["base_fingerprint"] = self.base_fingerprint
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, state, meta)
 
     def _load_latest(self) -> None:
         path = ckpt.find_checkpoint(self.run_dir, "latest")
         meta = ckpt.read_meta(path)
+        if self.base_fingerprint is not None and meta.get("base_fingerprint") != self.base_fingerprint:
+            raise GptlabError(
+                f"the base model '{self.cfg.model.init_from}' is not the one the adapters in '{path}' were trained on",
+                "resume with the original base at model.init_from",
+            )
         ckpt.load_model_tensors(self.model, ckpt.load_weights(path), str(path))
         state = ckpt.load_state(path)
         if len(state["optimizers"]) != len(self.optimizers):

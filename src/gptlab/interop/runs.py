@@ -1,0 +1,84 @@
+"""Run directories in and out: `export` writes a run as a `transformers` folder (which vLLM and TGI serve too),
+`import_hf` makes a run directory of a Hugging Face model that `gptlab sample`, `serve`, `export` and fine-tuning read.
+Both build their folder under a temporary name and rename it into place, so nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from gptlab.chat import TEMPLATE_FILE, load_chat_template
+from gptlab.config import Config, to_yaml
+from gptlab.data.shards import write_atomic
+from gptlab.errors import GptlabError
+from gptlab.interop import hf
+from gptlab.train.checkpoint import load_run, save_checkpoint
+
+
+def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
+    """Write a run's model, tokenizer and generation settings as a `from_pretrained` folder."""
+    transformers = hf.require_transformers()
+    _, model, tokenizer = load_run(run_dir, checkpoint, "cpu")
+    template = load_chat_template(run_dir, tokenizer)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"'{out}' is a file", "give a folder to export into")
+    if out.is_dir() and any(out.iterdir()):
+        raise GptlabError(f"'{out}' is not empty", "give a new or empty folder")
+    hf_model = hf.to_hf(model)
+    eos = tokenizer.eos_id
+    hf_model.config.eos_token_id = hf_model.config.pad_token_id = eos  # config.json and generation_config.json agree
+    hf_model.generation_config = transformers.GenerationConfig(
+        eos_token_id=eos, pad_token_id=eos, bos_token_id=None, max_length=model.cfg.block_size
+    )
+    with _building(out) as tmp:  # a folder that is whole, or not there
+        hf_model.save_pretrained(tmp)  # config.json, model.safetensors, generation_config.json
+        hf.hf_tokenizer(tokenizer, template.source if template else None).save_pretrained(tmp)
+    return out
+
+
+@contextlib.contextmanager
+def _building(out: Path) -> Iterator[Path]:
+    """A sibling temporary folder to fill, renamed onto `out` at the end (whatever `out` held goes: check first)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.is_dir():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """A run directory (config, tokenizer, chat template, one checkpoint) from a Hugging Face GPT-2 or Llama model."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"'{out}' is a file", "give a folder for the run directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise GptlabError(f"'{out}' is not empty", "give a new folder, or pass --overwrite")
+        if not (out / "config.yaml").is_file():  # --overwrite replaces runs, not any folder
+            raise GptlabError(f"'{out}' holds files but is not a run directory", "give a new or empty folder")
+    model, tokenizer, template = hf.load_pretrained(source, shlex.quote(str(out)))
+    cfg = Config(model=model.cfg)
+    cfg.data.tokenizer = "tokenizer.json"
+    cfg.data.special_tokens = [t for t, _ in sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])]
+    cfg.train.out_dir = str(out)
+    with _building(out) as tmp:  # an old run (--overwrite) goes only once the new one is whole
+        write_atomic(tmp / "config.yaml", to_yaml(cfg).encode())
+        tokenizer.save(tmp / "tokenizer.json")
+        if template is not None:
+            write_atomic(tmp / TEMPLATE_FILE, template.encode())
+        save_checkpoint(tmp / "checkpoints", 0, model, {}, {"imported_from": source})
+    return out
