@@ -147,7 +147,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
-    from gptlab.interop.hf import export
+    from gptlab.interop.runs import export
 
     if extra:
         raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab export --help`")
@@ -157,12 +157,32 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_import_hf(args: argparse.Namespace, extra: list[str]) -> int:
-    from gptlab.interop.hf import import_hf
+    from gptlab.interop.runs import import_hf
 
     if extra:
         raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab import hf --help`")
     out = import_hf(args.source, args.out_dir, overwrite=args.overwrite)
     print(f"imported {args.source} into {out} (gptlab sample {out})")
+    return 0
+
+
+def cmd_import_nanogpt(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.interop.nanogpt import import_nanogpt
+
+    if extra:
+        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab import nanogpt --help`")
+    out = import_nanogpt(args.ckpt, args.out_dir, data_dir=args.data, overwrite=args.overwrite)
+    print(f"imported {args.ckpt} into {out} (gptlab sample {out})")
+    return 0
+
+
+def cmd_import_nanogpt_data(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.interop.nanogpt import import_nanogpt_data
+
+    if extra:
+        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab import nanogpt-data --help`")
+    out = import_nanogpt_data(args.data_dir, args.out_dir, overwrite=args.overwrite)
+    print(f"converted {args.data_dir} into {out} (train on it with data.dir={out})")
     return 0
 
 
@@ -281,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="the run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace what out_dir holds")
     p.set_defaults(func=cmd_import_hf)
+    p = imp.add_parser("nanogpt", help="a nanoGPT ckpt.pt (its tokenizer: --data's meta.pkl, else GPT-2's BPE)")
+    p.add_argument("ckpt", help="the ckpt.pt nanoGPT's train.py wrote")
+    p.add_argument("out_dir", help="the run directory to write")
+    p.add_argument("--data", metavar="DIR", help="the nanoGPT data folder it was trained on (its meta.pkl)")
+    p.add_argument("--overwrite", action="store_true", help="replace what out_dir holds")
+    p.set_defaults(func=cmd_import_nanogpt)
+    p = imp.add_parser("nanogpt-data", help="a nanoGPT data folder (train.bin, val.bin, meta.pkl) as prepared data")
+    p.add_argument("data_dir", help="the nanoGPT data folder")
+    p.add_argument("out_dir", help="the prepared data folder to write (data.dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace what out_dir holds")
+    p.set_defaults(func=cmd_import_nanogpt_data)
 
     p = sub.add_parser("serve", help="serve a trained run over HTTP: an OpenAI-compatible API and a web page")
     p.add_argument("run_dir", help="the run directory (train.out_dir)")
