@@ -29,8 +29,9 @@ def hf_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
     tokenizer = Tokenizer.train("bpe", [make_text(300, seed=1)], 300, ["<|endoftext|>"])
     torch.manual_seed(0)
+    eos = tokenizer.eos_id
     config = GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64, n_embd=48, n_layer=3, n_head=3,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)  # fmt: skip
     GPT2LMHeadModel(config).save_pretrained(folder)
     hf_tokenizer(tokenizer).save_pretrained(folder)
     return folder
@@ -247,3 +248,27 @@ def test_sft_from_an_imported_model_learns_the_responses(tmp_path, hf_folder):
     before = trainer.evaluate()
     trainer.fit()
     assert trainer.history[-1]["val_loss"] < before - 1.0
+
+
+@pytest.mark.parametrize("preset", ["finetune-gpt2", "sft"])
+def test_the_fine_tuning_presets_run_from_a_local_base(tmp_path, hf_folder, preset):
+    """The presets as shipped, with the tiny local model in place of the GPT-2 download and a short budget."""
+    from gptlab.config import load_config
+
+    root = Path(__file__).parent.parent
+    (tmp_path / "new.txt").write_text(make_text(200, seed=3))
+    overrides = [
+        f"model.init_from={hf_folder}", f"data.tokenizer={hf_folder / 'tokenizer.json'}", f"data.dir={tmp_path / 'data'}",
+        f"train.out_dir={tmp_path / 'run'}", "train.device=cpu", "train.compile=false", "train.eval_iters=2",
+        "model.block_size=48",
+    ]  # fmt: skip
+    if preset == "sft":
+        overrides += ["train.max_epochs=2"]
+    else:
+        overrides += [f"data.source={tmp_path / 'new.txt'}", "train.max_iters=4", "train.micro_batch_size=4"]
+    cfg = load_config(root / "configs" / f"{preset}.yaml", overrides)
+    prepare(cfg.data, quiet=True)
+    trainer = Trainer(cfg, quiet=True).fit()
+    assert trainer.step == trainer.total_steps > 0
+    assert bool(cfg.train.lora_rank) == (preset == "sft")
+    assert main(["sample", cfg.train.out_dir, "--max-new-tokens", "8"]) == 0

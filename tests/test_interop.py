@@ -46,14 +46,24 @@ def test_random_models_convert_with_equal_logits_and_greedy_tokens(arch, extra):
     assert from_hf(hf).cfg == model.cfg
 
 
-@pytest.fixture(scope="module", params=["gpt2", "modern"])
+@pytest.fixture(scope="module", params=["gpt2", "modern", "gpt2+lora", "modern+lora"])
 def trained(request, tmp_path_factory) -> Path:
-    """A run of each block trained a few steps by gptlab, exported with `gptlab export`."""
+    """A run of each block trained a few steps by gptlab (+lora: LoRA-tuned from such a run), exported."""
+    arch, _, lora = request.param.partition("+")
     tmp = tmp_path_factory.mktemp(request.param)
     (tmp / "corpus.txt").write_text(make_text())
-    cfg = tiny_config(tmp, tmp / "corpus.txt", f"model.arch={request.param}", "model.block_size=64")
+    cfg = tiny_config(tmp / "base" if lora else tmp, tmp / "corpus.txt", f"model.arch={arch}", "model.block_size=64")
     prepare(cfg.data, quiet=True)
     Trainer(cfg, quiet=True).fit()
+    if lora:  # adapters on the run above, merged by export
+        base = Path(cfg.train.out_dir)
+        cfg = tiny_config(tmp, tmp / "corpus.txt", f"model.init_from={base}", f"data.tokenizer={base / 'tokenizer.json'}",
+                          "model.block_size=64", "train.lora_rank=4", "train.lr=1e-2")  # fmt: skip
+        prepare(cfg.data, quiet=True)
+        Trainer(cfg, quiet=True).fit()
+        merged, plain = load_run(cfg.train.out_dir)[1].state_dict(), load_run(base)[1].state_dict()
+        assert merged.keys() == plain.keys()  # plain weights, and the adapters moved them
+        assert not torch.equal(merged["blocks.0.attn.q.weight"], plain["blocks.0.attn.q.weight"])
     assert main(["export", cfg.train.out_dir, str(tmp / "hf")]) == 0
     return tmp
 
