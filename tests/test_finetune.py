@@ -272,3 +272,27 @@ def test_the_fine_tuning_presets_run_from_a_local_base(tmp_path, hf_folder, pres
     assert trainer.step == trainer.total_steps > 0
     assert bool(cfg.train.lora_rank) == (preset == "sft")
     assert main(["sample", cfg.train.out_dir, "--max-new-tokens", "8"]) == 0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_fine_tune_stopped_and_resumed_is_bit_identical(tmp_path, hf_folder, lora):
+    from test_trainer import StopAt, step_losses
+
+    extra = [
+        "train.max_iters=12",
+        "model.dropout=0.1",
+        *(["train.lora_rank=4", "train.lora_dropout=0.1"] if lora else []),
+    ]
+    full_cfg = finetune_config(tmp_path / "a", hf_folder, *extra)
+    prepare(full_cfg.data, quiet=True)
+    full = Trainer(full_cfg, quiet=True).fit()
+    cut_cfg = finetune_config(tmp_path / "b", hf_folder, *extra)
+    prepare(cut_cfg.data, quiet=True)
+    cut = Trainer(cut_cfg, quiet=True)
+    cut.callbacks.append(StopAt(7))
+    cut.fit()
+    assert cut.step == 7
+    resumed = Trainer(cut_cfg, resume=True, quiet=True).fit()  # the config as first given, not the run's
+    assert resumed.step == 12 and step_losses(resumed.run_dir) == step_losses(full.run_dir)
+    ours, theirs = resumed.model.state_dict(), full.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

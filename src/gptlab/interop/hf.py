@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,30 +233,46 @@ def _from_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torc
     return out
 
 
-def load_pretrained(source: str, out_hint: str = "OUT") -> tuple[GPT, Tokenizer, str | None]:
-    """(model, tokenizer, chat template source or None) of a Hugging Face GPT-2 or Llama model: hub name or folder."""
+@contextlib.contextmanager
+def _loading(source: str, use_folder: str) -> Iterator[Any]:
+    """`transformers` with its weight-loading bars off, its errors on a missing file, download or type made user errors.
+
+    `use_folder` says how to use a local copy instead of a hub name, with `{folder}` where its path goes.
+    """
     transformers = require_transformers()
     if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():  # a path, not a hub name
         raise GptlabError(f"no folder '{source}'", "check the path, or give a hub name such as gpt2")
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars (downloads keep the hub's own)
     try:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        hf_tok = transformers.AutoTokenizer.from_pretrained(source)
+        yield transformers
     except (OSError, ValueError) as e:  # transformers' own words on a missing file, a download, a model type
         if Path(source).is_dir():
             fix = "the folder needs config.json of a GPT-2 or Llama model, its weights and tokenizer.json"
         else:
-            local = shlex.quote("./" + Path(source.rstrip("/")).name)
+            folder = shlex.quote("./" + Path(source.rstrip("/")).name)
             fix = (
                 "check the name, or download the model where there is a network and pass its folder: "
-                f"gptlab import hf {local} {out_hint}"
+                + use_folder.format(folder=folder)
             )
         raise GptlabError(f"could not load '{source}' ({str(e).splitlines()[0]})", fix) from e
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
+
+
+def load_pretrained(source: str, use_folder: str = "{folder}") -> tuple[GPT, Tokenizer, str | None]:
+    """(model, tokenizer, chat template source or None) of a Hugging Face GPT-2 or Llama model: hub name or folder."""
+    with _loading(source, use_folder) as transformers:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(source)
     if not getattr(hf_tok, "is_fast", False):
         raise GptlabError(f"'{source}' has no tokenizer.json (a fast tokenizer)", "import a model with tokenizer.json")
     template = hf_tok.chat_template if isinstance(hf_tok.chat_template, str) else None
     return from_hf(hf), Tokenizer(hf_tok.backend_tokenizer), template
+
+
+def pretrained_config(source: str, use_folder: str = "{folder}") -> ModelConfig:
+    """The gptlab config of a Hugging Face model without loading its weights (config.json only)."""
+    with _loading(source, use_folder) as transformers:
+        return model_config_of(transformers.AutoConfig.from_pretrained(source))

@@ -70,7 +70,7 @@ def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path
             raise GptlabError(f"'{out}' is not empty", "give a new folder, or pass --overwrite")
         if not (out / "config.yaml").is_file():  # --overwrite replaces runs, not any folder
             raise GptlabError(f"'{out}' holds files but is not a run directory", "give a new or empty folder")
-    model, tokenizer, template = hf.load_pretrained(source, shlex.quote(str(out)))
+    model, tokenizer, template = hf.load_pretrained(source, "gptlab import hf {folder} " + shlex.quote(str(out)))
     cfg = Config(model=model.cfg)
     cfg.data.tokenizer = "tokenizer.json"
     cfg.data.special_tokens = [t for t, _ in sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])]

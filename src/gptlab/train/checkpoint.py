@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from gptlab.chat import load_chat_template
 from gptlab.config import Config, ModelConfig, from_dict
 from gptlab.errors import GptlabError
-from gptlab.interop.hf import load_pretrained
+from gptlab.interop.hf import load_pretrained, pretrained_config
 from gptlab.lora import add_lora, is_adapter, merge_lora
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
@@ -222,8 +222,16 @@ def load_init(init_from: str) -> Pretrained:
             f"model.init_from '{init_from}' is neither a gptlab run directory nor a Hugging Face model folder",
             "give a run directory (with config.yaml), a folder with config.json, or a hub name such as gpt2",
         )
-    model, tokenizer, template = load_pretrained(init_from, "runs/NAME")
+    model, tokenizer, template = load_pretrained(init_from, "model.init_from={folder}")
     return Pretrained(model, tokenizer, template, init_from)
+
+
+def init_source_config(init_from: str) -> ModelConfig:
+    """The model config of what `model.init_from` names, read without its weights."""
+    path = Path(init_from).expanduser()
+    if (path / "config.yaml").is_file():
+        return from_dict(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml")).model.resolved()
+    return pretrained_config(init_from, "model.init_from={folder}")
 
 
 def init_config(base: ModelConfig, wanted: ModelConfig) -> ModelConfig:

@@ -224,8 +224,10 @@ class Trainer:
     def _load_base(self, cfg: Config) -> tuple[Config, ckpt.Pretrained | None]:
         """The model `model.init_from` names (not needed to resume a full fine-tune), and the config shaped by it."""
         init_from = cfg.model.init_from
-        if init_from == "scratch" or (self.resume and not cfg.train.lora_rank):
+        if init_from == "scratch":
             return cfg, None
+        if self.resume and not cfg.train.lora_rank:  # the checkpoint holds every weight: the base's shape will do
+            return replace(cfg, model=ckpt.init_config(ckpt.init_source_config(init_from), cfg.model)), None
         base = ckpt.load_init(init_from)
         cfg = replace(cfg, model=ckpt.init_config(base.model.cfg, cfg.model))
         ours = self.data.tokenizer().hf.get_vocab(with_added_tokens=True)
