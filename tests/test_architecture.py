@@ -40,7 +40,9 @@ def gptlab_imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gptlab"):
             found.add(node.module.removeprefix("gptlab").lstrip("."))
             for alias in node.names:  # `from gptlab.data import shards` imports the module gptlab.data.shards
-                if (SRC / node.module.removeprefix("gptlab").lstrip(".").replace(".", "/") / f"{alias.name}.py").is_file():
+                if (
+                    SRC / node.module.removeprefix("gptlab").lstrip(".").replace(".", "/") / f"{alias.name}.py"
+                ).is_file():
                     found.add(f"{node.module.removeprefix('gptlab.')}.{alias.name}")
         elif isinstance(node, ast.Import):
             found |= {a.name.removeprefix("gptlab.") for a in node.names if a.name.startswith("gptlab.")}
