@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from gptlab.cli import main
 from gptlab.data.batches import IGNORE_INDEX, ExampleBatches, load_prepared
+from gptlab.data.inspect import inspect_data
 from gptlab.data.shards import prepare
 from gptlab.interop.hf import hf_tokenizer
 from gptlab.tokenizers import Tokenizer
@@ -228,6 +229,11 @@ def test_sft_masks_everything_but_the_response(tmp_path, hf_folder, with_templat
         cut = mask.index(1)
         assert mask == [0] * cut + [1] * (len(ids) - cut)
         assert tok.decode(ids[:cut]) == prompt and tok.decode(ids[cut:]) == response + "<|endoftext|>"
+    report = inspect_data(cfg.data.dir, windows=1, seed=0)
+    n_train = len(rows) - 6
+    assert f"train   {n_train:>10}{len(ex.tokens):>12,}{ex.mask.mean():>10.0%}" in report
+    shown = int(report.split("--- example ")[1].split(":")[0])
+    assert f"prompt:   {('<|user|>' if with_template else '') + rows[shown]['prompt']!r}"[:40] in report
     batches = ExampleBatches(ex, 48, 8, "random", 0, pad_id=tok.eos_id)
     x, y = batches.batch(3)
     for row, i in enumerate(batches.indices(3)):

@@ -26,7 +26,11 @@ from gptlab.data.tokenizer_setup import make_tokenizer
 from gptlab.errors import GptlabError
 from gptlab.tokenizers import Tokenizer
 
-SFT_SETTINGS = (*shards.SHARD_SETTINGS, "format", "prompt_field", "response_field")
+# settings that decide the bytes written (the text ones about training a tokenizer, shards and chunks do not)
+SFT_SETTINGS = (
+    "source", "tokenizer", "special_tokens", "gpt2_files", "errors", "split", "val_fraction", "dtype", "format",
+    "prompt_field", "response_field",
+)  # fmt: skip
 
 
 def example_ids(tokenizer: Tokenizer, template: ChatTemplate | None, prompt: str, response: str) -> tuple[list, list]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab.data.batches import load_prepared
+from gptlab.data.batches import PreparedData, load_prepared
 
 SCAN_TOKENS = 1 << 22  # ids checked per shard (from its start) for out-of-vocabulary values
 
@@ -28,6 +28,10 @@ def inspect_data(data_dir: str | Path, windows: int = 3, window_tokens: int = 64
         + (f", end of text = {eot}" if eot is not None else ""),
         f"split: {meta['settings']['split']} (val fraction {meta['settings']['val_fraction']})",
         "",
+    ]
+    if d.examples is not None:
+        return "\n".join(lines + _examples_report(d, windows, seed))
+    lines += [
         f"{'shard':<18}{'tokens':>15}{'documents':>12}{'size':>12}{'max id':>9}",
     ]
     problems = []
@@ -56,3 +60,26 @@ def inspect_data(data_dir: str | Path, windows: int = 3, window_tokens: int = 64
         lines.append(f"ids: {ids[:16]}{' ...' if n > 16 else ''}")
         lines.append(repr(tokenizer.decode(ids)))
     return "\n".join(lines)
+
+
+def _examples_report(d: PreparedData, shown: int, seed: int) -> list[str]:
+    """An sft folder: examples and tokens per split, the share the loss is on, a few examples split at the mask."""
+    assert d.examples is not None
+    lines = [f"{'split':<8}{'examples':>10}{'tokens':>12}{'response':>10}{'longest':>9}{'max id':>9}"]
+    tokenizer, vocab = d.tokenizer(), d.meta["vocab_size"]
+    for split, ex in d.examples.items():
+        top, longest = int(ex.tokens.max()), int(np.diff(ex.offsets).max())
+        share = float(ex.mask.mean())
+        lines.append(f"{split:<8}{len(ex):>10,}{len(ex.tokens):>12,}{share:>10.0%}{longest:>9,}{top:>9}")
+        if top >= vocab:
+            lines.append(f"PROBLEM: {split} holds id {top}, outside the vocabulary of {vocab}")
+    train = d.examples["train"]
+    rng = np.random.default_rng(seed)
+    for i in rng.choice(len(train), size=min(shown, len(train)), replace=False):
+        start, end = int(train.offsets[i]), int(train.offsets[i + 1])
+        ids, mask = train.tokens[start:end].tolist(), train.mask[start:end]
+        cut = int(np.argmax(mask)) if mask.any() else len(ids)
+        lines.append(f"--- example {i}: {cut} prompt + {len(ids) - cut} response tokens (the loss is on these) ---")
+        lines.append(f"prompt:   {tokenizer.decode(ids[:cut])!r}")
+        lines.append(f"response: {tokenizer.decode(ids[cut:])!r}")
+    return lines
