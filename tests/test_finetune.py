@@ -16,6 +16,7 @@ from gptlab.cli import main
 from gptlab.data.batches import IGNORE_INDEX, ExampleBatches, load_prepared
 from gptlab.data.inspect import inspect_data
 from gptlab.data.shards import prepare
+from gptlab.errors import GptlabError
 from gptlab.interop.hf import hf_tokenizer
 from gptlab.tokenizers import Tokenizer
 from gptlab.train.checkpoint import find_checkpoint, load_run
@@ -93,7 +94,7 @@ def test_new_special_tokens_grow_the_vocabulary_of_a_run_directory_base(tmp_path
     assert main(["sample", cfg.train.out_dir, "--start", "ROMEO:<|user|>", "--max-new-tokens", "5"]) == 0
 
 
-def test_a_base_with_other_token_ids_or_too_few_positions_is_refused(tmp_path, hf_folder, capsys):
+def test_a_base_with_other_token_ids_or_too_few_positions_is_refused(tmp_path, hf_folder, capsys, monkeypatch):
     cfg = finetune_config(tmp_path, hf_folder, "data.tokenizer=char")
     prepare(cfg.data, quiet=True)
     assert main(["train", "--quiet", *_overrides(cfg)]) == 2
@@ -110,6 +111,11 @@ def test_a_base_with_other_token_ids_or_too_few_positions_is_refused(tmp_path, h
     assert capsys.readouterr().err == (
         f"error: model.block_size=128 is longer than the 64 positions {hf_folder} learned "
         "(set model.block_size to at most 64)\n"
+    )
+    monkeypatch.chdir(tmp_path.parent)  # a relative path whose first folder exists: a typo, not a hub name
+    assert main(["train", "--quiet", *_overrides(cfg), f"model.init_from={tmp_path.name}/typo"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: no folder '{tmp_path.name}/typo' (check the path, or give a hub name such as gpt2)\n"
     )
     assert main(["train", "--quiet", *_overrides(cfg), "model.init_from=scratch", "train.lora_rank=4"]) == 2
     assert capsys.readouterr().err == (
@@ -234,15 +240,24 @@ def test_sft_masks_everything_but_the_response(tmp_path, hf_folder, with_templat
     assert f"train   {n_train:>10}{len(ex.tokens):>12,}{ex.mask.mean():>10.0%}" in report
     shown = int(report.split("--- example ")[1].split(":")[0])
     assert f"prompt:   {('<|user|>' if with_template else '') + rows[shown]['prompt']!r}"[:40] in report
-    batches = ExampleBatches(ex, 48, 8, "random", 0, pad_id=tok.eos_id)
+    T = int(np.median(np.diff(ex.offsets)))  # some examples longer than the context, some not
+    batches = ExampleBatches(ex, T, 16, "random", 0, pad_id=tok.eos_id)
     x, y = batches.batch(3)
+    cut = 0
     for row, i in enumerate(batches.indices(3)):
-        start, end = ex.offsets[i], min(ex.offsets[i + 1], ex.offsets[i] + 49)  # longer examples are cut
-        ids, mask = ex.tokens[start:end].astype(np.int64), ex.mask[start:end]
-        n = len(ids) - 1
-        assert x[row, :n].tolist() == ids[:-1].tolist() and (x[row, n:] == tok.eos_id).all()
-        want = np.where(mask[1:] == 1, ids[1:], IGNORE_INDEX)
-        assert y[row, :n].tolist() == want.tolist() and (y[row, n:] == IGNORE_INDEX).all()
+        ids = ex.tokens[ex.offsets[i] : ex.offsets[i + 1]].astype(np.int64).tolist()
+        response = [t for t, m in zip(ids, ex.mask[ex.offsets[i] : ex.offsets[i + 1]]) if m]
+        targets = [t for t in y[row].tolist() if t != IGNORE_INDEX]
+        held = x[row].tolist()
+        assert all(y[row, t] == held[t + 1] for t in range(T - 1) if y[row, t] != IGNORE_INDEX)  # next tokens
+        if len(ids) <= T + 1:  # whole: the example, then padding that is never a target
+            n = len(ids) - 1
+            assert held[:n] == ids[:-1] and set(held[n:]) <= {tok.eos_id} and targets == response
+            assert (y[row, n:] == IGNORE_INDEX).all()
+        else:  # cut: a prompt's start goes first, and a response keeps its beginning
+            cut += 1
+            assert 0 < len(targets) and targets == response[: len(targets)]
+    assert 0 < cut < len(x)
 
 
 def test_sft_from_an_imported_model_learns_the_responses(tmp_path, hf_folder):
@@ -302,3 +317,35 @@ def test_a_fine_tune_stopped_and_resumed_is_bit_identical(tmp_path, hf_folder, l
     assert resumed.step == 12 and step_losses(resumed.run_dir) == step_losses(full.run_dir)
     ours, theirs = resumed.model.state_dict(), full.model.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_tokenizer_file_keeps_its_own_end_of_text(tmp_path, capsys):
+    """A Llama-style tokenizer ends text with </s>: the default <|endoftext|> is not quietly added beside it."""
+    tokenizer = Tokenizer.train("bpe", [make_text(100)], 300, ["</s>"])
+    tokenizer.save(tmp_path / "tokenizer.json")
+    (tmp_path / "corpus.txt").write_text(make_text(100))
+    overrides = [f"data.source={tmp_path / 'corpus.txt'}", f"data.dir={tmp_path / 'data'}",
+                 f"data.tokenizer={tmp_path / 'tokenizer.json'}"]  # fmt: skip
+    assert main(["prepare", "--quiet", *overrides]) == 2
+    assert capsys.readouterr().err == (
+        f"error: tokenizer '{tmp_path / 'tokenizer.json'}' ends text with '</s>', not '<|endoftext|>' "
+        "(list its own first: data.special_tokens=[</s>] (more specials after it are added))\n"
+    )
+    assert main(["prepare", "--quiet", *overrides, "data.special_tokens=[</s>,<|user|>]"]) == 0
+    data = load_prepared(tmp_path / "data")
+    assert data.meta["eot_id"] == tokenizer.special_ids["</s>"] and data.meta["vocab_size"] == 301
+
+
+def test_lora_adapters_stay_on_adamw_without_decay_and_their_settings_are_frozen_on_resume(tmp_path, hf_folder):
+    cfg = finetune_config(tmp_path, hf_folder, "train.lora_rank=4", "train.optimizer=muon", "train.max_iters=3")
+    prepare(cfg.data, quiet=True)
+    trainer = Trainer(cfg, quiet=True).fit()  # Muon has no matrix left to train: AdamW alone takes the adapters
+    assert [type(o).__name__ for o in trainer.optimizers] == ["AdamW"]
+    groups = trainer.optimizers[0].param_groups
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(36, 0.0)]
+    from dataclasses import replace
+
+    rescaled = replace(cfg, train=replace(cfg.train, lora_alpha=64.0))
+    with pytest.raises(GptlabError) as e:
+        Trainer(rescaled, resume=True, quiet=True)
+    assert str(e.value).startswith("cannot resume with changed train.lora_alpha (")

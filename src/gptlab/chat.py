@@ -6,6 +6,7 @@ renders chat requests with it and supervised fine-tuning renders its prompts wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from gptlab.errors import GptlabError
 from gptlab.tokenizers import Tokenizer
 
 TEMPLATE_FILE = "chat_template.jinja"
+CONFIG_FILE = "tokenizer_config.json"  # transformers' file: the template's special-token names (bos_token, ...)
 
 
 class ChatTemplate:
@@ -37,6 +39,18 @@ class ChatTemplate:
         self.source = source
         self.special_tokens = dict(special_tokens or {})
 
+    def save(self, folder: str | Path) -> None:
+        """Write `chat_template.jinja` and the special-token names it uses (tokenizer_config.json) into `folder`."""
+        folder = Path(folder)
+        for name, text in ((TEMPLATE_FILE, self.source), (CONFIG_FILE, json.dumps(self.special_tokens, indent=2))):
+            tmp = folder / f".{name}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(folder / name)
+
+    def fingerprint(self) -> str:
+        """sha256 of the template and its special-token names: what decides the text it renders."""
+        return hashlib.sha256(json.dumps([self.source, self.special_tokens], sort_keys=True).encode()).hexdigest()
+
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The text of a conversation; with `add_generation_prompt`, ending where the assistant's reply begins."""
         return self.template.render(
@@ -51,7 +65,7 @@ def _raise_template_error(message: str) -> None:
 def load_chat_template(run_dir: str | Path, tokenizer: Tokenizer) -> ChatTemplate | None:
     """The chat template beside a tokenizer.json (`chat_template.jinja`, else tokenizer_config.json's), if any."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "tokenizer_config.json"
+    config_path = run_dir / CONFIG_FILE
     try:
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     except ValueError as e:

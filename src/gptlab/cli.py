@@ -37,11 +37,13 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     result = prepare(cfg.data, overwrite=args.overwrite, quiet=args.quiet)
     m = result.meta
     state = "up to date" if result.skipped else "prepared"
-    shards = len(m["shards"]["train"]) + len(m["shards"]["val"])
-    print(
-        f"{state}: {result.dir} ({m['train_tokens']:,} train + {m['val_tokens']:,} val tokens in {shards} shard(s), "
-        f"vocab {m['vocab_size']})"
-    )
+    if m.get("format") == "sft":
+        ex = m["examples"]
+        where = f"{ex['train']['count']:,} train + {ex['val']['count']:,} val examples"
+    else:
+        where = f"in {len(m['shards']['train']) + len(m['shards']['val'])} shard(s)"
+    print(f"{state}: {result.dir} ({m['train_tokens']:,} train + {m['val_tokens']:,} val tokens {where}, "
+          f"vocab {m['vocab_size']})")  # fmt: skip
     return 0
 
 

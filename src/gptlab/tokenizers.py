@@ -26,7 +26,7 @@ from gptlab.errors import GptlabError
 
 KINDS = ("char", "bpe", "wordpiece", "gpt2")
 TRAINABLE = ("char", "bpe", "wordpiece")
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<EOS>")
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<EOS>", "<|end_of_text|>")
 GPT2_EOT = "<|endoftext|>"
 # tiktoken's spelling of the GPT-2 split regex: the same pieces as HF ByteLevel's, with faster possessive loops
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

@@ -115,7 +115,9 @@ class ExampleBatches:
     """One example per row, cut to the context and right-padded; the batch of step s is a pure function of (seed, s).
 
     Targets are the next token where that token is part of the response, and IGNORE_INDEX elsewhere (the prompt,
-    the padding), so the loss is taken on responses only. Rank r takes rows r::world, as `Batches`.
+    the padding), so the loss is taken on responses only. An example longer than the context loses the start of a
+    long prompt (keeping at least the last half-context of it), then the end of its response, so that a response
+    is never cut away whole. Rank r takes rows r::world, as `Batches`.
     """
 
     def __init__(
@@ -142,7 +144,7 @@ class ExampleBatches:
         self.mode, self.seed, self.rank, self.world, self.pad_id = mode, seed, rank, world, pad_id
         self.steps_per_epoch = n // batch_size if mode == "epoch" else steps_per_epoch or 1
         lengths = np.diff(examples.offsets)
-        self.truncated = int((lengths > block_size + 1).sum())  # examples longer than the context lose their end
+        self.truncated = int((lengths > block_size + 1).sum())  # examples longer than the context are cut
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def indices(self, step: int) -> np.ndarray:
@@ -163,7 +165,11 @@ class ExampleBatches:
         y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
         ex = self.examples
         for b, i in enumerate(rows):
-            start, end = int(ex.offsets[i]), min(int(ex.offsets[i + 1]), int(ex.offsets[i]) + T + 1)
+            start, end = int(ex.offsets[i]), int(ex.offsets[i + 1])
+            if end - start > T + 1:  # too long: drop the prompt's beginning (down to half the context), then the end
+                prompt = int(np.argmax(ex.mask[start:end])) if ex.mask[start:end].any() else end - start
+                start += min(max(0, prompt - T // 2), end - start - (T + 1))
+                end = start + T + 1
             ids, mask = ex.tokens[start:end].astype(np.int64), ex.mask[start:end]
             x[b, : len(ids) - 1] = ids[:-1]
             y[b, : len(ids) - 1] = np.where(mask[1:] == 1, ids[1:], IGNORE_INDEX)

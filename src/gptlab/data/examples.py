@@ -14,9 +14,10 @@ import zlib
 from dataclasses import asdict
 from pathlib import Path
 
+import jinja2
 import numpy as np
 
-from gptlab.chat import TEMPLATE_FILE, ChatTemplate, load_chat_template
+from gptlab.chat import ChatTemplate, load_chat_template
 from gptlab.config import DataConfig
 from gptlab.data import shards
 from gptlab.data.batches import EXAMPLE_FILES, file_sha256, load_prepared
@@ -45,7 +46,13 @@ def example_ids(tokenizer: Tokenizer, template: ChatTemplate | None, prompt: str
         user = [{"role": "user", "content": prompt}]
         prompt_text = template.render(user)
         whole = template.render([*user, {"role": "assistant", "content": response}], add_generation_prompt=False)
-        response_text = whole[len(prompt_text) :] if whole.startswith(prompt_text) else response
+        if not whole.startswith(prompt_text):  # e.g. a template that drops reasoning from earlier turns
+            raise GptlabError(
+                "the chat template renders a conversation that does not begin with its own generation prompt, so "
+                "prompt and response cannot be told apart",
+                "use a template whose add_generation_prompt output is a prefix of the whole conversation",
+            )
+        response_text = whole[len(prompt_text) :]
     prompt_ids, response_ids = tokenizer.encode(prompt_text), tokenizer.encode(response_text)
     eos = tokenizer.eos_id
     if eos is not None and response_ids[-1:] != [eos]:
@@ -67,7 +74,10 @@ def prepare_examples(data: DataConfig, overwrite: bool = False, quiet: bool = Fa
             "set data.tokenizer to its tokenizer.json (e.g. runs/NAME/tokenizer.json) or gpt2",
         )
     settings = {k: v for k, v in asdict(data).items() if k in SFT_SETTINGS}
+    tokenizer = make_tokenizer(data.tokenizer, [], data.vocab_size, data.special_tokens, data.gpt2_files, quiet)
+    template = load_chat_template(Path(data.tokenizer).parent, tokenizer) if data.tokenizer != "gpt2" else None
     fingerprint = file_sha256(path) + (":" + file_sha256(Path(data.tokenizer)) if data.tokenizer != "gpt2" else "")
+    fingerprint += ":" + template.fingerprint() if template is not None else ""  # an edited template renders anew
     meta = None if overwrite else shards.read_meta(out / "meta.json")
     if meta is not None:
         if meta.get("settings") != settings or meta.get("source_fingerprint") != fingerprint:
@@ -78,8 +88,6 @@ def prepare_examples(data: DataConfig, overwrite: bool = False, quiet: bool = Fa
         if meta.get("complete"):
             load_prepared(out)
             return PrepareResult(out, meta, skipped=True)
-    tokenizer = make_tokenizer(data.tokenizer, [], data.vocab_size, data.special_tokens, data.gpt2_files, quiet)
-    template = load_chat_template(Path(data.tokenizer).parent, tokenizer) if data.tokenizer != "gpt2" else None
     dtype = token_dtype(tokenizer.vocab_size, data.dtype)
     splits: dict[str, list[tuple[list, list]]] = {"train": [], "val": []}
     rows = [(n, r) for n, r, _ in jsonl_objects(path, data.errors) if r is not None]
@@ -92,7 +100,11 @@ def prepare_examples(data: DataConfig, overwrite: bool = False, quiet: bool = Fa
         else:  # by a hash of the example: stable when examples are added or reordered
             in_val = zlib.crc32(f"{prompt}\0{response}".encode()) % 10_000 < data.val_fraction * 10_000
             split = "val" if in_val else "train"
-        splits[split].append(example_ids(tokenizer, template, prompt, response))
+        try:
+            splits[split].append(example_ids(tokenizer, template, prompt, response))
+        except jinja2.TemplateError as e:
+            where = f"the chat template fails on '{path}' line {lineno}: {e}"
+            raise GptlabError(where, "fix the template or the line") from e
     if len(splits["train"]) < 1 or len(splits["val"]) < 1:
         raise GptlabError(
             f"'{path}' gives {len(splits['train'])} train and {len(splits['val'])} val examples",
@@ -102,7 +114,7 @@ def prepare_examples(data: DataConfig, overwrite: bool = False, quiet: bool = Fa
     shards.clear_prepared(out)  # meta.json first: nothing reads as complete while the files change
     tokenizer.save(out / "tokenizer.json")
     if template is not None:
-        write_atomic(out / TEMPLATE_FILE, template.source.encode())
+        template.save(out)
     meta = {
         "format_version": shards.FORMAT_VERSION, "format": "sft", "complete": True, "settings": settings,
         "source": data.source, "source_description": f"{len(rows):,} examples", "source_fingerprint": fingerprint,

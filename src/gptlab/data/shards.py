@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gptlab.chat import TEMPLATE_FILE
+from gptlab.chat import CONFIG_FILE, TEMPLATE_FILE
 from gptlab.config import DataConfig
 from gptlab.data.batches import file_sha256, load_prepared
 from gptlab.data.chunking import Chunk, chunk_stream
@@ -212,6 +212,7 @@ def clear_prepared(out: Path) -> None:
             p.unlink()
     (out / "tokenizer.json").unlink(missing_ok=True)
     (out / TEMPLATE_FILE).unlink(missing_ok=True)
+    (out / CONFIG_FILE).unlink(missing_ok=True)
 
 
 def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> PrepareResult:

@@ -40,8 +40,17 @@ def make_tokenizer(
             raise GptlabError(
                 f"tokenizer file '{kind}' not found", "check data.tokenizer, or make one with `gptlab tokenizer train`"
             )
+        tokenizer = Tokenizer.load(kind)
+        own_eos = next((t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id), None)
+        if specials and own_eos is not None and specials[0] not in tokenizer.special_ids:
+            # the first special ends documents: never a new one beside the tokenizer's own (a fine-tune's model
+            # would have to learn to stop all over again)
+            raise GptlabError(
+                f"tokenizer '{kind}' ends text with '{own_eos}', not '{specials[0]}'",
+                f"list its own first: data.special_tokens=[{own_eos}] (more specials after it are added)",
+            )
         # specials it lacks are added (new ids after its own): a fine-tuned model grows its vocabulary for them
-        tokenizer = Tokenizer.load(kind).with_specials(specials)
+        tokenizer = tokenizer.with_specials(specials)
         return tokenizer
     if kind == "gpt2":
         return Tokenizer.gpt2(files=gpt2_files, specials=specials)

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from gptlab.chat import ChatTemplate
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
 
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")  # the special-token names templates use
 GPT2_SWITCHES = {"position": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu_exact"), "bias": True}
 GPT2_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu"}  # gptlab's mlp -> GPT2Config.activation_function
 LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
@@ -92,12 +94,12 @@ def to_hf(model: GPT) -> Any:
         )  # fmt: skip
         tensors = _llama_tensors(sd, cfg)
         hf = transformers.LlamaForCausalLM(hf_cfg)
-    _load_all(hf, tensors, cfg.tie_embeddings)
+    load_all(hf, tensors, cfg.tie_embeddings)
     hf.tie_weights()
     return hf.eval()
 
 
-def _load_all(target: torch.nn.Module, tensors: dict[str, torch.Tensor], tied: bool) -> None:
+def load_all(target: torch.nn.Module, tensors: dict[str, torch.Tensor], tied: bool) -> None:
     """Load mapped tensors, every one of them (a tied head excepted): a miss is a mapping bug, not a user error."""
     missing, unexpected = target.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
@@ -135,13 +137,16 @@ def _llama_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     return out
 
 
-def hf_tokenizer(tokenizer: Tokenizer, chat_template: str | None = None) -> Any:
+def hf_tokenizer(tokenizer: Tokenizer, chat_template: ChatTemplate | None = None) -> Any:
     """The tokenizer as `transformers.PreTrainedTokenizerFast`, text kept exactly as gptlab decodes it."""
     transformers = require_transformers()
     eos = next((t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id), None)
+    names = {"eos_token": eos, "pad_token": eos}
+    if chat_template is not None:  # the names its template uses (bos_token, ...), so transformers renders the same
+        names |= {k: v for k, v in chat_template.special_tokens.items() if k in SPECIAL_NAMES}
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer.hf, eos_token=eos, pad_token=eos, clean_up_tokenization_spaces=False,
-        chat_template=chat_template,
+        tokenizer_object=tokenizer.hf, clean_up_tokenization_spaces=False,
+        chat_template=chat_template.source if chat_template else None, **names,
     )  # fmt: skip
 
 
@@ -202,7 +207,7 @@ def from_hf(hf: Any) -> GPT:
     except KeyError as e:
         raise GptlabError(f"the checkpoint has no tensor {e}", "check that it is a whole GPT-2 or Llama model") from e
     model = GPT(cfg)
-    _load_all(model, tensors, cfg.tie_embeddings)
+    load_all(model, tensors, cfg.tie_embeddings)
     return model.eval()
 
 
@@ -240,7 +245,10 @@ def _loading(source: str, use_folder: str) -> Iterator[Any]:
     `use_folder` says how to use a local copy instead of a hub name, with `{folder}` where its path goes.
     """
     transformers = require_transformers()
-    if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():  # a path, not a hub name
+    path = Path(source).expanduser()
+    # a path, not a hub name: it says so, or its first folder is here (runs/typo is no hub model)
+    local = source.startswith((".", "/", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    if local and not path.is_dir():
         raise GptlabError(f"no folder '{source}'", "check the path, or give a hub name such as gpt2")
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars (downloads keep the hub's own)
@@ -261,14 +269,17 @@ def _loading(source: str, use_folder: str) -> Iterator[Any]:
             transformers.utils.logging.enable_progress_bar()
 
 
-def load_pretrained(source: str, use_folder: str = "{folder}") -> tuple[GPT, Tokenizer, str | None]:
-    """(model, tokenizer, chat template source or None) of a Hugging Face GPT-2 or Llama model: hub name or folder."""
+def load_pretrained(source: str, use_folder: str = "{folder}") -> tuple[GPT, Tokenizer, ChatTemplate | None]:
+    """(model, tokenizer, chat template or None) of a Hugging Face GPT-2 or Llama model: hub name or folder."""
     with _loading(source, use_folder) as transformers:
         hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         hf_tok = transformers.AutoTokenizer.from_pretrained(source)
     if not getattr(hf_tok, "is_fast", False):
         raise GptlabError(f"'{source}' has no tokenizer.json (a fast tokenizer)", "import a model with tokenizer.json")
-    template = hf_tok.chat_template if isinstance(hf_tok.chat_template, str) else None
+    template = None
+    if isinstance(hf_tok.chat_template, str):
+        names = {k: getattr(hf_tok, k, None) for k in SPECIAL_NAMES}
+        template = ChatTemplate(hf_tok.chat_template, {k: v for k, v in names.items() if isinstance(v, str)})
     return from_hf(hf), Tokenizer(hf_tok.backend_tokenizer), template
 
 

@@ -23,8 +23,8 @@ from tokenizers import decoders, models
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.interop.hf import _load_all
-from gptlab.interop.runs import _building
+from gptlab.interop.hf import load_all
+from gptlab.interop.runs import building
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
 
@@ -103,7 +103,7 @@ def from_nanogpt(state_dict: dict[str, torch.Tensor], model_args: dict[str, Any]
         if t.shape != want[name].shape:
             shapes = f"shape {tuple(t.shape)}, not {tuple(want[name].shape)}"
             raise GptlabError(f"the tensor for gptlab's {name} has {shapes} as model_args {_args(cfg)} imply", CKPT_FIX)
-    _load_all(model, tensors, cfg.tie_embeddings)
+    load_all(model, tensors, cfg.tie_embeddings)
     return model.eval()
 
 
@@ -241,7 +241,7 @@ def import_nanogpt(
         "iter_num": _number(checkpoint.get("iter_num")),  # nanoGPT's step count; gptlab's own starts at 0
         "best_val_loss": _number(checkpoint.get("best_val_loss")),
     }
-    with _building(out) as tmp:  # an old run (--overwrite) goes only once the new one is whole
+    with building(out) as tmp:  # an old run (--overwrite) goes only once the new one is whole
         write_atomic(tmp / "config.yaml", to_yaml(cfg).encode())
         tokenizer.save(tmp / "tokenizer.json")
         save_checkpoint(tmp / "checkpoints", 0, model, {}, meta)
@@ -292,7 +292,7 @@ def import_nanogpt_data(data_dir: str | Path, out_dir: str | Path, overwrite: bo
     # documents is 0 there, as gptlab's own prepare counts it without an end-of-text token
     eot = tokenizer.eos_id
     digest = hashlib.sha256()
-    with _building(out) as tmp:
+    with building(out) as tmp:
         tokenizer.save(tmp / "tokenizer.json")
         shards = {
             s: [_copy_ids(src / f"{s}.bin", tmp / shard_name(s, 0), tokenizer.vocab_size, eot, digest)] for s in SPLITS

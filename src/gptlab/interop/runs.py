@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from gptlab.chat import TEMPLATE_FILE, load_chat_template
+from gptlab.chat import load_chat_template
 from gptlab.config import Config, to_yaml
 from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError
@@ -36,14 +36,14 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -
     hf_model.generation_config = transformers.GenerationConfig(
         eos_token_id=eos, pad_token_id=eos, bos_token_id=None, max_length=model.cfg.block_size
     )
-    with _building(out) as tmp:  # a folder that is whole, or not there
+    with building(out) as tmp:  # a folder that is whole, or not there
         hf_model.save_pretrained(tmp)  # config.json, model.safetensors, generation_config.json
-        hf.hf_tokenizer(tokenizer, template.source if template else None).save_pretrained(tmp)
+        hf.hf_tokenizer(tokenizer, template).save_pretrained(tmp)
     return out
 
 
 @contextlib.contextmanager
-def _building(out: Path) -> Iterator[Path]:
+def building(out: Path) -> Iterator[Path]:
     """A sibling temporary folder to fill, renamed onto `out` at the end (whatever `out` held goes: check first)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -75,10 +75,10 @@ def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path
     cfg.data.tokenizer = "tokenizer.json"
     cfg.data.special_tokens = [t for t, _ in sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])]
     cfg.train.out_dir = str(out)
-    with _building(out) as tmp:  # an old run (--overwrite) goes only once the new one is whole
+    with building(out) as tmp:  # an old run (--overwrite) goes only once the new one is whole
         write_atomic(tmp / "config.yaml", to_yaml(cfg).encode())
         tokenizer.save(tmp / "tokenizer.json")
         if template is not None:
-            write_atomic(tmp / TEMPLATE_FILE, template.encode())
+            template.save(tmp)
         save_checkpoint(tmp / "checkpoints", 0, model, {}, {"imported_from": source})
     return out

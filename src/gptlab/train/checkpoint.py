@@ -24,7 +24,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptlab.chat import load_chat_template
+from gptlab.chat import ChatTemplate, load_chat_template
 from gptlab.config import Config, ModelConfig, from_dict
 from gptlab.errors import GptlabError
 from gptlab.interop.hf import load_pretrained, pretrained_config
@@ -206,7 +206,7 @@ class Pretrained:
 
     model: GPT
     tokenizer: Tokenizer
-    chat_template: str | None
+    chat_template: ChatTemplate | None
     origin: str
 
 
@@ -215,8 +215,7 @@ def load_init(init_from: str) -> Pretrained:
     path = Path(init_from).expanduser()
     if (path / "config.yaml").is_file():
         _, model, tokenizer = load_run(path, "best")
-        template = load_chat_template(path, tokenizer)
-        return Pretrained(model, tokenizer, template.source if template else None, init_from)
+        return Pretrained(model, tokenizer, load_chat_template(path, tokenizer), init_from)
     if path.is_dir() and not (path / "config.json").is_file():
         raise GptlabError(
             f"model.init_from '{init_from}' is neither a gptlab run directory nor a Hugging Face model folder",
@@ -242,8 +241,11 @@ def init_config(base: ModelConfig, wanted: ModelConfig) -> ModelConfig:
             f"{wanted.init_from} learned",
             f"set model.block_size to at most {base.block_size}",
         )
+    local = Path(wanted.init_from).expanduser()
+    # a folder is kept as an absolute path, so a LoRA run finds its base from anywhere
+    init_from = str(local.resolve()) if local.is_dir() else wanted.init_from
     return replace(
-        base, init_from=wanted.init_from, block_size=wanted.block_size, dropout=wanted.dropout,
+        base, init_from=init_from, block_size=wanted.block_size, dropout=wanted.dropout,
         vocab_size=max(base.vocab_size, wanted.vocab_size),
     ).resolved()  # fmt: skip
 

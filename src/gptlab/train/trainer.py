@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from gptlab.chat import TEMPLATE_FILE
+from gptlab.chat import load_chat_template
 from gptlab.config import Config, TrainConfig, from_dict, to_yaml
 from gptlab.data.batches import IGNORE_INDEX, Batches, ExampleBatches, load_prepared, prefetch
 from gptlab.data.shards import write_atomic
@@ -38,7 +38,7 @@ from gptlab.train.schedules import lr_factor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # keys that define the model or the stream of batches: a resumed run must keep them
-FROZEN_ON_RESUME = ("model", "data", "train.seed", "train.batch_size", "train.data_mode")
+FROZEN_ON_RESUME = ("model", "data", "train.seed", "train.batch_size", "train.data_mode", "train.lora_")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -104,6 +104,12 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies within it (both resolved)."""
+    path, folder = path.expanduser().resolve(), folder.expanduser().resolve()
+    return path == folder or folder in path.parents
 
 
 def compile_pays(device: torch.device, total_steps: int | None) -> bool:
@@ -193,6 +199,9 @@ class Trainer:
         self.device = select_device(t.device)
         torch.manual_seed(t.seed)
         self.model = ckpt.build_model(cfg, self.base).to(self.device)
+        # of the base only its chat template is needed from here (gpt2-xl's weights are 6 GB of memory)
+        self.base_template = self.base.chat_template if self.base else None
+        self.base = None
         self.micro_batch_size = micro_batch_size(t, world=1)
         T = cfg.model.block_size
         self.train_batches, self.val_batches = self._batches(cfg)
@@ -230,6 +239,9 @@ class Trainer:
             return replace(cfg, model=ckpt.init_config(ckpt.init_source_config(init_from), cfg.model)), None
         base = ckpt.load_init(init_from)
         cfg = replace(cfg, model=ckpt.init_config(base.model.cfg, cfg.model))
+        if cfg.model.block_size < base.model.cfg.block_size and not self.quiet:
+            console.print(f"{init_from}: context cropped from {base.model.cfg.block_size} to {cfg.model.block_size} "
+                          "tokens (model.block_size)")  # fmt: skip
         ours = self.data.tokenizer().hf.get_vocab(with_added_tokens=True)
         theirs = base.tokenizer.hf.get_vocab(with_added_tokens=True)
         differ = sum(ours.get(token) != i for token, i in theirs.items())
@@ -289,8 +301,15 @@ class Trainer:
             if changed:
                 raise GptlabError(
                     f"cannot resume with changed {', '.join(changed)}",
-                    "resume keeps the model, data, seed, batch size and data mode; start a new run to change them",
+                    "resume keeps the model, data, seed, batch size, data mode and LoRA settings; start a new run to "
+                    "change them",
                 )
+        elif overwrite and _inside(Path(self.cfg.model.init_from), self.run_dir):
+            raise GptlabError(
+                f"model.init_from '{self.cfg.model.init_from}' is inside train.out_dir '{self.run_dir}', which "
+                "--overwrite would delete",
+                "set train.out_dir to another folder",
+            )
         elif self.run_dir.is_file():
             raise GptlabError(f"train.out_dir '{self.run_dir}' is a file", "set train.out_dir to a folder")
         elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not overwrite:
@@ -307,10 +326,9 @@ class Trainer:
         write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg).encode())
         write_atomic(self.run_dir / "tokenizer.json", self.data.tokenizer_path.read_bytes())
         # the chat template goes with the tokenizer: the data's (sft), else the base model's
-        template_path = self.data.dir / TEMPLATE_FILE
-        template = template_path.read_text() if template_path.is_file() else self.base and self.base.chat_template
-        if template:
-            write_atomic(self.run_dir / TEMPLATE_FILE, template.encode())
+        template = load_chat_template(self.data.dir, self.data.tokenizer()) or self.base_template
+        if template is not None:
+            template.save(self.run_dir)
 
     def _batches(self, cfg: Config) -> tuple[Batches | ExampleBatches, Batches | ExampleBatches]:
         """Train and validation batches; validation's are the same every evaluation, so the numbers compare."""
@@ -324,7 +342,8 @@ class Trainer:
         val = ExampleBatches(ex["val"], T, t.batch_size, "random", t.seed + 1, t.eval_iters, split="val", pad_id=pad)
         if train.truncated and not self.quiet:
             console.print(f"[yellow]{train.truncated} of {len(ex['train'])} examples are longer than the context of "
-                          f"{T} tokens: their ends are cut (raise model.block_size to keep them)[/]")  # fmt: skip
+                          f"{T} tokens: long prompts lose their start, then responses their end "
+                          "(raise model.block_size to keep them)[/]")  # fmt: skip
         return train, val
 
     def default_callbacks(self) -> list[Callback]:
@@ -390,14 +409,13 @@ class Trainer:
     # ----- the loop ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches."""
+        """Mean loss per target token over the fixed validation batches (sft rows hold different numbers of them)."""
         self.model.eval()
         # on CPU a compiled no-grad graph costs 5-10 s to build and saves less than that over a run's evaluations
         forward = self.model if self.device.type == "cpu" else self.forward
-        losses = []
+        s, n = 0.0, 0
         for k in range(self.cfg.train.eval_iters):
             x, y = self.val_batches.batch(k)
-            s, n = 0.0, 0
             for i in range(0, len(x), self.micro_batch_size):
                 xb = self.stepper.to_device(x[i : i + self.micro_batch_size])
                 yb = self.stepper.to_device(y[i : i + self.micro_batch_size])
@@ -405,9 +423,13 @@ class Trainer:
                     logits = forward(xb)
                 s += float(lm_loss(logits, yb))
                 n += int((yb != IGNORE_INDEX).sum())
-            losses.append(s / max(1, n))
         self.model.train()
-        return float(np.mean(losses))
+        if n == 0:
+            raise GptlabError(
+                "the validation batches hold no target tokens (every response is cut away)",
+                "raise model.block_size or give shorter examples",
+            )
+        return s / n
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._stop_requested:  # a second Ctrl-C stops at once
