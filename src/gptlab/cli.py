@@ -9,6 +9,12 @@ from pathlib import Path
 from gptlab.errors import GptlabError
 
 
+def _reject_extra(extra: list[str], command: str) -> None:
+    """Arguments argparse left over are options this command does not have."""
+    if extra:
+        raise GptlabError(f"unknown option '{extra[0]}'", f"see `gptlab {command} --help`")
+
+
 def _split_config_and_overrides(items: list[str], extra: list[str]) -> tuple[str | None, list[str]]:
     """First positional ending in .yaml/.yml is the config; `key=value` and `--key=value` are overrides."""
     config, overrides = None, []
@@ -50,8 +56,7 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.data.tokenizer_setup import train_tokenizer
 
-    if extra:
-        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab tokenizer train --help`")
+    _reject_extra(extra, "tokenizer train")
     if args.max_words < 1:
         raise GptlabError(
             f"--max-words must be at least 1, got {args.max_words}", "use at least 1; the default is 1,000,000"
@@ -68,8 +73,7 @@ def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.data.inspect import inspect_data
 
-    if extra:
-        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab data inspect --help`")
+    _reject_extra(extra, "data inspect")
     if args.windows < 0 or args.tokens < 1:
         raise GptlabError("--windows must be 0 or more and --tokens at least 1", "e.g. --windows 3 --tokens 64")
     print(inspect_data(args.dir, windows=args.windows, window_tokens=args.tokens, seed=args.seed))
@@ -102,8 +106,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.train.checkpoint import load_run
     from gptlab.train.trainer import select_device, select_dtype
 
-    if extra:
-        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab sample --help`")
+    _reject_extra(extra, "sample")
     device = select_device(args.device)
     cfg, model, tokenizer = load_run(args.run_dir, args.checkpoint, device)
     model = model.to(select_dtype(args.dtype, device))
@@ -151,8 +154,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.interop.runs import export
 
-    if extra:
-        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab export --help`")
+    _reject_extra(extra, "export")
     out = export(args.run_dir, args.out_dir, args.checkpoint)
     print(f"exported {args.run_dir} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
     return 0
@@ -161,8 +163,7 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_import_hf(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.interop.runs import import_hf
 
-    if extra:
-        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab import hf --help`")
+    _reject_extra(extra, "import hf")
     out = import_hf(args.source, args.out_dir, overwrite=args.overwrite)
     print(f"imported {args.source} into {out} (gptlab sample {out})")
     return 0
@@ -171,8 +172,7 @@ def cmd_import_hf(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_import_nanogpt(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.interop.nanogpt import import_nanogpt
 
-    if extra:
-        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab import nanogpt --help`")
+    _reject_extra(extra, "import nanogpt")
     out = import_nanogpt(args.ckpt, args.out_dir, data_dir=args.data, overwrite=args.overwrite)
     print(f"imported {args.ckpt} into {out} (gptlab sample {out})")
     return 0
@@ -181,16 +181,14 @@ def cmd_import_nanogpt(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_import_nanogpt_data(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.interop.nanogpt import import_nanogpt_data
 
-    if extra:
-        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab import nanogpt-data --help`")
+    _reject_extra(extra, "import nanogpt-data")
     out = import_nanogpt_data(args.data_dir, args.out_dir, overwrite=args.overwrite)
     print(f"converted {args.data_dir} into {out} (train on it with data.dir={out})")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
-    if extra:
-        raise GptlabError(f"unknown option '{extra[0]}'", "see `gptlab serve --help`")
+    _reject_extra(extra, "serve")
     try:
         from gptlab.serve import serve
     except ImportError as e:
