@@ -111,7 +111,28 @@ def load_examples(d: Path, meta: dict[str, Any], split: str) -> Examples:
     return Examples(**arrays)
 
 
-class ExampleBatches:
+class _StepItems:
+    """What `Batches` and `ExampleBatches` share: the items of step s's global batch, a pure function of (seed, s) in
+    random mode (so the epoch length, eval_interval, can change) and of (seed, epoch, s) in epoch mode."""
+
+    seed: int
+    batch_size: int
+    mode: str
+    steps_per_epoch: int
+    _perm_epoch: int = -1
+    _perm: np.ndarray = np.empty(0, dtype=np.int64)
+
+    def _items(self, step: int, n: int) -> np.ndarray:
+        """Indices in [0, n) of the whole global batch of `step` (all ranks)."""
+        if self.mode == "random":
+            return np.random.default_rng([self.seed, step]).integers(0, n, size=self.batch_size)
+        epoch, s = divmod(step, self.steps_per_epoch)
+        if self._perm_epoch != epoch:
+            self._perm, self._perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(n), epoch
+        return self._perm[s * self.batch_size : (s + 1) * self.batch_size]
+
+
+class ExampleBatches(_StepItems):
     """One example per row, cut to the context and right-padded; the batch of step s is a pure function of (seed, s).
 
     Targets are the next token where that token is part of the response, and IGNORE_INDEX elsewhere (the prompt,
@@ -145,17 +166,10 @@ class ExampleBatches:
         self.steps_per_epoch = n // batch_size if mode == "epoch" else steps_per_epoch or 1
         lengths = np.diff(examples.offsets)
         self.truncated = int((lengths > block_size + 1).sum())  # examples longer than the context are cut
-        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     def indices(self, step: int) -> np.ndarray:
         """The examples of the whole global batch of `step` (all ranks)."""
-        n = len(self.examples)
-        if self.mode == "random":
-            return np.random.default_rng([self.seed, step]).integers(0, n, size=self.batch_size)
-        epoch, s = divmod(step, self.steps_per_epoch)
-        if self._perm_epoch != epoch:
-            self._perm, self._perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(n), epoch
-        return self._perm[s * self.batch_size : (s + 1) * self.batch_size]
+        return self._items(step, len(self.examples))
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's rows of the batch of `step`: inputs and targets (B, block_size), int64."""
@@ -176,7 +190,7 @@ class ExampleBatches:
         return x, y
 
 
-class Batches:
+class Batches(_StepItems):
     """Windows of `block_size + 1` tokens from one or more shards, in random or epoch order, split across ranks.
 
     Positions are offsets into the shards laid end to end; a window never crosses a shard's end.
@@ -223,7 +237,6 @@ class Batches:
             self.steps_per_epoch = self.n_blocks // batch_size  # the last partial batch is dropped
         else:
             self.steps_per_epoch = steps_per_epoch or 1
-        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
     @staticmethod
     def _locate(index: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -234,16 +247,10 @@ class Batches:
 
     def starts(self, step: int) -> np.ndarray:
         """Start positions (shards end to end) of the whole global batch of `step` (all ranks)."""
-        if self.mode == "random":  # seeded by the step alone, so the epoch length (eval_interval) can change
-            rng = np.random.default_rng([self.seed, step])
-            g = rng.integers(0, int(self.window_counts.sum()), size=self.batch_size)
-            shard, offset = self._locate(g, self.window_counts)
+        if self.mode == "random":  # any window start
+            shard, offset = self._locate(self._items(step, int(self.window_counts.sum())), self.window_counts)
             return self.bases[shard] + offset
-        epoch, s = divmod(step, self.steps_per_epoch)
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
-            self._perm_epoch = epoch
-        shard, block = self._locate(self._perm[s * self.batch_size : (s + 1) * self.batch_size], self.block_counts)
+        shard, block = self._locate(self._items(step, self.n_blocks), self.block_counts)
         return self.bases[shard] + block * self.block_size
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:

@@ -189,19 +189,18 @@ class Trainer:
         self.run_dir = Path(cfg.train.out_dir)
         self.resume, self.quiet = resume, quiet
         self.data = load_prepared(cfg.data.dir)
-        cfg, self.base = self._load_base(cfg)  # before seeding: loading a Hugging Face model draws random numbers
+        cfg, base = self._load_base(cfg)  # before seeding: loading a Hugging Face model draws random numbers
         cfg = self._with_vocab(cfg)
         self.cfg = cfg
         t = cfg.train
-        self._check_lora_vocab()
-        self.base_fingerprint = ckpt.base_fingerprint(self.base.model) if self.base and t.lora_rank else None
+        self._check_lora_vocab(base)
+        self.base_fingerprint = ckpt.base_fingerprint(base.model) if base and t.lora_rank else None
 
         self.device = select_device(t.device)
         torch.manual_seed(t.seed)
-        self.model = ckpt.build_model(cfg, self.base).to(self.device)
-        # of the base only its chat template is needed from here (gpt2-xl's weights are 6 GB of memory)
-        self.base_template = self.base.chat_template if self.base else None
-        self.base = None
+        self.model = ckpt.build_model(cfg, base).to(self.device)
+        # of the base only its chat template is kept (gpt2-xl's weights are 6 GB of memory)
+        self.base_template = base.chat_template if base else None
         self.micro_batch_size = micro_batch_size(t, world=1)
         T = cfg.model.block_size
         self.train_batches, self.val_batches = self._batches(cfg)
@@ -254,10 +253,10 @@ class Trainer:
             )
         return cfg, base
 
-    def _check_lora_vocab(self) -> None:
-        if self.base is None or not self.cfg.train.lora_rank:
+    def _check_lora_vocab(self, base: ckpt.Pretrained | None) -> None:
+        if base is None or not self.cfg.train.lora_rank:
             return
-        grown = self.cfg.model.vocab_size - self.base.model.cfg.vocab_size
+        grown = self.cfg.model.vocab_size - base.model.cfg.vocab_size
         if grown > 0:
             raise GptlabError(
                 f"the data's tokenizer adds {grown} tokens to {self.cfg.model.init_from}'s, whose embeddings LoRA "
