@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from gptlab.errors import GptlabError
@@ -173,6 +173,14 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: train low-rank adapters on attention and MLP projections, the base frozen
     lora_alpha: float = 16.0  # adapters add (lora_alpha / lora_rank) * B @ A to each weight
     lora_dropout: float = 0.0  # dropout on the adapters' input
+    early_stop_patience: int = 0  # stop after this many evaluations without train.monitor improving; 0 = never
+    early_stop_min_delta: float = 0.0  # the least change of train.monitor that counts as improving
+    sample_interval: int = 0  # steps between samples (sample.start, sample.* settings) logged beside the loss; 0 = off
+    tensorboard: bool = False  # also log to TensorBoard event files in RUN_DIR/tensorboard (pip install tensorboard)
+    wandb: str = "off"  # also log to Weights & Biases: "offline" (files in RUN_DIR/wandb, no network), "online"
+    wandb_project: str = "gptlab"  # the W&B project
+    require_clean_git: bool = False  # refuse to train from a repository with uncommitted changes (--allow-dirty)
+    profile: bool = False  # trace a few steps with the torch profiler into RUN_DIR/profile and print the top ops
 
 
 @dataclass
@@ -192,16 +200,32 @@ class SampleConfig:
 
 
 @dataclass
+class TaskConfig:
+    """A synthetic task (`gptlab prepare` writes its examples; training scores them by exact match)."""
+
+    name: str = "none"  # "none", "adder" (a+b=c) or "sort" (a list of symbols, sorted)
+    digits: int = 2  # adder: digits of each operand (the sum is written with digits + 1)
+    length: int = 6  # sort: symbols per list
+    values: int = 10  # sort: distinct symbols (0-9, then a-z, A-Z: at most 62)
+    examples: int = 10_000  # distinct examples drawn (all there are, when fewer), split 70/20/10 train/valid/test
+    seed: int = 1337  # shuffles and draws the examples
+    eval_examples: int = 0  # valid examples scored at each evaluation; 0 = all
+
+
+@dataclass
 class Config:
-    """A whole experiment: model, data, training and sampling."""
+    """A whole experiment: model, data, training, sampling and an optional synthetic task."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
 
-SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
+SECTION_CLASSES = {
+    "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sample": SampleConfig, "task": TaskConfig,
+}  # fmt: skip
 
 # nanoGPT's flat names that differ from ours, so `--learning_rate=1e-3` keeps working
 NANOGPT_ALIASES = {"learning_rate": "train.lr", "dataset": "data.dir"}
@@ -219,6 +243,10 @@ def all_keys() -> list[str]:
 
 
 def _suggest(key: str) -> str:
+    section, _, leaf = key.partition(".")
+    near_section = difflib.get_close_matches(section, list(SECTION_CLASSES), n=1, cutoff=0.5)
+    if section not in SECTION_CLASSES and near_section and f"{near_section[0]}.{leaf}" in all_keys():
+        return f"did you mean '{near_section[0]}.{leaf}'?"  # a misspelt section before a valid leaf
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
     if not close:  # a misspelt leaf under the right section still deserves a hint
         leaf = key.rsplit(".", 1)[-1]
@@ -257,7 +285,9 @@ def _merge(base: Any, other: Any, origin: str) -> Any:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
-        raise GptlabError(f"unknown config key '{key}' in {origin}", _suggest(key)) from e
+        inner = other.get(key) if "." not in key and isinstance(other, DictConfig) else None
+        leaf = f"{key}.{next(iter(inner))}" if isinstance(inner, DictConfig) and len(inner) else key
+        raise GptlabError(f"unknown config key '{key}' in {origin}", _suggest(leaf)) from e
     except ValidationError as e:
         key = e.full_key or (str(e.key) if e.key is not None else "a section")
         raise GptlabError(
@@ -311,6 +341,8 @@ def validate(cfg: Config) -> None:
         "data.errors": (cfg.data.errors, ("strict", "replace")),
         "data.dtype": (cfg.data.dtype, ("auto", "uint16", "uint32")),
         "data.format": (cfg.data.format, ("text", "sft")),
+        "train.wandb": (t.wandb, ("off", "offline", "online")),
+        "task.name": (cfg.task.name, ("none", "adder", "sort")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -351,6 +383,11 @@ def validate(cfg: Config) -> None:
         raise GptlabError("train.lora_rank is set but there is no base model to adapt", "set model.init_from")
     if t.keep_last < 1:
         raise GptlabError("train.keep_last must be at least 1", "keep at least the latest checkpoint")
+    if t.early_stop_patience < 0 or t.early_stop_min_delta < 0 or t.sample_interval < 0:
+        raise GptlabError(
+            "train.early_stop_patience, early_stop_min_delta and sample_interval must be 0 (off) or more", "raise them"
+        )
+    validate_task(cfg.task)
     if cfg.model.arch not in ARCHES:
         raise _choice_error("model.arch", cfg.model.arch, ARCHES)
 
@@ -371,6 +408,15 @@ def validate_data(d: DataConfig) -> None:
         raise GptlabError(
             f"data.special_tokens has an empty or repeated token: {list(d.special_tokens)}", "list each special once"
         )
+
+
+def validate_task(task: TaskConfig) -> None:
+    """Check a synthetic task's sizes."""
+    limits = {"digits": (task.digits, 1, 18), "length": (task.length, 1, 1000), "values": (task.values, 2, 62),
+              "examples": (task.examples, 10, 10**8), "eval_examples": (task.eval_examples, 0, 10**8)}  # fmt: skip
+    for key, (value, low, high) in limits.items():
+        if not low <= value <= high:
+            raise GptlabError(f"task.{key}={value} is out of range", f"use a value in [{low}, {high}]")
 
 
 def sampling_problem(

@@ -38,7 +38,7 @@ from gptlab.train.schedules import lr_factor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # keys that define the model or the stream of batches: a resumed run must keep them
-FROZEN_ON_RESUME = ("model", "data", "train.seed", "train.batch_size", "train.data_mode", "train.lora_")
+FROZEN_ON_RESUME = ("model", "data", "task", "train.seed", "train.batch_size", "train.data_mode", "train.lora_")
 
 
 def select_device(name: str = "auto") -> torch.device:
