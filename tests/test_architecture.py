@@ -15,7 +15,7 @@ LAYERS = [
     ("model", "lora"),
     ("interop.hf",),
     ("train.checkpoint",),
-    ("train", "generate"),
+    ("train", "generate", "evaluate", "plot"),
     ("interop", "serve"),
     ("cli", "__main__"),
 ]

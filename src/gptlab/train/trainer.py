@@ -185,7 +185,11 @@ class Trainer:
         overwrite: bool = False,
         callbacks: list[Callback] | None = None,
         quiet: bool = False,
+        ephemeral: bool = False,
     ) -> None:
+        """`ephemeral`: build the model, optimizers and batches only, touching no run directory (the LR finder)."""
+        if ephemeral and (resume or overwrite):
+            raise ValueError("an ephemeral trainer neither resumes nor overwrites a run directory")
         self.run_dir = Path(cfg.train.out_dir)
         self.resume, self.quiet = resume, quiet
         self.data = load_prepared(cfg.data.dir)
@@ -222,10 +226,11 @@ class Trainer:
         self._epoch_loss, self._epoch_steps = 0.0, 0
         self._stop_requested = False
         # the run directory is written only once everything is checked and a resumed checkpoint has loaded
-        self._check_run_dir(overwrite)
-        if resume:
-            self._load_latest()
-        self._write_run_dir(overwrite)
+        if not ephemeral:
+            self._check_run_dir(overwrite)
+            if resume:
+                self._load_latest()
+            self._write_run_dir(overwrite)
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
 
     # ----- set-up -----------------------------------------------------------------------------
