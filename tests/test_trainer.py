@@ -215,7 +215,9 @@ def test_monitor_must_be_an_evaluated_metric(prepared):
     cfg = replace(prepared, train=replace(prepared.train, monitor="accuracy"))
     with pytest.raises(GptlabError) as e:
         Trainer(cfg, quiet=True).fit()
-    assert str(e.value) == "train.monitor 'accuracy' is not an evaluated metric (choose one of val_loss, val_ppl)"
+    assert str(e.value) == (
+        "train.monitor 'accuracy' is not an evaluated metric (choose one of lr, train_loss, train_ppl, val_loss, val_ppl)"
+    )
 
 
 def test_a_refused_config_leaves_no_run_directory(prepared):

@@ -40,12 +40,16 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     flags = {"errors": args.errors, "dtype": args.dtype, "workers": args.workers}
     overrides += [f"data.{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_config(path, overrides)
-    result = prepare(cfg.data, overwrite=args.overwrite, quiet=args.quiet)
+    if cfg.task.name != "none":  # a synthetic task writes its own examples
+        from gptlab.data.tasks import prepare_task
+
+        result = prepare_task(cfg.task, cfg.data.dir, overwrite=args.overwrite)
+    else:
+        result = prepare(cfg.data, overwrite=args.overwrite, quiet=args.quiet)
     m = result.meta
     state = "up to date" if result.skipped else "prepared"
-    if m.get("format") == "sft":
-        ex = m["examples"]
-        where = f"{ex['train']['count']:,} train + {ex['val']['count']:,} val examples"
+    if "examples" in m:
+        where = " + ".join(f"{e['count']:,} {split}" for split, e in m["examples"].items()) + " examples"
     else:
         where = f"in {len(m['shards']['train']) + len(m['shards']['val'])} shard(s)"
     print(f"{state}: {result.dir} ({m['train_tokens']:,} train + {m['val_tokens']:,} val tokens {where}, "

@@ -44,7 +44,7 @@ class PreparedData:
     meta: dict[str, Any]
     train: list[np.ndarray]
     val: list[np.ndarray]
-    examples: dict[str, Examples] | None = None  # an sft folder's examples per split (no shards then)
+    examples: dict[str, Examples] | None = None  # an sft or task folder's examples per split (no shards then)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -91,7 +91,9 @@ def load_prepared(data_dir: str | Path) -> PreparedData:
                 if not path.is_file() or path.stat().st_size != entry["tokens"] * dtype.itemsize:
                     raise GptlabError(f"shard '{path}' is missing or has the wrong size", again)
                 splits[split].append(np.memmap(path, dtype=dtype, mode="r"))
-        examples = {s: load_examples(d, meta, s) for s in ("train", "val")} if meta.get("format") == "sft" else None
+        # sft and task folders hold examples (task folders a test split too) instead of shards
+        with_examples = meta.get("format") in ("sft", "task")
+        examples = {s: load_examples(d, meta, s) for s in meta["examples"]} if with_examples else None
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise GptlabError(f"'{meta_path}' is corrupted: {e!r}", again) from e
     return PreparedData(d, meta, splits["train"], splits["val"], examples)

@@ -13,6 +13,7 @@ import json
 import zlib
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import numpy as np
@@ -110,26 +111,42 @@ def prepare_examples(data: DataConfig, overwrite: bool = False, quiet: bool = Fa
             f"'{path}' gives {len(splits['train'])} train and {len(splits['val'])} val examples",
             "give more examples or another data.val_fraction",
         )
+    meta = {
+        "format_version": shards.FORMAT_VERSION, "format": "sft", "complete": True, "settings": settings,
+        "source": data.source, "source_description": f"{len(rows):,} examples", "source_fingerprint": fingerprint,
+        "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eos_id,
+        "dtype": dtype.name, "chat_template": template is not None,
+    }  # fmt: skip
+    return PrepareResult(out, write_examples(out, tokenizer, splits, meta, template), skipped=False)
+
+
+def write_examples(
+    out: Path,
+    tokenizer: Tokenizer,
+    splits: dict[str, list[tuple[list, list]]],
+    meta: dict[str, Any],
+    template: ChatTemplate | None = None,
+) -> dict[str, Any]:
+    """Write example splits (prompt ids, response ids) as tokens/mask/offsets arrays with meta.json last; return it.
+
+    `meta` names the folder's format and settings; the tokenizer hash, counts and file lists are added here.
+    """
     out.mkdir(parents=True, exist_ok=True)
     shards.clear_prepared(out)  # meta.json first: nothing reads as complete while the files change
     tokenizer.save(out / "tokenizer.json")
     if template is not None:
         template.save(out)
-    meta = {
-        "format_version": shards.FORMAT_VERSION, "format": "sft", "complete": True, "settings": settings,
-        "source": data.source, "source_description": f"{len(rows):,} examples", "source_fingerprint": fingerprint,
-        "tokenizer": tokenizer.kind, "tokenizer_sha256": file_sha256(out / "tokenizer.json"),
-        "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eos_id, "dtype": dtype.name,
-        "chat_template": template is not None, "examples": {}, "shards": {"train": [], "val": []},
-    }  # fmt: skip
+    dtype = np.dtype(meta["dtype"])
+    meta = {**meta, "tokenizer_sha256": file_sha256(out / "tokenizer.json"), "examples": {}, "shards": {}}
     for split, pairs in splits.items():
         arrays = _flatten(pairs, dtype)
         for name, a in zip(EXAMPLE_FILES, arrays):
             write_atomic(out / f"{split}_{name}.bin", a.tobytes())
         meta["examples"][split] = {"count": len(pairs), "tokens": len(arrays[0])}
+        meta["shards"][split] = []
         meta[f"{split}_tokens"] = len(arrays[0])
     write_atomic(out / "meta.json", json.dumps(meta, indent=2).encode())
-    return PrepareResult(out, meta, skipped=False)
+    return meta
 
 
 def _flatten(pairs: list[tuple[list, list]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -26,9 +26,12 @@ def inspect_data(data_dir: str | Path, windows: int = 3, window_tokens: int = 64
         f"source: {meta['source']} ({meta.get('source_description', '')})",
         f"tokenizer: {meta['tokenizer']}, vocabulary {meta['vocab_size']:,}, ids stored as {meta['dtype']}"
         + (f", end of text = {eot}" if eot is not None else ""),
-        f"split: {meta['settings']['split']} (val fraction {meta['settings']['val_fraction']})",
-        "",
     ]
+    if meta.get("format") == "task":  # drawn examples, split 70/20/10
+        lines.append("task: " + ", ".join(f"{k}={v}" for k, v in meta["settings"].items()))
+    else:
+        lines.append(f"split: {meta['settings']['split']} (val fraction {meta['settings']['val_fraction']})")
+    lines.append("")
     if d.examples is not None:
         return "\n".join(lines + _examples_report(d, windows, seed))
     lines += [

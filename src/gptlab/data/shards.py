@@ -207,7 +207,7 @@ def read_meta(path: Path) -> dict[str, Any] | None:
 def clear_prepared(out: Path) -> None:
     """Remove what a prepare writes (meta.json first, so nothing reads as complete meanwhile)."""
     (out / "meta.json").unlink(missing_ok=True)
-    for split in SPLITS:
+    for split in (*SPLITS, "test"):  # a task's examples have a test split too
         for p in out.glob(f"{split}_*.bin"):
             p.unlink()
     (out / "tokenizer.json").unlink(missing_ok=True)

@@ -12,7 +12,15 @@ from rich.table import Table
 from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError
 from gptlab.progress import console, progress_bar
-from gptlab.train.checkpoint import prune_checkpoints, read_pointer, write_pointer
+from gptlab.train.checkpoint import (
+    find_checkpoint,
+    load_model_tensors,
+    load_weights,
+    prune_checkpoints,
+    read_pointer,
+    write_pointer,
+)
+from gptlab.train.task_metrics import task_exact_match
 
 if TYPE_CHECKING:
     from gptlab.train.trainer import Trainer
@@ -30,6 +38,12 @@ class Callback:
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """The run finished: its budget is spent or a callback stopped it (not on Ctrl-C or an error)."""
+
+    def on_test(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        """A finished task run's test-split scores (of its best checkpoint)."""
 
     def on_train_end(self, trainer: Trainer) -> None: ...
 
@@ -61,6 +75,9 @@ class MetricsLogger(Callback):
         self._write(metrics)
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._write(metrics)
+
+    def on_test(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self._write(metrics)
 
     def on_train_end(self, trainer: Trainer) -> None:
@@ -99,14 +116,62 @@ class ProgressCallback(Callback):
         self.bar.stop()
 
 
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
 class Evaluator(Callback):
-    """At each epoch end: validation loss and perplexity, then the `eval` event."""
+    """At each epoch end: validation loss and perplexity, a task's exact match, then the `eval` event.
+
+    When a task run finishes, its best checkpoint is loaded and scored on the test split (the `test` event).
+    """
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         val_loss = trainer.evaluate()
-        record = {**metrics, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        record = {**metrics, "train_ppl": _ppl(metrics["train_loss"]), "val_loss": val_loss, "val_ppl": _ppl(val_loss)}
+        if trainer.cfg.task.name != "none":
+            examples, limit = trainer.data.examples["val"], trainer.cfg.task.eval_examples
+            record["val_exact_match"] = task_exact_match(trainer.model, examples, trainer.data.meta["eot_id"], limit)
         trainer.history.append(record)
-        trainer.fire("on_eval", {"step": trainer.step, **{k: record[k] for k in ("epoch", "val_loss", "val_ppl")}})
+        trainer.fire("on_eval", {"step": trainer.step, **record})
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if trainer.cfg.task.name == "none":
+            return
+        best = find_checkpoint(trainer.run_dir, "best")
+        load_model_tensors(trainer.model, load_weights(best), str(best))  # the run is over: its best weights stay
+        eos = trainer.data.meta["eot_id"]
+        result = {"step": trainer.step, "checkpoint": best.name}
+        for split in ("val", "test"):
+            result[f"{split}_exact_match"] = task_exact_match(trainer.model, trainer.data.examples[split], eos)
+        trainer.results = result
+        write_atomic(trainer.run_dir / "results.json", json.dumps(result, indent=2).encode())
+        trainer.fire("on_test", result)
+
+
+class EarlyStopping(Callback):
+    """Stops the run when `monitor` has not improved by `min_delta` for `patience` evaluations in a row."""
+
+    def __init__(self, monitor: str, mode: str, patience: int, min_delta: float = 0.0) -> None:
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+
+    def _better(self, value: float, best: float) -> bool:
+        return value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
+
+    def _waited(self, history: list[dict[str, Any]]) -> int:
+        """Evaluations since the last improvement (computed from the history, so a resumed run counts on)."""
+        best, waited = None, 0
+        for record in history:
+            value = record[self.monitor]
+            if best is None or self._better(value, best):
+                best, waited = value, 0
+            else:
+                waited += 1
+        return waited
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if self._waited(trainer.history) >= self.patience:
+            trainer.request_stop(f"{self.monitor} has not improved for {self.patience} evaluations (early stopping)")
 
 
 class Checkpointer(Callback):
@@ -132,23 +197,34 @@ class Checkpointer(Callback):
 
 
 class HistoryPrinter(Callback):
-    """Prints the per-epoch history table at the end of the run and saves it as history.json."""
+    """Prints the per-epoch history table at the end of the run (and a task's test score) and saves history.json."""
+
+    FIXED = {"epoch": "epoch", "step": "step", "train_loss": "train loss", "train_ppl": "train ppl",
+             "val_loss": "val loss", "val_ppl": "val ppl"}  # fmt: skip
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path, self.enabled = path, enabled
+
+    def on_test(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if self.enabled:
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("_exact_match"))
+            console.print(f"{metrics['checkpoint']} (best by {trainer.cfg.train.monitor}): {scores}")
 
     def on_train_end(self, trainer: Trainer) -> None:
         write_atomic(self.path, json.dumps(trainer.history, indent=2).encode())
         if not self.enabled or not trainer.history:
             return
         table = Table(title=f"history ({trainer.run_dir})")
-        for col in ("epoch", "step", "train loss", "val loss", "val ppl", "lr"):
+        # the fixed columns, then any further metric (a task's exact match), then the learning rate
+        extra = [k for k in trainer.history[-1] if k not in self.FIXED and k != "lr"]
+        for col in [*self.FIXED.values(), *(k.replace("_", " ") for k in extra), "lr"]:
             table.add_column(col, justify="right")
         best = read_pointer(trainer.run_dir / "checkpoints" / "best")
         for h in trainer.history:
             mark = " *" if best == f"step_{h['step']}" else ""
             table.add_row(
-                str(h["epoch"]), f"{h['step']}{mark}", f"{h['train_loss']:.4f}", f"{h['val_loss']:.4f}",
-                f"{h['val_ppl']:.2f}", f"{h['lr']:.2e}",
+                str(h["epoch"]), f"{h['step']}{mark}", f"{h['train_loss']:.4f}", f"{h.get('train_ppl', math.nan):.2f}",
+                f"{h['val_loss']:.4f}", f"{h['val_ppl']:.2f}", *(f"{h.get(k, math.nan):.4f}" for k in extra),
+                f"{h['lr']:.2e}",
             )  # fmt: skip
         console.print(table)

@@ -25,20 +25,32 @@ import torch.nn.functional as F
 import yaml
 
 from gptlab.chat import load_chat_template
-from gptlab.config import Config, TrainConfig, from_dict, to_yaml
+from gptlab.config import Config, TaskConfig, TrainConfig, from_dict, to_yaml
 from gptlab.data.batches import IGNORE_INDEX, Batches, ExampleBatches, load_prepared, prefetch
 from gptlab.data.shards import write_atomic
+from gptlab.data.tasks import TASK_SETTINGS
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.progress import console
 from gptlab.train import checkpoint as ckpt
-from gptlab.train.callbacks import Callback, Checkpointer, Evaluator, HistoryPrinter, MetricsLogger, ProgressCallback
+from gptlab.train.callbacks import (
+    Callback,
+    Checkpointer,
+    EarlyStopping,
+    Evaluator,
+    HistoryPrinter,
+    MetricsLogger,
+    ProgressCallback,
+)
 from gptlab.train.optim import build_optimizers, set_lr
 from gptlab.train.schedules import lr_factor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # keys that define the model or the stream of batches: a resumed run must keep them
-FROZEN_ON_RESUME = ("model", "data", "task", "train.seed", "train.batch_size", "train.data_mode", "train.lora_")
+FROZEN_ON_RESUME = (
+    "model", "data", "train.seed", "train.batch_size", "train.data_mode", "train.lora_",
+    *(f"task.{k}" for k in TASK_SETTINGS),
+)  # fmt: skip
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -193,6 +205,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.out_dir)
         self.resume, self.quiet = resume, quiet
         self.data = load_prepared(cfg.data.dir)
+        cfg = self._with_task(cfg)
         cfg, base = self._load_base(cfg)  # before seeding: loading a Hugging Face model draws random numbers
         cfg = self._with_vocab(cfg)
         self.cfg = cfg
@@ -224,7 +237,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_metric: float | None = None
         self._epoch_loss, self._epoch_steps = 0.0, 0
-        self._stop_requested = False
+        self._stop_requested = False  # Ctrl-C or SIGTERM: save a checkpoint and stop
+        self.stop_reason: str | None = None  # set by a callback (early stopping): stop after this step
+        self.results: dict[str, Any] = {}  # what the end of a finished run measured (a task's test score)
         # the run directory is written only once everything is checked and a resumed checkpoint has loaded
         if not ephemeral:
             self._check_run_dir(overwrite)
@@ -257,6 +272,31 @@ class Trainer:
                 f"prepare the data with data.tokenizer={hint}",
             )
         return cfg, base
+
+    def _with_task(self, cfg: Config) -> Config:
+        """A task's data carries its settings: a config naming another task (or none for a task's data) is refused."""
+        meta, settings = self.data.meta, {k: getattr(cfg.task, k) for k in TASK_SETTINGS}
+        if meta.get("format") != "task":
+            if cfg.task.name != "none":
+                raise GptlabError(
+                    f"task.name is {cfg.task.name} but '{self.data.dir}' holds no task examples",
+                    "run `gptlab prepare` with this config first, or set data.dir to the task's folder",
+                )
+            return cfg
+        if cfg.task.name == "none":  # training on a task's folder: take the task from it
+            return replace(cfg, task=TaskConfig(**{**meta["settings"], "eval_examples": cfg.task.eval_examples}))
+        prepared = {k: meta["settings"].get(k) for k in TASK_SETTINGS}
+        if prepared != settings:
+            changed = ", ".join(f"task.{k}" for k in TASK_SETTINGS if prepared[k] != settings[k])
+            raise GptlabError(
+                f"the examples in '{self.data.dir}' were prepared with other task settings ({changed})",
+                "run `gptlab prepare` with this config (--overwrite), or set data.dir to a new folder",
+            )
+        return cfg
+
+    def request_stop(self, reason: str) -> None:
+        """Finish the run after the current step, as if its budget were spent (early stopping calls this)."""
+        self.stop_reason = reason
 
     def _check_lora_vocab(self, base: ckpt.Pretrained | None) -> None:
         if base is None or not self.cfg.train.lora_rank:
@@ -352,13 +392,16 @@ class Trainer:
 
     def default_callbacks(self) -> list[Callback]:
         t = self.cfg.train
-        return [
+        callbacks = [
             MetricsLogger(self.run_dir / "metrics.jsonl"),
             ProgressCallback(t.log_interval, enabled=not self.quiet),
             Evaluator(),
             Checkpointer(t.monitor, t.monitor_mode, t.keep_last),
             HistoryPrinter(self.run_dir / "history.json", enabled=not self.quiet),
         ]
+        if t.early_stop_patience:  # after the checkpointer: the evaluation that stops the run is saved first
+            callbacks.insert(4, EarlyStopping(t.monitor, t.monitor_mode, t.early_stop_patience, t.early_stop_min_delta))
+        return callbacks
 
     def fire(self, event: str, payload: Any = None) -> None:
         """Send an event to every callback, in order."""
@@ -453,6 +496,8 @@ class Trainer:
         try:
             self.fire("on_train_start")
             self._loop(t)
+            if not self._stop_requested:  # the budget was spent or a callback stopped it: not an interruption
+                self.fire("on_fit_end")
         except torch.OutOfMemoryError as e:
             raise GptlabError(
                 f"out of memory with micro-batches of {self.micro_batch_size} x {self.cfg.model.block_size} tokens",
@@ -477,6 +522,10 @@ class Trainer:
 
     def _steps(self, t: Any, batches: Iterator[tuple[Any, Any]]) -> None:
         while self.step < self.total_steps:
+            if self.stop_reason is not None:
+                if not self.quiet:
+                    console.print(f"stopped at step {self.step}: {self.stop_reason}")
+                return
             if self._stop_requested:
                 path = self.save_checkpoint()
                 console.print(f"saved {path}")
