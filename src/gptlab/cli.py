@@ -155,6 +155,21 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    from gptlab.evaluate import evaluate_run
+
+    _reject_extra(extra, "eval")
+    report = evaluate_run(
+        args.run_dir, data=args.data, split=args.split, hellaswag=args.hellaswag, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
+        quiet=args.json,
+    )  # fmt: skip
+    print(json.dumps(report.to_dict()) if args.json else report.summary())
+    return 0
+
+
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.interop.runs import export
 
@@ -291,6 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
     )
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="loss, perplexity, bits-per-byte and HellaSwag accuracy of a trained run")
+    p.add_argument("run_dir", help="the run directory (train.out_dir)")
+    p.add_argument("--data", metavar="PATH",
+                   help="a text file or prepared folder (default: the run's data unless only --hellaswag)")  # fmt: skip
+    p.add_argument("--split", choices=["val", "train"], default="val", help="the split of a prepared folder")
+    p.add_argument("--hellaswag", nargs="?", const="val", metavar="PATH",
+                   help="score a HellaSwag .jsonl (no PATH: the official val set, downloaded once)")  # fmt: skip
+    p.add_argument("--max-tokens", "--max_tokens", type=int, dest="max_tokens", help="score at most N tokens")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=8, dest="batch_size", help="rows per forward")
+    p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder such as step_500")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast precision (auto: bf16 on CUDA, fp32 elsewhere); losses are fp32")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face folder that from_pretrained loads")
     p.add_argument("run_dir", help="the run directory (train.out_dir)")
