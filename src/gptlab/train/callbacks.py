@@ -31,11 +31,13 @@ class Callback:
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
 
+    def on_sample(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
+
     def on_train_end(self, trainer: Trainer) -> None: ...
 
 
 class MetricsLogger(Callback):
-    """Appends one JSON line per step and per evaluation to metrics.jsonl."""
+    """Appends one JSON line per step, per evaluation and per sample to metrics.jsonl."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -62,6 +64,9 @@ class MetricsLogger(Callback):
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self._write(metrics)
+
+    def on_sample(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self._write(record)
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.file:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from torch.profiler import record_function
 
 from gptlab.chat import load_chat_template
 from gptlab.config import Config, TrainConfig, from_dict, to_yaml
@@ -32,6 +33,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.progress import console
 from gptlab.train import checkpoint as ckpt
+from gptlab.train import tracking
 from gptlab.train.callbacks import Callback, Checkpointer, Evaluator, HistoryPrinter, MetricsLogger, ProgressCallback
 from gptlab.train.optim import build_optimizers, set_lr
 from gptlab.train.schedules import lr_factor
@@ -186,8 +188,10 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         quiet: bool = False,
         ephemeral: bool = False,
+        allow_dirty: bool = False,
     ) -> None:
-        """`ephemeral`: build the model, optimizers and batches only, touching no run directory (the LR finder)."""
+        """`ephemeral`: build the model, optimizers and batches only, touching no run directory (the LR finder).
+        `allow_dirty`: train even when train.require_clean_git finds uncommitted changes (`--allow-dirty`)."""
         if ephemeral and (resume or overwrite):
             raise ValueError("an ephemeral trainer neither resumes nor overwrites a run directory")
         self.run_dir = Path(cfg.train.out_dir)
@@ -226,11 +230,15 @@ class Trainer:
         self._epoch_loss, self._epoch_steps = 0.0, 0
         self._stop_requested = False
         # the run directory is written only once everything is checked and a resumed checkpoint has loaded
+        self.git: tracking.GitState | None = None
         if not ephemeral:
+            self.git = tracking.check_git(t.require_clean_git and not allow_dirty)
+            tracking.check_tracking(cfg, self.data)
             self._check_run_dir(overwrite)
             if resume:
                 self._load_latest()
             self._write_run_dir(overwrite)
+            tracking.start_session(self.run_dir, self.git, self.device, self.step, quiet)
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
 
     # ----- set-up -----------------------------------------------------------------------------
@@ -355,6 +363,7 @@ class Trainer:
         return [
             MetricsLogger(self.run_dir / "metrics.jsonl"),
             ProgressCallback(t.log_interval, enabled=not self.quiet),
+            *tracking.callbacks(self),  # samples, TensorBoard, W&B, profiler (as train.* asks)
             Evaluator(),
             Checkpointer(t.monitor, t.monitor_mode, t.keep_last),
             HistoryPrinter(self.run_dir / "history.json", enabled=not self.quiet),
@@ -484,9 +493,11 @@ class Trainer:
             factor = lr_factor(self.step, self.total_steps, t)
             set_lr(self.optimizers, factor)
             t0 = time.perf_counter()
-            x, y = next(batches)
-            loss_t, norm_t = self.stepper(x, y)
-            loss = float(loss_t)  # one sync per step: needed for the NaN guard and the log
+            with record_function("data"):  # regions train.profile reports: waiting for the batch vs computing
+                x, y = next(batches)
+            with record_function("step"):
+                loss_t, norm_t = self.stepper(x, y)
+                loss = float(loss_t)  # one sync per step: needed for the NaN guard and the log
             if not math.isfinite(loss):
                 raise GptlabError(
                     f"loss is {loss} at step {self.step + 1}",
