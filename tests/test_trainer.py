@@ -97,6 +97,7 @@ def test_run_directory_layout(prepared):
         "metrics.jsonl",
         "history.json",
         "checkpoints",
+        "run.json",
     }
     steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     best = ckpt.read_pointer(run / "checkpoints" / "best")

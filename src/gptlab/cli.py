@@ -97,7 +97,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             raise GptlabError(f"no run to resume in '{args.resume}' (config.yaml missing)", "check the path")
         overrides = [*overrides, f"train.out_dir={args.resume}"]
     cfg = load_config(path, overrides)
-    trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet).fit()
+    trainer = Trainer(
+        cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet, allow_dirty=args.allow_dirty
+    ).fit()
     last = trainer.history[-1] if trainer.history else None
     summary = f", val loss {last['val_loss']:.4f}" if last else ""
     print(f"trained {trainer.step} steps into {trainer.run_dir}{summary}")
@@ -282,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.add_argument("--allow-dirty", action="store_true", help="train even if train.require_clean_git finds changes")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a trained run")

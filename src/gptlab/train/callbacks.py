@@ -45,11 +45,13 @@ class Callback:
     def on_test(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         """A finished task run's test-split scores (of its best checkpoint)."""
 
+    def on_sample(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
+
     def on_train_end(self, trainer: Trainer) -> None: ...
 
 
 class MetricsLogger(Callback):
-    """Appends one JSON line per step and per evaluation to metrics.jsonl."""
+    """Appends one JSON line per step, per evaluation and per sample to metrics.jsonl."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -79,6 +81,9 @@ class MetricsLogger(Callback):
 
     def on_test(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self._write(metrics)
+
+    def on_sample(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self._write(record)
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.file:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from torch.profiler import record_function
 
 from gptlab.chat import load_chat_template
 from gptlab.config import Config, TaskConfig, TrainConfig, from_dict, to_yaml
@@ -33,6 +34,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.progress import console
 from gptlab.train import checkpoint as ckpt
+from gptlab.train import tracking
 from gptlab.train.callbacks import (
     Callback,
     Checkpointer,
@@ -198,8 +200,10 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         quiet: bool = False,
         ephemeral: bool = False,
+        allow_dirty: bool = False,
     ) -> None:
-        """`ephemeral`: build the model, optimizers and batches only, touching no run directory (the LR finder)."""
+        """`ephemeral`: build the model, optimizers and batches only, touching no run directory (the LR finder).
+        `allow_dirty`: train even when train.require_clean_git finds uncommitted changes (`--allow-dirty`)."""
         if ephemeral and (resume or overwrite):
             raise ValueError("an ephemeral trainer neither resumes nor overwrites a run directory")
         self.run_dir = Path(cfg.train.out_dir)
@@ -241,11 +245,15 @@ class Trainer:
         self.stop_reason: str | None = None  # set by a callback (early stopping): stop after this step
         self.results: dict[str, Any] = {}  # what the end of a finished run measured (a task's test score)
         # the run directory is written only once everything is checked and a resumed checkpoint has loaded
+        self.git: tracking.GitState | None = None
         if not ephemeral:
+            self.git = tracking.check_git(t.require_clean_git and not allow_dirty)
+            tracking.check_tracking(cfg, self.data)
             self._check_run_dir(overwrite)
             if resume:
                 self._load_latest()
             self._write_run_dir(overwrite)
+            tracking.start_session(self.run_dir, self.git, self.device, self.step, quiet)
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
 
     # ----- set-up -----------------------------------------------------------------------------
@@ -395,12 +403,14 @@ class Trainer:
         callbacks = [
             MetricsLogger(self.run_dir / "metrics.jsonl"),
             ProgressCallback(t.log_interval, enabled=not self.quiet),
+            *tracking.callbacks(self),  # samples, TensorBoard, W&B, profiler (as train.* asks)
             Evaluator(),
             Checkpointer(t.monitor, t.monitor_mode, t.keep_last),
             HistoryPrinter(self.run_dir / "history.json", enabled=not self.quiet),
         ]
         if t.early_stop_patience:  # after the checkpointer: the evaluation that stops the run is saved first
-            callbacks.insert(4, EarlyStopping(t.monitor, t.monitor_mode, t.early_stop_patience, t.early_stop_min_delta))
+            stopper = EarlyStopping(t.monitor, t.monitor_mode, t.early_stop_patience, t.early_stop_min_delta)
+            callbacks.insert(len(callbacks) - 1, stopper)
         return callbacks
 
     def fire(self, event: str, payload: Any = None) -> None:
@@ -533,9 +543,11 @@ class Trainer:
             factor = lr_factor(self.step, self.total_steps, t)
             set_lr(self.optimizers, factor)
             t0 = time.perf_counter()
-            x, y = next(batches)
-            loss_t, norm_t = self.stepper(x, y)
-            loss = float(loss_t)  # one sync per step: needed for the NaN guard and the log
+            with record_function("data"):  # regions train.profile reports: waiting for the batch vs computing
+                x, y = next(batches)
+            with record_function("step"):
+                loss_t, norm_t = self.stepper(x, y)
+                loss = float(loss_t)  # one sync per step: needed for the NaN guard and the log
             if not math.isfinite(loss):
                 raise GptlabError(
                     f"loss is {loss} at step {self.step + 1}",
