@@ -242,8 +242,8 @@ def add_tracking_commands(sub: argparse._SubParsersAction, with_config: Callable
     """`gptlab find-lr` and `gptlab plot`."""
     p = sub.add_parser("find-lr", help="sweep the learning rate exponentially for a few hundred steps, suggest one")
     with_config(p)
-    p.add_argument("--start-lr", "--start_lr", type=float, default=1e-7, dest="start_lr")
-    p.add_argument("--end-lr", "--end_lr", type=float, default=10.0, dest="end_lr")
+    p.add_argument("--start-lr", "--start_lr", type=float, default=1e-7, dest="start_lr", help="first rate (1e-7)")
+    p.add_argument("--end-lr", "--end_lr", type=float, default=10.0, dest="end_lr", help="last rate (10)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (fewer when the loss blows up)")
     p.add_argument("--out", default="lr_find.png", help="the PNG of loss against rate (default lr_find.png)")
     p.set_defaults(func=cmd_find_lr)
