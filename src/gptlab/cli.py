@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gptlab.errors import GptlabError
@@ -233,6 +234,47 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_find_lr(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.config import load_config
+    from gptlab.plot import check_output
+    from gptlab.train.lr_finder import find_lr
+
+    path, overrides = _split_config_and_overrides(args.args, extra)
+    cfg, out = load_config(path, overrides), check_output(args.out)
+    result = find_lr(cfg, args.start_lr, args.end_lr, args.steps, quiet=args.quiet)
+    use = f"train.lr={result.suggestion:.1e}"
+    if cfg.train.optimizer == "muon":  # Muon's rate moved with the swept one
+        use += f" train.muon_lr={result.suggestion * cfg.train.muon_lr / cfg.train.lr:.1e}"
+    print(f"suggested learning rate: {result.suggestion:.1e} ({result.why})")
+    print(f"train with it: {use}")
+    print(f"wrote {result.plot(out)}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.plot import plot_runs
+
+    _reject_extra(extra, "plot")
+    print(f"wrote {plot_runs(args.run_dirs, args.out)}")
+    return 0
+
+
+def add_tracking_commands(sub: argparse._SubParsersAction, with_config: Callable) -> None:
+    """`gptlab find-lr` and `gptlab plot`."""
+    p = sub.add_parser("find-lr", help="sweep the learning rate exponentially for a few hundred steps, suggest one")
+    with_config(p)
+    p.add_argument("--start-lr", "--start_lr", type=float, default=1e-7, dest="start_lr", help="first rate (1e-7)")
+    p.add_argument("--end-lr", "--end_lr", type=float, default=10.0, dest="end_lr", help="last rate (10)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (fewer when the loss blows up)")
+    p.add_argument("--out", default="lr_find.png", help="the PNG of loss against rate (default lr_find.png)")
+    p.set_defaults(func=cmd_find_lr)
+
+    p = sub.add_parser("plot", help="draw loss, evaluation metrics and learning rate of runs into a PNG")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.out_dir)")
+    p.add_argument("--out", default="plot.png", help="the PNG to write (default plot.png)")
+    p.set_defaults(func=cmd_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptlab", description="Train, sample and benchmark GPT models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -373,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--vocab-size", "--vocab_size", type=int, default=0, dest="vocab_size")
     p.set_defaults(func=cmd_bench)
+    add_tracking_commands(sub, with_config)
     return parser
 
 
