@@ -54,11 +54,23 @@ def test_every_numeric_evaluation_metric_is_found_and_samples_are_skipped(tmp_pa
         {"step": 1, "epoch": 0, "val_loss": 2.9, "val_ppl": 18.2},
         {"step": 1, "sample": "ROMEO: the king"},
         {"step": 2, "epoch": 0, "loss": 2.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 10.0},
-        {"step": 2, "epoch": 0, "val_loss": 2.4, "val_ppl": 11.0, "val_exact_match": 0.25, "note": "text"},
+        {
+            "step": 2,
+            "epoch": 0,
+            "lr": 1e-3,
+            "train_loss": 2.7,
+            "train_ppl": 14.9,
+            "val_loss": 2.4,
+            "val_ppl": 11.0,
+            "val_exact_match": 0.25,
+            "note": "text",
+        },
+        {"step": 2, "checkpoint": "step_2", "val_exact_match": 0.25, "test_exact_match": 0.2},  # a task's test
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 3, "lo')
     steps, evals = read_metrics(tmp_path)  # the half-written last line of a crash is skipped
     assert steps == [records[0], records[3]] and evals == [records[1], records[4]]
+    # the epoch's training numbers are drawn from the step records; the final test record is not a curve
     assert evaluation_metrics(evals) == ["val_loss", "val_ppl", "val_exact_match"]
     assert plot_runs([tmp_path], tmp_path / "one.png").stat().st_size > 1000
 

@@ -153,6 +153,12 @@ def test_a_short_adder_run_learns_to_add(tmp_path, capsys):
     assert f"{history[-1]['val_exact_match']:.4f} │" in err  # the metric's column in the history table
     assert f"test_exact_match {results['test_exact_match']:.4f}" in " ".join(err.split())
     assert json.loads((Path(cfg.train.out_dir) / "history.json").read_text()) == history
+    # gptlab eval on a task run scores the best checkpoint on val and test: what the run reported at its end
+    assert main(["eval", cfg.train.out_dir, "--json", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checkpoint"] == results["checkpoint"]
+    assert report["task"]["examples"] == {"val": 2000, "test": 1000}
+    assert report["task"]["exact_match"] == {"val": results["val_exact_match"], "test": results["test_exact_match"]}
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_improvement(prepared, capsys):

@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.config import Config
-from gptlab.data.batches import load_prepared
+from gptlab.data.batches import PreparedData, load_prepared
 from gptlab.data.sources import cache_dir
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.progress import progress_bar
 from gptlab.tokenizers import Tokenizer
 from gptlab.train import checkpoint as ckpt
+from gptlab.train.task_metrics import task_exact_match
 from gptlab.train.trainer import autocast, select_device, select_dtype
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -75,6 +76,20 @@ class ChoiceScore:
 
     def summary(self) -> str:
         return f"hellaswag: {self.source}: n {self.n:,}, acc {self.acc:.4f}, acc_norm {self.acc_norm:.4f}"
+
+
+@dataclass
+class TaskScore:
+    """A synthetic task's exact match of greedy answers per split (valid and test)."""
+
+    task: str
+    source: str
+    examples: dict[str, int]
+    exact_match: dict[str, float]
+
+    def summary(self) -> str:
+        scores = ", ".join(f"{split} {v:.4f} ({self.examples[split]:,})" for split, v in self.exact_match.items())
+        return f"task: {self.task} on {self.source}: exact match {scores}"
 
 
 @dataclass
@@ -273,6 +288,30 @@ def eval_tokens(
     return getattr(prepared, split), str(folder), split
 
 
+def _task_folder(run_dir: str | Path, folder: str | Path) -> PreparedData | None:
+    """The prepared task examples in `folder` (checked against the run's tokenizer), or None for anything else."""
+    meta = Path(folder).expanduser() / "meta.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("format") != "task":
+        return None
+    prepared = load_prepared(meta.parent)
+    if not _same_tokenizer(prepared.tokenizer_path, Path(run_dir) / "tokenizer.json"):
+        raise GptlabError(
+            f"the task examples in '{meta.parent}' were prepared with another tokenizer than the run '{run_dir}'",
+            "give --data the task folder the run was trained on",
+        )
+    return prepared
+
+
+def score_task(model: GPT, task: PreparedData) -> TaskScore:
+    """Exact match of greedy answers on a task folder's val and test splits."""
+    eos, examples = task.meta["eot_id"], task.examples or {}
+    splits = [s for s in ("val", "test") if s in examples]
+    return TaskScore(
+        task.meta["settings"]["name"], str(task.dir), {s: len(examples[s]) for s in splits},
+        {s: task_exact_match(model, examples[s], eos) for s in splits},
+    )  # fmt: skip
+
+
 # ----- multiple choice (HellaSwag) --------------------------------------------------------------------------------
 @dataclass
 class Choice:
@@ -454,7 +493,10 @@ def evaluate_run(
     cfg, model, tokenizer = ckpt.load_run(run_dir, checkpoint, dev)
     dt = select_dtype(dtype, dev)
     report = EvalReport(str(run_dir), _checkpoint_name(run_dir, checkpoint), str(dev), str(dt).removeprefix("torch."))
-    if data is not None or examples is None:
+    task = _task_folder(run_dir, data if data is not None else cfg.data.dir)
+    if task is not None:  # a task run (or --data naming a task folder): exact match instead of a text score
+        report.sections["task"] = score_task(model, task)
+    elif data is not None or examples is None:
         chunks, source, used_split = eval_tokens(run_dir, cfg, tokenizer, data, split)
         report.sections["text"] = score_stream(
             model, tokenizer, chunks, batch_size=batch_size, max_tokens=max_tokens, dtype=dt, source=source,

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 STEP_KEYS = ("step", "epoch")  # what places a record; every other numeric field of an evaluation is a metric
+# an evaluation record repeats the epoch's training numbers: the step records draw those already
+TRAINING_KEYS = ("lr", "train_loss", "train_ppl")
 
 
 def smooth(values: Sequence[float], beta: float) -> list[float]:
@@ -69,8 +71,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[s
             record = json.loads(line)
         except ValueError:  # a line half-written by a crash
             continue
-        if not isinstance(record, dict) or not _number(record.get("step")):
-            continue
+        if not isinstance(record, dict) or not _number(record.get("step")) or "checkpoint" in record:
+            continue  # not a metric record, or a task run's final test scores (of its best checkpoint)
         if "loss" in record:
             steps.append(record)
         elif any(_number(v) for k, v in record.items() if k not in STEP_KEYS):
@@ -84,7 +86,7 @@ def evaluation_metrics(records: list[dict[str, Any]]) -> list[str]:
     """The numeric metrics of evaluation records (val_loss, val_ppl, ...), in the order they first appear."""
     names: list[str] = []
     for record in records:
-        names += [k for k, v in record.items() if k not in (*STEP_KEYS, *names) and _number(v)]
+        names += [k for k, v in record.items() if k not in (*STEP_KEYS, *TRAINING_KEYS, *names) and _number(v)]
     return names
 
 
