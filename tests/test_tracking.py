@@ -116,7 +116,10 @@ def wandb_env(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def test_wandb_offline_writes_the_run_into_the_run_directory(prepared, wandb_env, capfd):
+def test_wandb_offline_writes_the_run_into_the_run_directory(prepared, wandb_env, capfd, monkeypatch):
+    import openai  # noqa: F401  (in sys.modules, as in the server's tests: W&B then advertises its LLM tracer)
+
+    monkeypatch.delenv("WANDB_DISABLE_WEAVE", raising=False)
     cfg = with_train(prepared, wandb="offline", sample_interval=10, max_iters=15)
     cfg = replace(cfg, sample=replace(cfg.sample, max_new_tokens=8))
     Trainer(cfg, quiet=True).fit()
@@ -179,7 +182,7 @@ def test_a_missing_sample_prompt_file_is_refused_at_set_up(prepared):
     cfg = replace(cfg, sample=replace(cfg.sample, start="FILE:nowhere.txt"))
     with pytest.raises(GptlabError) as e:
         Trainer(cfg, quiet=True)
-    assert str(e.value) == "prompt file 'nowhere.txt' not found (check the path after FILE: in sample.start)"
+    assert str(e.value) == "prompt file 'nowhere.txt' not found (check the path after FILE:)"
     assert not Path(cfg.train.out_dir).exists()
 
 

@@ -109,7 +109,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.config import check_sampling
-    from gptlab.generate import Generator, SamplingParams
+    from gptlab.generate import Generator, SamplingParams, prompt_text
     from gptlab.train.checkpoint import load_run
     from gptlab.train.trainer import select_device, select_dtype
 
@@ -118,12 +118,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     cfg, model, tokenizer = load_run(args.run_dir, args.checkpoint, device)
     model = model.to(select_dtype(args.dtype, device))
     s = cfg.sample
-    start = args.start if args.start is not None else s.start
-    if start.startswith("FILE:"):
-        prompt_path = Path(start[5:])
-        if not prompt_path.is_file():
-            raise GptlabError(f"prompt file '{prompt_path}' not found", "check the path after FILE:")
-        start = prompt_path.read_text(encoding="utf-8")
+    start = prompt_text(args.start if args.start is not None else s.start)
     ids = tokenizer.encode(start)
     if not ids:
         raise GptlabError("the prompt is empty", "give --start some text")

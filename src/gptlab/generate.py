@@ -19,10 +19,12 @@ import itertools
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from gptlab.config import sampling_problem
+from gptlab.errors import GptlabError
 from gptlab.model import GPT, KVCache
 from gptlab.tokenizers import Tokenizer
 
@@ -343,6 +345,16 @@ def _updates(engine: Engine) -> Iterator[Update]:
     """Every update of an engine's requests, stepping it until it is idle."""
     while engine.has_work():
         yield from engine.step()
+
+
+def prompt_text(start: str) -> str:
+    """A prompt as given to `gptlab sample --start` or sample.start: the text itself, or a file's for FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[5:])
+    if not path.is_file():
+        raise GptlabError(f"prompt file '{path}' not found", "check the path after FILE:")
+    return path.read_text(encoding="utf-8")
 
 
 class Generator:

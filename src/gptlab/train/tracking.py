@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import platform
 import secrets
 import subprocess
@@ -22,6 +23,7 @@ import gptlab
 from gptlab.config import Config, SampleConfig
 from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError
+from gptlab.generate import prompt_text
 from gptlab.progress import console
 from gptlab.train.callbacks import Callback
 
@@ -135,16 +137,6 @@ def _require(module: str, what: str) -> Any:
         return importlib.import_module(module)
     except ImportError as e:
         raise GptlabError(what, TRACK_FIX) from e
-
-
-def prompt_text(start: str) -> str:
-    """sample.start as text: the text itself, or a file's contents for FILE:path."""
-    if not start.startswith("FILE:"):
-        return start
-    path = Path(start[5:])
-    if not path.is_file():
-        raise GptlabError(f"prompt file '{path}' not found", "check the path after FILE: in sample.start")
-    return path.read_text(encoding="utf-8")
 
 
 def check_tracking(cfg: Config, data: PreparedData) -> None:
@@ -280,6 +272,8 @@ class WandbLogger(_Sink):
         config = {**asdict(trainer.cfg), "git": trainer.git.record() if trainer.git else None}
         # silent: no banner; console off: W&B leaves stdout to the progress bar; our run.json already has git
         settings = wandb.Settings(silent=True, console="off", disable_git=True)
+        # W&B advertises its LLM tracer when it sees e.g. openai imported; a training run has no LLM calls to trace
+        os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         try:
             self.run = wandb.init(
                 project=self.project, dir=str(trainer.run_dir), mode=self.mode, config=config,
