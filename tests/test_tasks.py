@@ -232,3 +232,62 @@ def test_prepare_writes_three_splits_and_reports_them(tmp_path, capsys):
     )
     ex = load_prepared(out).examples["test"]
     assert np.diff(ex.offsets).tolist() == [15] * 100  # <BOS> + 6 symbols + = + 6 sorted + <EOS>
+
+
+def test_a_context_too_short_for_the_examples_is_refused_before_training(tmp_path):
+    cfg = adder_config(tmp_path, "task.examples=100", "model.block_size=8")
+    prepare_task(cfg.task, cfg.data.dir)
+    with pytest.raises(GptlabError) as e:
+        Trainer(cfg, quiet=True)
+    assert str(e.value) == "model.block_size=8 is too short for task examples of 11 tokens (set model.block_size=10)"
+    assert not Path(cfg.train.out_dir).exists()
+
+
+def test_a_task_with_too_few_distinct_examples_names_what_to_grow(tmp_path):
+    task = load_config(None, ["task.name=sort", "task.length=1", "task.values=5"]).task
+    with pytest.raises(GptlabError) as e:
+        prepare_task(task, tmp_path / "d")
+    assert str(e.value) == (
+        "task sort has only 5 distinct examples, too few for three splits (train 4, val 1, test 0) "
+        "(make the task bigger (task.length or task.values))"
+    )
+
+
+def test_settings_another_task_uses_do_not_bind_the_prepared_examples(tmp_path):
+    cfg = adder_config(tmp_path, "task.examples=100")
+    prepare_task(cfg.task, cfg.data.dir)
+    assert json.loads((Path(cfg.data.dir) / "meta.json").read_text())["settings"] == {
+        "name": "adder", "digits": 2, "examples": 100, "seed": 1337,
+    }  # fmt: skip
+    assert prepare_task(adder_config(tmp_path, "task.examples=100", "task.values=20").task, cfg.data.dir).skipped
+    Trainer(adder_config(tmp_path, "task.examples=100", "task.length=3"), quiet=True)  # not refused
+
+
+def test_an_early_stopped_run_stays_stopped_on_resume_and_the_monitor_is_kept(prepared):
+    cfg = prepared
+    cfg.train.monitor_mode, cfg.train.early_stop_patience = "max", 2
+    Trainer(cfg, quiet=True).fit()  # stops at step 15
+    resumed = Trainer(cfg, resume=True, quiet=True).fit()
+    assert resumed.step == 15 and len(resumed.history) == 3
+    cfg.train.early_stop_patience = 3  # more patience: it trains on
+    assert Trainer(cfg, resume=True, quiet=True).fit().step == 20
+    cfg.train.monitor = "val_ppl"
+    with pytest.raises(GptlabError, match=r"cannot resume with changed train.monitor \(resume keeps"):
+        Trainer(cfg, resume=True, quiet=True)
+
+
+def test_eval_refuses_task_examples_prepared_otherwise_and_a_damaged_folder(tmp_path, capsys):
+    cfg = adder_config(tmp_path, "task.examples=100", "train.max_iters=2", "train.max_epochs=null")
+    prepare_task(cfg.task, cfg.data.dir)
+    Trainer(cfg, quiet=True).fit()
+    other = adder_config(tmp_path, "task.examples=100", "task.seed=7", f"data.dir={tmp_path / 'seed7'}")
+    prepare_task(other.task, other.data.dir)
+    assert main(["eval", cfg.train.out_dir, "--data", other.data.dir, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: the task examples in '{other.data.dir}' were prepared with other task settings than the run "
+        f"'{cfg.train.out_dir}' (task.seed) (prepare the task again with the run's config.yaml, or give --data the "
+        "folder the run was trained on)\n"
+    )
+    (Path(other.data.dir) / "meta.json").write_text("{broken")
+    assert main(["eval", cfg.train.out_dir, "--data", other.data.dir, "--device", "cpu"]) == 2
+    assert "meta.json' is corrupted" in capsys.readouterr().err

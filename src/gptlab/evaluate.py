@@ -26,13 +26,15 @@ import torch.nn.functional as F
 
 from gptlab.config import Config
 from gptlab.data.batches import PreparedData, load_prepared
+from gptlab.data.shards import read_meta
 from gptlab.data.sources import cache_dir
+from gptlab.data.tasks import changed_settings
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.progress import progress_bar
 from gptlab.tokenizers import Tokenizer
 from gptlab.train import checkpoint as ckpt
-from gptlab.train.task_metrics import task_exact_match
+from gptlab.train.task_metrics import check_task_context, task_exact_match
 from gptlab.train.trainer import autocast, select_device, select_dtype
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -228,7 +230,7 @@ def score_stream(
         raise GptlabError(f"{source} has fewer than 2 tokens: nothing to score", "give it more text")
     loss = nats / tokens
     bpb = nats / math.log(2) / nbytes if nbytes else None
-    return TextScore(source, split, tokens, nbytes, loss, math.exp(loss), bpb)
+    return TextScore(source, split, tokens, nbytes, loss, math.exp(loss) if loss < 700 else math.inf, bpb)
 
 
 def score_tokens(
@@ -288,17 +290,26 @@ def eval_tokens(
     return getattr(prepared, split), str(folder), split
 
 
-def _task_folder(run_dir: str | Path, folder: str | Path) -> PreparedData | None:
-    """The prepared task examples in `folder` (checked against the run's tokenizer), or None for anything else."""
-    meta = Path(folder).expanduser() / "meta.json"
-    if not meta.is_file() or json.loads(meta.read_text()).get("format") != "task":
+def _task_folder(run_dir: str | Path, cfg: Config, data: str | Path | None) -> PreparedData | None:
+    """The task examples `data` (or the run's data.dir) holds, checked against the run; None for anything else."""
+    folder = Path(data if data is not None else cfg.data.dir).expanduser()
+    meta = read_meta(folder / "meta.json") if folder.is_dir() else None
+    if meta is None or meta.get("format") != "task":
         return None
-    prepared = load_prepared(meta.parent)
+    prepared = load_prepared(folder)
     if not _same_tokenizer(prepared.tokenizer_path, Path(run_dir) / "tokenizer.json"):
         raise GptlabError(
-            f"the task examples in '{meta.parent}' were prepared with another tokenizer than the run '{run_dir}'",
+            f"the task examples in '{folder}' were prepared with another tokenizer than the run '{run_dir}'",
             "give --data the task folder the run was trained on",
         )
+    changed = changed_settings(meta.get("settings") or {}, cfg.task)
+    if changed:  # other examples: their test split may hold the run's training examples
+        raise GptlabError(
+            f"the task examples in '{folder}' were prepared with other task settings than the run '{run_dir}' "
+            f"({', '.join(changed)})",
+            "prepare the task again with the run's config.yaml, or give --data the folder the run was trained on",
+        )
+    check_task_context(prepared.examples, cfg.model.block_size)
     return prepared
 
 
@@ -493,7 +504,7 @@ def evaluate_run(
     cfg, model, tokenizer = ckpt.load_run(run_dir, checkpoint, dev)
     dt = select_dtype(dtype, dev)
     report = EvalReport(str(run_dir), _checkpoint_name(run_dir, checkpoint), str(dev), str(dt).removeprefix("torch."))
-    task = _task_folder(run_dir, data if data is not None else cfg.data.dir)
+    task = _task_folder(run_dir, cfg, data) if data is not None or examples is None else None
     if task is not None:  # a task run (or --data naming a task folder): exact match instead of a text score
         report.sections["task"] = score_task(model, task)
     elif data is not None or examples is None:

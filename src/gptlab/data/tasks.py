@@ -10,7 +10,7 @@ that is 1 on the answer and `<EOS>`, offsets), so the loss is taken on the answe
 from __future__ import annotations
 
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,8 @@ from gptlab.tokenizers import Tokenizer
 BOS, EOS = "<BOS>", "<EOS>"  # EOS first: the first special ends an example (the tokenizer's eos_id)
 SYMBOLS = string.digits + string.ascii_lowercase + string.ascii_uppercase  # the sort task's symbols, in order
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.2), ("test", 0.1))
-TASK_SETTINGS = ("name", "digits", "length", "values", "examples", "seed")  # what decides the examples
+TASK_SETTINGS = ("name", "digits", "length", "values", "examples", "seed")  # what may decide the examples
+USED = {"adder": ("digits",), "sort": ("length", "values")}  # of those, what each task's own shape depends on
 LISTED = 4  # spaces of at most LISTED x the examples asked for are listed whole and shuffled; larger ones sampled
 
 
@@ -80,6 +81,18 @@ class Sort(Task):
         return "".join(SYMBOLS[v] for v in row) + "=", "".join(SYMBOLS[v] for v in sorted(row))
 
 
+def task_settings(cfg: TaskConfig) -> dict[str, object]:
+    """The settings that decide a task's examples (the ones of other tasks left out): what meta.json records."""
+    used = ("name", *USED.get(cfg.name, ()), "examples", "seed")
+    return {k: getattr(cfg, k) for k in TASK_SETTINGS if k in used}
+
+
+def changed_settings(prepared: dict[str, object], cfg: TaskConfig) -> list[str]:
+    """The task.* keys whose value differs between a folder's recorded settings and a config ([] when they agree)."""
+    wanted = task_settings(cfg)
+    return [f"task.{k}" for k in TASK_SETTINGS if prepared.get(k) != wanted.get(k)]
+
+
 def make_task(cfg: TaskConfig) -> Task:
     """The task a `task` config section names."""
     if cfg.name == "adder":
@@ -105,7 +118,7 @@ def prepare_task(cfg: TaskConfig, data_dir: str | Path, overwrite: bool = False)
     out = Path(data_dir)
     if out.exists() and not out.is_dir():
         raise GptlabError(f"data.dir '{out}' is a file", "set data.dir to a folder")
-    settings = {k: v for k, v in asdict(cfg).items() if k in TASK_SETTINGS}
+    settings = task_settings(cfg)
     meta = None if overwrite else shards.read_meta(out / "meta.json")
     if meta is not None:
         if meta.get("format") != "task" or meta.get("settings") != settings:
@@ -123,6 +136,12 @@ def prepare_task(cfg: TaskConfig, data_dir: str | Path, overwrite: bool = False)
     }
     if not all(splits.values()):
         sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+        drawn = sum(map(len, splits.values()))
+        if drawn < cfg.examples:  # the task has no more distinct examples than these
+            raise GptlabError(
+                f"task {task.name} has only {drawn} distinct examples, too few for three splits ({sizes})",
+                "make the task bigger (" + " or ".join(f"task.{k}" for k in USED[task.name]) + ")",
+            )
         raise GptlabError(f"task.examples={cfg.examples} leaves a split empty ({sizes})", "raise task.examples")
     meta = {
         "format_version": shards.FORMAT_VERSION, "format": "task", "complete": True, "settings": settings,

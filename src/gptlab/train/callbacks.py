@@ -174,8 +174,11 @@ class EarlyStopping(Callback):
                 waited += 1
         return waited
 
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.on_eval(trainer, {})  # a resumed run that had stopped early stays stopped (unless patience rose)
+
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if self._waited(trainer.history) >= self.patience:
+        if trainer.history and self._waited(trainer.history) >= self.patience:
             trainer.request_stop(f"{self.monitor} has not improved for {self.patience} evaluations (early stopping)")
 
 
@@ -222,8 +225,9 @@ class HistoryPrinter(Callback):
         table = Table(title=f"history ({trainer.run_dir})")
         # the fixed columns, then any further metric (a task's exact match), then the learning rate
         extra = [k for k in trainer.history[-1] if k not in self.FIXED and k != "lr"]
-        for col in [*self.FIXED.values(), *(k.replace("_", " ") for k in extra), "lr"]:
+        for col in [*self.FIXED.values(), *(k.replace("_", " ") for k in extra)]:
             table.add_column(col, justify="right")
+        table.add_column("lr", justify="right", no_wrap=True, min_width=8)
         best = read_pointer(trainer.run_dir / "checkpoints" / "best")
         for h in trainer.history:
             mark = " *" if best == f"step_{h['step']}" else ""

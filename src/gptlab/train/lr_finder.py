@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +157,9 @@ def find_lr(
     """
     if cfg.train.lr <= 0:
         raise GptlabError("the sweep scales every rate by its ratio to train.lr, which is 0", "set train.lr above 0")
-    trainer = Trainer(cfg, quiet=True, ephemeral=True)
+    # the sweep's length as the budget: torch.compile only where it pays for that many steps (compile_pays)
+    sweep = replace(cfg, train=replace(cfg.train, max_iters=steps, max_tokens=None, max_epochs=None))
+    trainer = Trainer(sweep, quiet=True, ephemeral=True)
     trainer.model.train()
     done = 0
 

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from gptlab.data.batches import Examples
 from gptlab.data.tasks import exact_match
+from gptlab.errors import GptlabError
 from gptlab.generate import Generator
 from gptlab.model import GPT
+
+
+def check_task_context(examples: dict[str, Examples] | None, block_size: int) -> None:
+    """A task's examples must fit the context whole: prompt, answer and end token (inputs are one shorter)."""
+    longest = max((int(np.diff(ex.offsets).max()) for ex in (examples or {}).values() if len(ex)), default=0)
+    if longest - 1 > block_size:
+        raise GptlabError(
+            f"model.block_size={block_size} is too short for task examples of {longest} tokens",
+            f"set model.block_size={longest - 1}",
+        )
 
 
 def prompts_and_answers(examples: Examples, limit: int = 0) -> tuple[list[list[int]], list[list[int]]]:

@@ -146,7 +146,13 @@ def check_tracking(cfg: Config, data: PreparedData) -> None:
         _require("torch.utils.tensorboard", "train.tensorboard needs the tensorboard package")
     if t.wandb != "off":
         _require("wandb", "train.wandb needs the wandb package")
-    if t.sample_interval and not data.tokenizer().encode(prompt_text(cfg.sample.start)):
+    if not t.sample_interval:
+        return
+    try:
+        ids = data.tokenizer().encode(prompt_text(cfg.sample.start))
+    except GptlabError as e:  # e.g. a character the data's vocabulary lacks
+        raise GptlabError(f"sample.start: {e.what}", "set sample.start to text the data's tokenizer has") from e
+    if not ids:
         raise GptlabError("sample.start is empty", "give sample.start some text, or set train.sample_interval=0")
 
 

@@ -29,7 +29,7 @@ from gptlab.chat import load_chat_template
 from gptlab.config import Config, TaskConfig, TrainConfig, from_dict, to_yaml
 from gptlab.data.batches import IGNORE_INDEX, Batches, ExampleBatches, load_prepared, prefetch
 from gptlab.data.shards import write_atomic
-from gptlab.data.tasks import TASK_SETTINGS
+from gptlab.data.tasks import TASK_SETTINGS, changed_settings
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.progress import console
@@ -46,11 +46,12 @@ from gptlab.train.callbacks import (
 )
 from gptlab.train.optim import build_optimizers, set_lr
 from gptlab.train.schedules import lr_factor
+from gptlab.train.task_metrics import check_task_context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # keys that define the model or the stream of batches: a resumed run must keep them
 FROZEN_ON_RESUME = (
-    "model", "data", "train.seed", "train.batch_size", "train.data_mode", "train.lora_",
+    "model", "data", "train.seed", "train.batch_size", "train.data_mode", "train.lora_", "train.monitor",
     *(f"task.{k}" for k in TASK_SETTINGS),
 )  # fmt: skip
 
@@ -212,6 +213,8 @@ class Trainer:
         cfg = self._with_task(cfg)
         cfg, base = self._load_base(cfg)  # before seeding: loading a Hugging Face model draws random numbers
         cfg = self._with_vocab(cfg)
+        if self.data.meta.get("format") == "task":
+            check_task_context(self.data.examples, cfg.model.block_size)
         self.cfg = cfg
         t = cfg.train
         self._check_lora_vocab(base)
@@ -283,7 +286,7 @@ class Trainer:
 
     def _with_task(self, cfg: Config) -> Config:
         """A task's data carries its settings: a config naming another task (or none for a task's data) is refused."""
-        meta, settings = self.data.meta, {k: getattr(cfg.task, k) for k in TASK_SETTINGS}
+        meta = self.data.meta
         if meta.get("format") != "task":
             if cfg.task.name != "none":
                 raise GptlabError(
@@ -293,11 +296,10 @@ class Trainer:
             return cfg
         if cfg.task.name == "none":  # training on a task's folder: take the task from it
             return replace(cfg, task=TaskConfig(**{**meta["settings"], "eval_examples": cfg.task.eval_examples}))
-        prepared = {k: meta["settings"].get(k) for k in TASK_SETTINGS}
-        if prepared != settings:
-            changed = ", ".join(f"task.{k}" for k in TASK_SETTINGS if prepared[k] != settings[k])
+        changed = changed_settings(meta["settings"], cfg.task)
+        if changed:
             raise GptlabError(
-                f"the examples in '{self.data.dir}' were prepared with other task settings ({changed})",
+                f"the examples in '{self.data.dir}' were prepared with other task settings ({', '.join(changed)})",
                 "run `gptlab prepare` with this config (--overwrite), or set data.dir to a new folder",
             )
         return cfg
@@ -353,8 +355,8 @@ class Trainer:
             if changed:
                 raise GptlabError(
                     f"cannot resume with changed {', '.join(changed)}",
-                    "resume keeps the model, data, seed, batch size, data mode and LoRA settings; start a new run to "
-                    "change them",
+                    "resume keeps the model, data, task, seed, batch size, data mode, monitored metric and LoRA "
+                    "settings; start a new run to change them",
                 )
         elif overwrite and _inside(Path(self.cfg.model.init_from), self.run_dir):
             raise GptlabError(
