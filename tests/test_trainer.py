@@ -73,7 +73,8 @@ def test_resume_can_extend_max_iters_but_not_change_the_model(prepared, tmp_path
         Trainer(wider, resume=True, quiet=True)
     assert str(e.value) == (
         "cannot resume with changed model.d_ff, model.n_embd "
-        "(resume keeps the model, data, seed, batch size, data mode and LoRA settings; start a new run to change them)"
+        "(resume keeps the model, data, task, seed, batch size, data mode, monitored metric and LoRA settings; start a "
+        "new run to change them)"
     )
 
 

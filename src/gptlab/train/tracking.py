@@ -148,8 +148,9 @@ def check_tracking(cfg: Config, data: PreparedData) -> None:
         _require("wandb", "train.wandb needs the wandb package")
     if not t.sample_interval:
         return
+    prompt = prompt_text(cfg.sample.start)
     try:
-        ids = data.tokenizer().encode(prompt_text(cfg.sample.start))
+        ids = data.tokenizer().encode(prompt)
     except GptlabError as e:  # e.g. a character the data's vocabulary lacks
         raise GptlabError(f"sample.start: {e.what}", "set sample.start to text the data's tokenizer has") from e
     if not ids:
