@@ -35,6 +35,12 @@ class Examples:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def span(self, i: int) -> tuple[int, int, int]:
+        """Where example i starts and ends in `tokens`, and its prompt's length (up to the first masked token)."""
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        mask = self.mask[start:end]
+        return start, end, int(np.argmax(mask)) if mask.any() else end - start
+
 
 @dataclass
 class PreparedData:
@@ -181,9 +187,8 @@ class ExampleBatches(_StepItems):
         y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)
         ex = self.examples
         for b, i in enumerate(rows):
-            start, end = int(ex.offsets[i]), int(ex.offsets[i + 1])
+            start, end, prompt = ex.span(i)
             if end - start > T + 1:  # too long: drop the prompt's beginning (down to half the context), then the end
-                prompt = int(np.argmax(ex.mask[start:end])) if ex.mask[start:end].any() else end - start
                 start += min(max(0, prompt - T // 2), end - start - (T + 1))
                 end = start + T + 1
             ids, mask = ex.tokens[start:end].astype(np.int64), ex.mask[start:end]

@@ -79,9 +79,8 @@ def _examples_report(d: PreparedData, shown: int, seed: int) -> list[str]:
     train = d.examples["train"]
     rng = np.random.default_rng(seed)
     for i in rng.choice(len(train), size=min(shown, len(train)), replace=False):
-        start, end = int(train.offsets[i]), int(train.offsets[i + 1])
-        ids, mask = train.tokens[start:end].tolist(), train.mask[start:end]
-        cut = int(np.argmax(mask)) if mask.any() else len(ids)
+        start, end, cut = train.span(i)
+        ids = train.tokens[start:end].tolist()
         lines.append(f"--- example {i}: {cut} prompt + {len(ids) - cut} response tokens (the loss is on these) ---")
         lines.append(f"prompt:   {tokenizer.decode(ids[:cut])!r}")
         lines.append(f"response: {tokenizer.decode(ids[cut:])!r}")

@@ -128,7 +128,8 @@ def prepare_task(cfg: TaskConfig, data_dir: str | Path, overwrite: bool = False)
             )
         if meta.get("complete"):
             return PrepareResult(out, meta, skipped=True)
-    task, tokenizer = make_task(cfg), make_task(cfg).tokenizer()
+    task = make_task(cfg)
+    tokenizer = task.tokenizer()
     bos = tokenizer.special_ids[BOS]
     splits = {
         name: [([bos, *tokenizer.encode(prompt)], tokenizer.encode(answer + EOS)) for prompt, answer in pairs]

@@ -121,6 +121,13 @@ class ProgressCallback(Callback):
         self.bar.stop()
 
 
+def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` (None: nothing yet) by more than `min_delta`, in the direction `mode` names."""
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
 def _ppl(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
@@ -160,15 +167,12 @@ class EarlyStopping(Callback):
     def __init__(self, monitor: str, mode: str, patience: int, min_delta: float = 0.0) -> None:
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
 
-    def _better(self, value: float, best: float) -> bool:
-        return value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
-
     def _waited(self, history: list[dict[str, Any]]) -> int:
         """Evaluations since the last improvement (computed from the history, so a resumed run counts on)."""
         best, waited = None, 0
         for record in history:
             value = record[self.monitor]
-            if best is None or self._better(value, best):
+            if improves(value, best, self.mode, self.min_delta):
                 best, waited = value, 0
             else:
                 waited += 1
@@ -194,7 +198,7 @@ class Checkpointer(Callback):
             raise GptlabError(f"train.monitor '{self.monitor}' is not an evaluated metric", f"choose one of {known}")
         value = metrics[self.monitor]
         best = trainer.best_metric
-        improved = best is None or (value < best if self.mode == "min" else value > best)
+        improved = improves(value, best, self.mode)
         if improved:
             trainer.best_metric = value
         path = trainer.save_checkpoint()

@@ -27,9 +27,8 @@ def prompts_and_answers(examples: Examples, limit: int = 0) -> tuple[list[list[i
     n = len(examples) if limit <= 0 else min(limit, len(examples))
     prompts, answers = [], []
     for i in range(n):
-        start, end = int(examples.offsets[i]), int(examples.offsets[i + 1])
-        ids, mask = examples.tokens[start:end].tolist(), examples.mask[start:end]
-        cut = int(mask.argmax()) if mask.any() else len(ids)
+        start, end, cut = examples.span(i)
+        ids = examples.tokens[start:end].tolist()
         prompts.append(ids[:cut])
         answers.append(ids[cut:-1])  # a task's answer ends with <EOS>, which generation stops at
     return prompts, answers
