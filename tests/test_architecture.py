@@ -14,7 +14,7 @@ LAYERS = [
     ("data",),
     ("model", "lora"),
     ("interop.hf",),
-    ("train.checkpoint",),
+    ("train.checkpoint", "train.distributed"),
     ("train", "generate", "evaluate", "plot"),
     ("interop", "serve"),
     ("cli", "__main__"),

@@ -15,10 +15,10 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(prepared,
     root = Path(prepared.train.out_dir) / "checkpoints"
     assert ckpt.read_pointer(root / "latest") == "step_10"
 
-    def crash(*args, **kwargs):  # the weights are already written when the state write dies
+    def crash(*args, **kwargs):  # the training state is already written when the weights' write dies
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.torch, "save", crash)
+    monkeypatch.setattr(ckpt, "save_file", crash)
     longer = replace(prepared, train=replace(prepared.train, max_iters=20))
     with pytest.raises(OSError):
         Trainer(longer, resume=True, quiet=True).fit()
@@ -52,7 +52,7 @@ def test_corrupted_and_truncated_checkpoints_are_user_errors(prepared):
     with pytest.raises(GptlabError) as e:
         ckpt.read_meta(step)
     assert str(e.value) == (
-        f"checkpoint '{step}' has format version 99, expected 1 (use the gptlab version that wrote it)"
+        f"checkpoint '{step}' has format version 99, expected 2 (use the gptlab version that wrote it)"
     )
 
 
@@ -73,5 +73,6 @@ def test_state_holds_only_weights_only_safe_types(prepared):
     Trainer(prepared, quiet=True).fit()
     path = ckpt.find_checkpoint(prepared.train.out_dir, "latest")
     state = torch.load(path / "state.pt", weights_only=True)
-    assert state["step"] == 20 and len(state["optimizers"]) == 1
-    ckpt.set_rng_state(state["rng"])  # restores without error
+    assert state["step"] == 20 and len(state["rng"]) == 1  # one RNG state per rank
+    ckpt.set_rng_state(state["rng"][0])  # restores without error
+    assert (path / "train_state" / ".metadata").is_file()  # the model and optimizer state, by parameter name

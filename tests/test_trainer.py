@@ -107,9 +107,15 @@ def test_run_directory_layout(prepared):
     best_val = min(h["val_loss"] for h in t.history)
     assert best == f"step_{next(h['step'] for h in t.history if h['val_loss'] == best_val)}"
     meta = json.loads((run / "checkpoints" / "step_20" / "meta.json").read_text())
-    assert meta == {"format_version": 1, "step": 20, "world_size": 1, "epoch": 3, "tokens": 20 * 4 * 16}
+    assert meta == {
+        "format_version": 2, "step": 20, "world_size": 1, "parallel": "none", "optimizer": "adamw", "epoch": 3,
+        "tokens": 20 * 4 * 16,
+    }  # fmt: skip
+    assert {p.name for p in (run / "checkpoints" / "step_20").iterdir()} == {
+        "model.safetensors", "meta.json", "state.pt", "train_state",
+    }  # fmt: skip
     state = torch.load(run / "checkpoints" / "step_20" / "state.pt", weights_only=True)
-    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
     assert [h["step"] for h in t.history] == [5, 10, 15, 20] and t.history[-1]["val_loss"] < t.history[0]["val_loss"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -98,12 +99,22 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             raise GptlabError(f"no run to resume in '{args.resume}' (config.yaml missing)", "check the path")
         overrides = [*overrides, f"train.out_dir={args.resume}"]
     cfg = load_config(path, overrides)
+    if args.nproc is not None:  # start the ranks through torchrun; each runs this command without --nproc
+        from gptlab.train.distributed import launch
+        from gptlab.train.trainer import check_world
+
+        check_world(cfg.train, args.nproc)  # a batch the ranks cannot share is refused before any starts
+        again = ["--resume", args.resume] if args.resume else []
+        switches = (("--overwrite", args.overwrite), ("--quiet", args.quiet), ("--allow-dirty", args.allow_dirty))
+        again += [flag for flag, on in switches if on]
+        return launch(args.nproc, [*(["--debug"] if args.debug else []), "train", *args.args, *extra, *again])
     trainer = Trainer(
         cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet, allow_dirty=args.allow_dirty
     ).fit()
-    last = trainer.history[-1] if trainer.history else None
-    summary = f", val loss {last['val_loss']:.4f}" if last else ""
-    print(f"trained {trainer.step} steps into {trainer.run_dir}{summary}")
+    if trainer.dist.is_main:
+        last = trainer.history[-1] if trainer.history else None
+        summary = f", val loss {last['val_loss']:.4f}" if last else ""
+        print(f"trained {trainer.step} steps into {trainer.run_dir}{summary}")
     return 0
 
 
@@ -322,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.add_argument("--allow-dirty", action="store_true", help="train even if train.require_clean_git finds changes")
+    p.add_argument("--nproc", type=int, metavar="N", help="train on N local ranks (processes) through torchrun")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a trained run")
@@ -423,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     except GptlabError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank may fail: say which one did
+        print(f"error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -181,6 +181,9 @@ class TrainConfig:
     wandb_project: str = "gptlab"  # the W&B project
     require_clean_git: bool = False  # refuse to train from a repository with uncommitted changes (--allow-dirty)
     profile: bool = False  # trace a few steps with the torch profiler into RUN_DIR/profile and print the top ops
+    parallel: str = "ddp"  # several ranks (torchrun, --nproc): "ddp" replicates the model, "fsdp" shards it (FSDP2)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before giving up
 
 
 @dataclass
@@ -342,6 +345,7 @@ def validate(cfg: Config) -> None:
         "data.dtype": (cfg.data.dtype, ("auto", "uint16", "uint32")),
         "data.format": (cfg.data.format, ("text", "sft")),
         "train.wandb": (t.wandb, ("off", "offline", "online")),
+        "train.parallel": (t.parallel, ("ddp", "fsdp")),
         "task.name": (cfg.task.name, ("none", "adder", "sort")),
     }
     for key, (value, allowed) in choices.items():
@@ -381,6 +385,8 @@ def validate(cfg: Config) -> None:
         )
     if t.lora_rank and cfg.model.init_from == "scratch":
         raise GptlabError("train.lora_rank is set but there is no base model to adapt", "set model.init_from")
+    if t.dist_timeout <= 0:
+        raise GptlabError(f"train.dist_timeout must be positive, got {t.dist_timeout}", "e.g. train.dist_timeout=600")
     if t.keep_last < 1:
         raise GptlabError("train.keep_last must be at least 1", "keep at least the latest checkpoint")
     if t.early_stop_patience < 0 or t.early_stop_min_delta < 0 or t.sample_interval < 0:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gptlab.config import ModelConfig
 
@@ -268,6 +269,8 @@ class GPT(nn.Module):
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be set (it comes from the prepared data)")
         self.cfg = cfg
+        # train.activation_checkpointing: keep only each block's input in training, recompute the rest in backward
+        self.checkpoint_blocks = False
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -333,8 +336,12 @@ class GPT(nn.Module):
             rope = (self.rope_cos[positions][:, :, None].to(dtype), self.rope_sin[positions][:, :, None].to(dtype))
         if self.training and self.cfg.dropout:
             x = F.dropout(x, self.cfg.dropout, True)
+        recompute = self.checkpoint_blocks and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, step, cache, i)
+            if recompute:  # dropout's RNG state is kept, so the recomputed block is the same one
+                x = checkpoint(block, x, rope, None, None, i, use_reentrant=False)
+            else:
+                x = block(x, rope, step, cache, i)
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:

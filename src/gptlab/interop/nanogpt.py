@@ -210,7 +210,7 @@ def import_nanogpt(
     """A run directory (config, tokenizer, one checkpoint) from nanoGPT's ckpt.pt and, for char data, its meta.pkl."""
     from gptlab.config import Config, to_yaml
     from gptlab.data.shards import write_atomic
-    from gptlab.train.checkpoint import save_checkpoint
+    from gptlab.train.checkpoint import model_tensors, save_checkpoint
 
     ckpt, out = Path(ckpt), Path(out_dir)
     data = Path(data_dir) if data_dir is not None else None
@@ -244,7 +244,7 @@ def import_nanogpt(
     with building(out) as tmp:  # an old run (--overwrite) goes only once the new one is whole
         write_atomic(tmp / "config.yaml", to_yaml(cfg).encode())
         tokenizer.save(tmp / "tokenizer.json")
-        save_checkpoint(tmp / "checkpoints", 0, model, {}, meta)
+        save_checkpoint(tmp / "checkpoints", 0, model_tensors(model), {}, meta)
     return out
 
 

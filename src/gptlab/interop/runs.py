@@ -17,7 +17,7 @@ from gptlab.config import Config, to_yaml
 from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError
 from gptlab.interop import hf
-from gptlab.train.checkpoint import load_run, save_checkpoint
+from gptlab.train.checkpoint import load_run, model_tensors, save_checkpoint
 
 
 def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
@@ -80,5 +80,5 @@ def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path
         tokenizer.save(tmp / "tokenizer.json")
         if template is not None:
             template.save(tmp)
-        save_checkpoint(tmp / "checkpoints", 0, model, {}, {"imported_from": source})
+        save_checkpoint(tmp / "checkpoints", 0, model_tensors(model), {}, {"imported_from": source})
     return out

@@ -18,7 +18,6 @@ from gptlab.train.checkpoint import (
     load_weights,
     prune_checkpoints,
     read_pointer,
-    write_pointer,
 )
 from gptlab.train.task_metrics import task_exact_match
 
@@ -27,7 +26,13 @@ if TYPE_CHECKING:
 
 
 class Callback:
-    """Override any of these; each receives the trainer and the event's metrics."""
+    """Override any of these; each receives the trainer and the event's metrics.
+
+    With several ranks a callback runs on rank 0 alone (logging, progress, files), unless `all_ranks` is set:
+    the callbacks that take part in collectives (evaluation, checkpoints) or steer the loop run on every rank.
+    """
+
+    all_ranks = False
 
     def on_train_start(self, trainer: Trainer) -> None: ...
 
@@ -136,14 +141,20 @@ class Evaluator(Callback):
     """At each epoch end: validation loss and perplexity, a task's exact match, then the `eval` event.
 
     When a task run finishes, its best checkpoint is loaded and scored on the test split (the `test` event).
+    The loss is computed by every rank on its rows; a task's generations on rank 0, whose numbers all ranks take.
     """
+
+    all_ranks = True
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         val_loss = trainer.evaluate()
         record = {**metrics, "train_ppl": _ppl(metrics["train_loss"]), "val_loss": val_loss, "val_ppl": _ppl(val_loss)}
         if trainer.cfg.task.name != "none":
-            examples, limit = trainer.data.examples["val"], trainer.cfg.task.eval_examples
-            record["val_exact_match"] = task_exact_match(trainer.model, examples, trainer.data.meta["eot_id"], limit)
+            model = trainer.inference_model()
+            if model is not None:
+                examples, limit = trainer.data.examples["val"], trainer.cfg.task.eval_examples
+                record["val_exact_match"] = task_exact_match(model, examples, trainer.data.meta["eot_id"], limit)
+        record = trainer.dist.broadcast(record)  # every rank keeps the same history and takes the same decisions
         trainer.history.append(record)
         trainer.fire("on_eval", {"step": trainer.step, **record})
 
@@ -152,17 +163,21 @@ class Evaluator(Callback):
             return
         best = find_checkpoint(trainer.run_dir, "best")
         load_model_tensors(trainer.model, load_weights(best), str(best))  # the run is over: its best weights stay
-        eos = trainer.data.meta["eot_id"]
+        model = trainer.inference_model()
         result = {"step": trainer.step, "checkpoint": best.name}
-        for split in ("val", "test"):
-            result[f"{split}_exact_match"] = task_exact_match(trainer.model, trainer.data.examples[split], eos)
-        trainer.results = result
-        write_atomic(trainer.run_dir / "results.json", json.dumps(result, indent=2).encode())
-        trainer.fire("on_test", result)
+        if model is not None:
+            eos = trainer.data.meta["eot_id"]
+            for split in ("val", "test"):
+                result[f"{split}_exact_match"] = task_exact_match(model, trainer.data.examples[split], eos)
+            write_atomic(trainer.run_dir / "results.json", json.dumps(result, indent=2).encode())
+        trainer.results = trainer.dist.broadcast(result)
+        trainer.fire("on_test", trainer.results)
 
 
 class EarlyStopping(Callback):
     """Stops the run when `monitor` has not improved by `min_delta` for `patience` evaluations in a row."""
+
+    all_ranks = True  # every rank stops at the same step: the history it reads is the same on all
 
     def __init__(self, monitor: str, mode: str, patience: int, min_delta: float = 0.0) -> None:
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
@@ -189,6 +204,8 @@ class EarlyStopping(Callback):
 class Checkpointer(Callback):
     """After each evaluation: save a checkpoint, track the best by a metric, keep the last N."""
 
+    all_ranks = True  # saving is collective: each rank writes its shards of the training state
+
     def __init__(self, monitor: str, mode: str, keep_last: int) -> None:
         self.monitor, self.mode, self.keep_last = monitor, mode, keep_last
 
@@ -201,10 +218,9 @@ class Checkpointer(Callback):
         improved = improves(value, best, self.mode)
         if improved:
             trainer.best_metric = value
-        path = trainer.save_checkpoint()
-        if improved:
-            write_pointer(path.parent / "best", path.name)
-        prune_checkpoints(path.parent, self.keep_last)
+        path = trainer.save_checkpoint(best=improved)
+        if trainer.dist.is_main:
+            prune_checkpoints(path.parent, self.keep_last)
         trainer.fire("on_checkpoint", path)
 
 

@@ -1,8 +1,11 @@
 """Checkpoints in a run directory, written atomically and loaded without unpickling objects; what a run starts from.
 
-Layout: checkpoints/step_N/{model.safetensors, state.pt, meta.json} plus the pointer files
-`latest` and `best`, each holding a folder name. A checkpoint is built in a temporary folder, each
-file fsynced, then renamed into place; the pointers are replaced last. A crash at any moment leaves
+Layout: checkpoints/step_N/{model.safetensors, meta.json, state.pt, train_state/} plus the pointer files
+`latest` and `best`, each holding a folder name. model.safetensors holds the whole weights that sample, serve
+and export read; train_state/ holds what a resume needs of the model and optimizers, written by
+`torch.distributed.checkpoint` (each rank its own shards under FSDP) and readable by any number of ranks;
+state.pt holds the step, the RNG state of every rank and the history. A checkpoint is built in a temporary
+folder, each file fsynced, then renamed into place; the pointers are replaced last. A crash at any moment leaves
 the previous checkpoint and pointers intact. A LoRA run's checkpoints hold only its adapters; `load_run` rebuilds
 its base from `model.init_from` and merges them in.
 """
@@ -14,12 +17,14 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -31,9 +36,11 @@ from gptlab.interop.hf import load_pretrained, pretrained_config
 from gptlab.lora import add_lora, is_adapter, merge_lora
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
+from gptlab.train.distributed import SINGLE, Dist, is_sharded, load_full_state
 
-FORMAT_VERSION = 1
-WEIGHTS, STATE, META = "model.safetensors", "state.pt", "meta.json"
+FORMAT_VERSION = 2  # 2: the model and optimizer state for resuming moved from state.pt to train_state/
+READABLE_VERSIONS = (1, 2)  # the weights of both are read; only version 2 resumes
+WEIGHTS, STATE, META, TRAIN_STATE = "model.safetensors", "state.pt", "meta.json", "train_state"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -64,22 +71,33 @@ def read_pointer(path: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """The weights to store: a tied head once, as the embedding; with LoRA, the adapters only."""
-    state = model.state_dict()
+def model_tensors(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights to store (of `state`, the model's whole state dict, if given): a tied head once, as the
+    embedding; with LoRA, the adapters only."""
+    state = dict(model.state_dict() if state is None else state)
     if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     if any(is_adapter(k) for k in state):  # the frozen base is model.init_from's, not this run's to store
         state = {k: v for k, v in state.items() if is_adapter(k)}
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def _stored_shapes(model: GPT) -> dict[str, torch.Size]:
+    """Name -> shape of what `model_tensors` stores, without copying (global shapes under FSDP)."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    if any(is_adapter(k) for k in shapes):
+        shapes = {k: v for k, v in shapes.items() if is_adapter(k)}
+    return shapes
+
+
 def load_model_tensors(model: GPT, tensors: dict[str, torch.Tensor], origin: str) -> None:
-    """Load weights into `model`, turning any name or shape mismatch into a user error."""
-    expected = model_tensors(model)
+    """Load weights into `model` (sharding them if FSDP has), turning any name or shape mismatch into a user error."""
+    expected = _stored_shapes(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k]]
     if missing or unexpected or wrong:
         detail = (
             f"missing {missing[:3]}"
@@ -92,7 +110,12 @@ def load_model_tensors(model: GPT, tensors: dict[str, torch.Tensor], origin: str
             f"checkpoint '{origin}' does not match the model config: {detail}",
             "load it with the config.yaml of the run that wrote it",
         )
-    model.load_state_dict(tensors, strict=False)
+    if is_sharded(model):
+        if model.cfg.tie_embeddings:  # the sharded model's loader wants both names of the tied weight
+            tensors = {**tensors, "lm_head.weight": tensors["tok_emb.weight"]}
+        load_full_state(model, tensors)
+    else:
+        model.load_state_dict(tensors, strict=False)
 
 
 def rng_state() -> dict[str, Any]:
@@ -119,26 +142,86 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: GPT, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write checkpoints/step_N atomically and point `latest` at it."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    weights: dict[str, torch.Tensor] | None,
+    state: dict[str, Any] | None,
+    meta: dict[str, Any] | None,
+    train_state: dict[str, Any] | None = None,
+    d: Dist = SINGLE,
+    best: bool = False,
+) -> Path:
+    """Write checkpoints/step_N atomically and point `latest` (and with `best`, `best`) at it.
+
+    Every rank calls this: rank 0 writes `weights`, `state` and `meta`, every rank its part of `train_state`
+    (`training_state`; None for a checkpoint that holds weights only, such as an imported model).
+    """
     name = f"step_{step}"
-    final = ckpt_root / name
-    if not final.exists():
-        tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_file(model_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        torch.save(state, tmp / STATE)
-        meta = {"format_version": FORMAT_VERSION, "step": step, **meta}
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-        for f in (WEIGHTS, STATE, META):
-            _fsync_file(tmp / f)
-        tmp.rename(final)
-        _fsync_dir(ckpt_root)
-    write_pointer(ckpt_root / "latest", name)
+    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
+    exists = final.exists()
+    d.barrier()  # every rank has looked before rank 0 may create it
+    if not exists:
+        if d.is_main:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # the leftover of a crashed write
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        d.barrier()
+        if train_state is not None:
+            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.save(train_state, checkpoint_id=tmp / TRAIN_STATE, no_dist=d.world == 1)  # fsyncs its files
+        if d.is_main:
+            save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            torch.save(state, tmp / STATE)
+            (tmp / META).write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta}, indent=2))
+            for f in (WEIGHTS, STATE, META):
+                _fsync_file(tmp / f)
+            tmp.rename(final)
+            _fsync_dir(ckpt_root)
+    if d.is_main:
+        write_pointer(ckpt_root / "latest", name)
+        if best:
+            write_pointer(ckpt_root / "best", name)
+    d.barrier()  # no rank reads the pointers before they are written
     return final
+
+
+def training_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """What a resume needs of the model and optimizers, keyed by parameter name (not by rank or position), so any
+    number of ranks, with DDP or FSDP, can read it; a LoRA run's frozen base is left out."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizers, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optim": optim_state}
+
+
+def load_training_state(
+    path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], d: Dist = SINGLE
+) -> None:
+    """Load a checkpoint's train_state into `model` and `optimizers`, resharded for this run's ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if not (path / TRAIN_STATE).is_dir():
+        raise GptlabError(
+            f"checkpoint '{path}' holds weights only, not the optimizer state a resume needs (it was imported, "
+            "or written by gptlab before format 2)",
+            f"start a new run from its weights with model.init_from={path.parent.parent}",
+        )
+    state = training_state(model, optimizers)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=path / TRAIN_STATE, no_dist=d.world == 1)
+    except Exception as e:  # dcp wraps every rank's failure (a missing shard, another model) in one exception
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GptlabError(
+            f"checkpoint '{path}' does not match this run or is damaged: {TRAIN_STATE} unreadable ({first[:300]})",
+            "resume with the config of the run that wrote it, or pick an older checkpoint",
+        ) from e
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)  # a LoRA run's frozen base is not in it
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
 
 
 def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
@@ -174,7 +257,7 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads((path / META).read_text())
     except (OSError, ValueError) as e:
         raise GptlabError(f"checkpoint '{path}' is corrupted: meta.json unreadable", "pick an older checkpoint") from e
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise GptlabError(
             f"checkpoint '{path}' has format version {meta.get('format_version')}, expected {FORMAT_VERSION}",
             "use the gptlab version that wrote it",

@@ -191,6 +191,8 @@ def sample_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, s: Sa
 class Sampler(Callback):
     """Every `interval` steps: one sample from sample.start, sent as the `on_sample` event and printed."""
 
+    all_ranks = True  # under FSDP the weights are gathered from every rank's shards first
+
     def __init__(self, interval: int, s: SampleConfig, quiet: bool = False) -> None:
         self.interval, self.s, self.quiet = interval, s, quiet
 
@@ -202,7 +204,10 @@ class Sampler(Callback):
         step = metrics["step"]
         if step % self.interval:
             return
-        text = sample_text(trainer.model, self.tokenizer, self.prompt, self.s)
+        model = trainer.inference_model()
+        if model is None:  # not rank 0
+            return
+        text = sample_text(model, self.tokenizer, self.prompt, self.s)
         if not self.quiet:
             console.print(f"[bold]sample at step {step}:[/]")
             console.print(self.prompt + text, markup=False, highlight=False)

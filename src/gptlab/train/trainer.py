@@ -1,7 +1,9 @@
 """The training loop: batches -> forward/backward -> optimizer step, with events for callbacks.
 
 The batch of step s is a pure function of (seed, epoch, s) and the learning rate a pure function of
-s, so a checkpoint needs only weights, optimizer state, RNG states and the step to resume exactly.
+s, so a checkpoint needs only weights, optimizer state, RNG states and the step to resume exactly. Under
+torchrun each rank takes rows r::world of every batch (`distributed.py`); the loss is normalised by the
+whole batch's target count, so the gradients, and the losses, do not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.progress import console
 from gptlab.train import checkpoint as ckpt
-from gptlab.train import tracking
+from gptlab.train import distributed, tracking
 from gptlab.train.callbacks import (
     Callback,
     Checkpointer,
@@ -110,6 +112,20 @@ def micro_batch_size(t: TrainConfig, world: int) -> int:
     return micro
 
 
+def check_world(t: TrainConfig, world: int) -> None:
+    """Refuse a number of ranks the batch cannot be shared by, or more GPUs than there are."""
+    if world < 1:
+        raise GptlabError(f"--nproc must be at least 1, got {world}", "e.g. --nproc 2")
+    if t.batch_size % world:
+        raise GptlabError(f"batch size {t.batch_size} is not divisible by {world} ranks", "change train.batch_size")
+    micro_batch_size(t, world)
+    if select_device(t.device).type == "cuda" and world > torch.cuda.device_count():
+        raise GptlabError(
+            f"{world} ranks were asked for but this machine has {torch.cuda.device_count()} GPUs",
+            f"use --nproc {torch.cuda.device_count()} or fewer",
+        )
+
+
 def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(old) | set(new)):
@@ -142,16 +158,32 @@ def compile_pays(device: torch.device, total_steps: int | None) -> bool:
 
 
 class TrainStep:
-    """Forward, backward and optimizer step of one batch; shared by the trainer and `gptlab bench`."""
+    """Forward, backward and optimizer step of one batch; shared by the trainer and `gptlab bench`.
+
+    With several ranks the model is wrapped (DDP) or sharded (FSDP2) first, and the optimizers are built on
+    what that leaves; each rank's loss is its share of the global mean, so the averaged gradients are exact.
+    """
 
     def __init__(
-        self, model: GPT, t: TrainConfig, device: torch.device, micro_batch_size: int, total_steps: int | None = None
+        self,
+        model: GPT,
+        t: TrainConfig,
+        device: torch.device,
+        micro_batch_size: int,
+        total_steps: int | None = None,
+        dist: distributed.Dist = distributed.SINGLE,
     ) -> None:
-        self.model, self.device, self.micro_batch_size = model, device, micro_batch_size
+        self.model, self.device, self.micro_batch_size, self.dist = model, device, micro_batch_size, dist
         self.dtype = select_dtype(t.dtype, device)
         self.grad_clip = t.grad_clip
+        if dist.world > 1:
+            distributed.check_parallel(t.parallel, t.optimizer, self.dtype)
+        self.module = distributed.wrap(model, t.parallel, dist, device, self.dtype)
+        self.sharded = distributed.is_sharded(model)
+        # FSDP2 casts the parameters for compute itself (its mixed-precision policy); the rest use autocast
+        self.compute_dtype = torch.float32 if self.sharded else self.dtype
         use_compile = t.compile if t.compile is not None else compile_pays(device, total_steps)
-        self.forward = torch.compile(model) if use_compile else model
+        self.forward = torch.compile(self.module) if use_compile else self.module
         self.optimizers = build_optimizers(model, t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
@@ -162,21 +194,29 @@ class TrainStep:
         return t.to(self.device)
 
     def __call__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this rank's rows, split into micro-batches; returns (loss, grad norm)."""
-        n_valid = max(1, int((y != IGNORE_INDEX).sum()))
+        """One optimizer step on this rank's rows, split into micro-batches; returns (this rank's share of the
+        mean loss, grad norm). Only the last micro-batch all-reduces gradients."""
+        n_valid = int((y != IGNORE_INDEX).sum())
+        if self.dist.world > 1:  # sft rows hold different numbers of targets: count the whole batch's
+            n_valid = int(self.dist.all_sum(torch.tensor([n_valid], dtype=torch.int64, device=self.device)))
+        n_valid = max(1, n_valid)
         total = torch.zeros((), device=self.device)
         for i in range(0, len(x), self.micro_batch_size):
             xb = self.to_device(x[i : i + self.micro_batch_size])
             yb = self.to_device(y[i : i + self.micro_batch_size])
-            with autocast(self.device, self.dtype):
-                logits = self.forward(xb)
-            loss = lm_loss(logits, yb) / n_valid  # normalised by the whole batch, so accumulation is exact
-            self.scaler.scale(loss).backward()
+            with distributed.gradient_sync(self.module, sync=i + self.micro_batch_size >= len(x)):
+                with autocast(self.device, self.compute_dtype):
+                    logits = self.forward(xb)
+                loss = lm_loss(logits, yb) / n_valid  # normalised by the whole batch, so accumulation is exact
+                # DDP and FSDP average the ranks' gradients: scaled by the world size they add up instead
+                self.scaler.scale(loss * self.dist.world if self.dist.world > 1 else loss).backward()
             total += loss.detach()
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every rank
+            grad_norm = grad_norm.full_tensor()
         for opt in self.optimizers:
             self.scaler.step(opt)
         self.scaler.update()
@@ -207,6 +247,27 @@ class Trainer:
         `allow_dirty`: train even when train.require_clean_git finds uncommitted changes (`--allow-dirty`)."""
         if ephemeral and (resume or overwrite):
             raise ValueError("an ephemeral trainer neither resumes nor overwrites a run directory")
+        self.dist, self._owns_group = distributed.SINGLE, False
+        self.device = select_device(cfg.train.device)
+        if not ephemeral:  # under torchrun: join the other ranks (and leave them again if set-up fails)
+            self.dist, self.device, self._owns_group = distributed.init(self.device, cfg.train.dist_timeout)
+        try:
+            self._set_up(cfg, resume, overwrite, callbacks, quiet, ephemeral, allow_dirty)
+        except BaseException:
+            if self._owns_group:
+                distributed.shutdown(clean=False)
+            raise
+
+    def _set_up(
+        self,
+        cfg: Config,
+        resume: bool,
+        overwrite: bool,
+        callbacks: list[Callback] | None,
+        quiet: bool,
+        ephemeral: bool,
+        allow_dirty: bool,
+    ) -> None:
         self.run_dir = Path(cfg.train.out_dir)
         self.resume, self.quiet = resume, quiet
         self.data = load_prepared(cfg.data.dir)
@@ -220,12 +281,15 @@ class Trainer:
         self._check_lora_vocab(base)
         self.base_fingerprint = ckpt.base_fingerprint(base.model) if base and t.lora_rank else None
 
-        self.device = select_device(t.device)
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
         self.model = ckpt.build_model(cfg, base).to(self.device)
+        self.model.checkpoint_blocks = t.activation_checkpointing
+        if self.dist.rank:  # other dropout masks on each rank's rows (rank 0 draws as a single process does)
+            torch.manual_seed(t.seed + self.dist.rank)
+        self._plain: GPT | None = None  # rank 0's unsharded copy for generation under FSDP
         # of the base only its chat template is kept (gpt2-xl's weights are 6 GB of memory)
         self.base_template = base.chat_template if base else None
-        self.micro_batch_size = micro_batch_size(t, world=1)
+        self.micro_batch_size = micro_batch_size(t, world=self.dist.world)
         T = cfg.model.block_size
         self.train_batches, self.val_batches = self._batches(cfg)
         self.steps_per_epoch = self.train_batches.steps_per_epoch
@@ -236,7 +300,7 @@ class Trainer:
         if t.max_epochs is not None:
             budgets.append(t.max_epochs * self.steps_per_epoch)
         self.total_steps = min(b for b in budgets if b is not None)
-        self.stepper = TrainStep(self.model, t, self.device, self.micro_batch_size, self.total_steps)
+        self.stepper = TrainStep(self.model, t, self.device, self.micro_batch_size, self.total_steps, self.dist)
         self.dtype, self.forward = self.stepper.dtype, self.stepper.forward
         self.optimizers, self.scaler = self.stepper.optimizers, self.stepper.scaler
 
@@ -245,6 +309,7 @@ class Trainer:
         self.best_metric: float | None = None
         self._epoch_loss, self._epoch_steps = 0.0, 0
         self._stop_requested = False  # Ctrl-C or SIGTERM: save a checkpoint and stop
+        self._stop_agreed = False  # with several ranks: some rank was asked to stop (all stop at the same step)
         self.stop_reason: str | None = None  # set by a callback (early stopping): stop after this step
         self.results: dict[str, Any] = {}  # what the end of a finished run measured (a task's test score)
         # the run directory is written only once everything is checked and a resumed checkpoint has loaded
@@ -255,8 +320,11 @@ class Trainer:
             self._check_run_dir(overwrite)
             if resume:
                 self._load_latest()
-            self._write_run_dir(overwrite)
-            tracking.start_session(self.run_dir, self.git, self.device, self.step, quiet)
+            self.dist.barrier()  # every rank has checked the run directory before rank 0 writes it
+            if self.dist.is_main:
+                self._write_run_dir(overwrite)
+                tracking.start_session(self.run_dir, self.git, self.device, self.step, quiet)
+            self.dist.barrier()
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
 
     # ----- set-up -----------------------------------------------------------------------------
@@ -387,14 +455,18 @@ class Trainer:
     def _batches(self, cfg: Config) -> tuple[Batches | ExampleBatches, Batches | ExampleBatches]:
         """Train and validation batches; validation's are the same every evaluation, so the numbers compare."""
         t, T = cfg.train, cfg.model.block_size
+        ranks = {"rank": self.dist.rank, "world": self.dist.world}
         if self.data.examples is None:
-            train = Batches(self.data.train, T, t.batch_size, t.data_mode, t.seed, t.eval_interval)
-            return train, Batches(self.data.val, T, t.batch_size, t.data_mode, t.seed + 1, t.eval_iters, split="val")
+            train = Batches(self.data.train, T, t.batch_size, t.data_mode, t.seed, t.eval_interval, **ranks)
+            val = Batches(self.data.val, T, t.batch_size, t.data_mode, t.seed + 1, t.eval_iters, split="val", **ranks)
+            return train, val
         pad = self.data.meta["eot_id"] or 0  # padding is never attended to by a real token nor a target
         ex = self.data.examples
-        train = ExampleBatches(ex["train"], T, t.batch_size, t.data_mode, t.seed, t.eval_interval, pad_id=pad)
-        val = ExampleBatches(ex["val"], T, t.batch_size, "random", t.seed + 1, t.eval_iters, split="val", pad_id=pad)
-        if train.truncated and not self.quiet:
+        train = ExampleBatches(ex["train"], T, t.batch_size, t.data_mode, t.seed, t.eval_interval, pad_id=pad, **ranks)
+        val = ExampleBatches(
+            ex["val"], T, t.batch_size, "random", t.seed + 1, t.eval_iters, split="val", pad_id=pad, **ranks
+        )
+        if train.truncated and not self.quiet and self.dist.is_main:
             console.print(f"[yellow]{train.truncated} of {len(ex['train'])} examples are longer than the context of "
                           f"{T} tokens: long prompts lose their start, then responses their end "
                           "(raise model.block_size to keep them)[/]")  # fmt: skip
@@ -416,31 +488,54 @@ class Trainer:
         return callbacks
 
     def fire(self, event: str, payload: Any = None) -> None:
-        """Send an event to every callback, in order."""
+        """Send an event to every callback, in order (on ranks other than 0, to those that run on all ranks)."""
         for cb in self.callbacks:
-            getattr(cb, event)(self, payload) if payload is not None else getattr(cb, event)(self)
+            if self.dist.is_main or cb.all_ranks:
+                getattr(cb, event)(self, payload) if payload is not None else getattr(cb, event)(self)
+
+    def inference_model(self) -> GPT | None:
+        """The model as one plain GPT for generation (task scores, samples) on rank 0; None on the other ranks.
+
+        Under FSDP its weights are gathered from the shards into a copy: a collective every rank must call.
+        """
+        if not self.stepper.sharded:
+            return self.model if self.dist.is_main else None
+        state = distributed.full_state(self.model)
+        if not self.dist.is_main:
+            return None
+        if self._plain is None:
+            with torch.random.fork_rng(devices=[]):  # building draws initial weights: keep the training RNG
+                self._plain = ckpt.build_model(self.cfg).to(self.device)
+        self._plain.load_state_dict(state, strict=False)
+        return self._plain
 
     # ----- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """Write the full training state at the current step (atomically)."""
-        state = {
-            "step": self.step,
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "scaler": self.scaler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "best_metric": self.best_metric,
-            "history": self.history,
-            "epoch_loss": self._epoch_loss,
-            "epoch_steps": self._epoch_steps,
-        }
-        meta = {
-            "world_size": 1,
-            "epoch": max(0, self.step - 1) // self.steps_per_epoch,
-            "tokens": self.step * self.tokens_per_step,
-        }
-        if self.base_fingerprint is not None:  # a LoRA checkpoint names the base its adapters belong to
-            meta["base_fingerprint"] = self.base_fingerprint
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, state, meta)
+    def save_checkpoint(self, best: bool = False) -> Path:
+        """Write the full training state at the current step (atomically; with `best`, as the best so far).
+
+        A collective: rank 0 writes the whole weights and the run's state, every rank its training state."""
+        t = self.cfg.train
+        full = distributed.full_state(self.model)  # gathered from the shards under FSDP
+        rngs = self.dist.gather(ckpt.rng_state())
+        train_state = ckpt.training_state(self.model, self.optimizers)
+        weights = state = meta = None
+        if self.dist.is_main:
+            weights = ckpt.model_tensors(self.model, full)
+            state = {
+                "step": self.step, "scaler": self.scaler.state_dict(), "rng": rngs, "best_metric": self.best_metric,
+                "history": self.history, "epoch_loss": self._epoch_loss, "epoch_steps": self._epoch_steps,
+            }  # fmt: skip
+            meta = {
+                "world_size": self.dist.world,
+                "parallel": t.parallel if self.dist.world > 1 else "none",
+                "optimizer": t.optimizer,
+                "epoch": max(0, self.step - 1) // self.steps_per_epoch,
+                "tokens": self.step * self.tokens_per_step,
+            }
+            if self.base_fingerprint is not None:  # a LoRA checkpoint names the base its adapters belong to
+                meta["base_fingerprint"] = self.base_fingerprint
+        root = self.run_dir / "checkpoints"
+        return ckpt.save_checkpoint(root, self.step, weights, state, meta, train_state, self.dist, best)
 
     def _load_latest(self) -> None:
         path = ckpt.find_checkpoint(self.run_dir, "latest")
@@ -450,20 +545,24 @@ class Trainer:
                 f"the base model '{self.cfg.model.init_from}' is not the one the adapters in '{path}' were trained on",
                 "resume with the original base at model.init_from",
             )
-        ckpt.load_model_tensors(self.model, ckpt.load_weights(path), str(path))
-        state = ckpt.load_state(path)
-        if len(state["optimizers"]) != len(self.optimizers):
+        if meta.get("optimizer", self.cfg.train.optimizer) != self.cfg.train.optimizer:
             raise GptlabError(
-                f"checkpoint '{path}' was written with another optimizer", "resume with its train.optimizer"
+                f"checkpoint '{path}' was written with train.optimizer={meta['optimizer']}",
+                f"resume with train.optimizer={meta['optimizer']}",
             )
-        for opt, s in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
+        ckpt.load_training_state(path, self.model, self.optimizers, self.dist)
+        state = ckpt.load_state(path)
         if state["scaler"] and self.scaler.is_enabled():  # an fp32/bf16 run saves an empty scaler state
             self.scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
+        rngs = state["rng"]  # one per rank; a run resumed on more ranks than it had gives the new ones rank 0's
+        ckpt.set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
         self.step = meta["step"]
         self.best_metric, self.history = state["best_metric"], state["history"]
         self._epoch_loss, self._epoch_steps = state["epoch_loss"], state["epoch_steps"]
+        saved_world = meta.get("world_size", 1)
+        if saved_world != self.dist.world and self.dist.is_main and not self.quiet:
+            console.print(f"resuming a checkpoint of {saved_world} rank(s) on {self.dist.world}: the global batches "
+                          "are the same, each rank takes its rows of them")  # fmt: skip
 
     # ----- the loop ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -474,15 +573,17 @@ class Trainer:
         forward = self.model if self.device.type == "cpu" else self.forward
         s, n = 0.0, 0
         for k in range(self.cfg.train.eval_iters):
-            x, y = self.val_batches.batch(k)
+            x, y = self.val_batches.batch(k)  # this rank's rows
             for i in range(0, len(x), self.micro_batch_size):
                 xb = self.stepper.to_device(x[i : i + self.micro_batch_size])
                 yb = self.stepper.to_device(y[i : i + self.micro_batch_size])
-                with autocast(self.device, self.dtype):
+                with autocast(self.device, self.stepper.compute_dtype):
                     logits = forward(xb)
                 s += float(lm_loss(logits, yb))
                 n += int((yb != IGNORE_INDEX).sum())
         self.model.train()
+        if self.dist.world > 1:
+            s, n = self.dist.all_sum(torch.tensor([s, n], dtype=torch.float64, device=self.device)).tolist()
         if n == 0:
             raise GptlabError(
                 "the validation batches hold no target tokens (every response is cut away)",
@@ -491,6 +592,11 @@ class Trainer:
         return s / n
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.dist.world > 1:  # torchrun passes the terminal's Ctrl-C on again: only its own timeout aborts
+            if not self._stop_requested and self.dist.is_main:
+                console.print("[yellow]interrupted: every rank saves a checkpoint after this step[/]")
+            self._stop_requested = True
+            return
         if self._stop_requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self._stop_requested = True
@@ -505,21 +611,43 @@ class Trainer:
         in_main = threading.current_thread() is threading.main_thread()
         signals = (signal.SIGINT, signal.SIGTERM) if in_main else ()
         old_handlers = {sig: signal.signal(sig, self._on_sigint) for sig in signals}
+        clean = False
         try:
             self.fire("on_train_start")
             self._loop(t)
-            if not self._stop_requested:  # the budget was spent or a callback stopped it: not an interruption
+            if not self._stopping():  # the budget was spent or a callback stopped it: not an interruption
                 self.fire("on_fit_end")
+            clean = True
         except torch.OutOfMemoryError as e:
             raise GptlabError(
                 f"out of memory with micro-batches of {self.micro_batch_size} x {self.cfg.model.block_size} tokens",
                 "lower train.micro_batch_size (the batch is kept by accumulation), model.block_size or the model size",
             ) from e
+        except (RuntimeError, torch.distributed.DistError) as e:
+            if self.dist.world > 1 and distributed.lost_peer(e):
+                raise distributed.peer_error(e, self.dist, t.dist_timeout) from e
+            raise
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             self.fire("on_train_end")
+            if self._owns_group:  # the group this trainer joined is left with it
+                self._owns_group = False
+                distributed.shutdown(clean)
         return self
+
+    def _stopping(self) -> bool:
+        """Whether Ctrl-C or SIGTERM asked to stop: on several ranks, once all of them know it."""
+        return self._stop_requested if self.dist.world == 1 else self._stop_agreed
+
+    def _share(self, loss: torch.Tensor) -> torch.Tensor:
+        """The whole batch's loss from the ranks' shares, and whether any rank was asked to stop, in one all-reduce."""
+        if self.dist.world == 1:
+            return loss
+        packed = torch.stack([loss.float(), torch.tensor(float(self._stop_requested), device=loss.device)])
+        self.dist.all_sum(packed)
+        self._stop_agreed = bool(packed[1] > 0)
+        return packed[0]
 
     def _pin(self, a: np.ndarray) -> np.ndarray | torch.Tensor:
         """Pinned host memory lets the copy to the GPU overlap compute; it runs in the prefetch thread."""
@@ -538,9 +666,10 @@ class Trainer:
                 if not self.quiet:
                     console.print(f"stopped at step {self.step}: {self.stop_reason}")
                 return
-            if self._stop_requested:
+            if self._stopping():
                 path = self.save_checkpoint()
-                console.print(f"saved {path}")
+                if self.dist.is_main:
+                    console.print(f"saved {path}")
                 return
             factor = lr_factor(self.step, self.total_steps, t)
             set_lr(self.optimizers, factor)
@@ -549,7 +678,7 @@ class Trainer:
                 x, y = next(batches)
             with record_function("step"):
                 loss_t, norm_t = self.stepper(x, y)
-                loss = float(loss_t)  # one sync per step: needed for the NaN guard and the log
+                loss = float(self._share(loss_t))  # one sync per step: needed for the NaN guard and the log
             if not math.isfinite(loss):
                 raise GptlabError(
                     f"loss is {loss} at step {self.step + 1}",
