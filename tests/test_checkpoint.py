@@ -20,8 +20,12 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(prepared,
 
     monkeypatch.setattr(ckpt, "save_file", crash)
     longer = replace(prepared, train=replace(prepared.train, max_iters=20))
-    with pytest.raises(OSError):
+    with pytest.raises(GptlabError) as e:
         Trainer(longer, resume=True, quiet=True).fit()
+    assert str(e.value) == (
+        f"could not write checkpoint '{root / 'step_15'}' (OSError: disk full) (free disk space or fix the folder's "
+        "permissions; the previous checkpoint is kept)"
+    )
     monkeypatch.undo()
     assert ckpt.read_pointer(root / "latest") == "step_10"
     assert not (root / "step_15").exists()  # only a temporary folder was left, under another name

@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank may fail: say which one did
-        print(f"error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
+        sys.stderr.write(f"error: {f'[rank {rank}] ' if rank else ''}{e}\n")  # one write: ranks share the stream
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

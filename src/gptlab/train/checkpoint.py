@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from gptlab.chat import ChatTemplate, load_chat_template
 from gptlab.config import Config, ModelConfig, from_dict
@@ -161,31 +162,59 @@ def save_checkpoint(
     final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
     exists = final.exists()
     d.barrier()  # every rank has looked before rank 0 may create it
-    if not exists:
-        if d.is_main:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # the leftover of a crashed write
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        d.barrier()
-        if train_state is not None:
-            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.save(train_state, checkpoint_id=tmp / TRAIN_STATE, no_dist=d.world == 1)  # fsyncs its files
-        if d.is_main:
-            save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
-            torch.save(state, tmp / STATE)
-            (tmp / META).write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step, **meta}, indent=2))
-            for f in (WEIGHTS, STATE, META):
-                _fsync_file(tmp / f)
-            tmp.rename(final)
-            _fsync_dir(ckpt_root)
+    try:
+        if not exists:
+            _write(final, tmp, weights, state, {"step": step, **(meta or {})}, train_state, d)
+    except (OSError, CheckpointException) as e:
+        raise GptlabError(
+            f"could not write checkpoint '{final}' ({_cause(e)})",
+            "free disk space or fix the folder's permissions; the previous checkpoint is kept",
+        ) from e
     if d.is_main:
         write_pointer(ckpt_root / "latest", name)
         if best:
             write_pointer(ckpt_root / "best", name)
     d.barrier()  # no rank reads the pointers before they are written
     return final
+
+
+def _write(
+    final: Path,
+    tmp: Path,
+    weights: dict[str, torch.Tensor] | None,
+    state: dict[str, Any] | None,
+    meta: dict[str, Any] | None,
+    train_state: dict[str, Any] | None,
+    d: Dist,
+) -> None:
+    """Build the checkpoint in `tmp`, then rename it to `final` (see `save_checkpoint`)."""
+    ckpt_root = final.parent
+    if d.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # the leftover of a crashed write
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    d.barrier()
+    if train_state is not None:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(train_state, checkpoint_id=tmp / TRAIN_STATE, no_dist=d.world == 1)  # fsyncs its files
+    if d.is_main:
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        torch.save(state, tmp / STATE)
+        (tmp / META).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2))
+        for f in (WEIGHTS, STATE, META):
+            _fsync_file(tmp / f)
+        tmp.rename(final)
+        _fsync_dir(ckpt_root)
+
+
+def _cause(e: BaseException) -> str:
+    """The first failure inside a `torch.distributed.checkpoint` error, in one short line."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text[:300]
 
 
 def training_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
@@ -214,10 +243,9 @@ def load_training_state(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=path / TRAIN_STATE, no_dist=d.world == 1)
-    except Exception as e:  # dcp wraps every rank's failure (a missing shard, another model) in one exception
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (Exception, CheckpointException) as e:  # dcp gathers every rank's failure into one BaseException
         raise GptlabError(
-            f"checkpoint '{path}' does not match this run or is damaged: {TRAIN_STATE} unreadable ({first[:300]})",
+            f"checkpoint '{path}' does not match this run or is damaged: {TRAIN_STATE} unreadable ({_cause(e)})",
             "resume with the config of the run that wrote it, or pick an older checkpoint",
         ) from e
     options = StateDictOptions(ignore_frozen_params=True, strict=False)  # a LoRA run's frozen base is not in it

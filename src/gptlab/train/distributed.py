@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from torch import nn
 
 from gptlab.errors import GptlabError
 
+LAUNCH_COMMAND = "GPTLAB_LAUNCH_COMMAND"  # the launcher's command line (JSON), for run.json to record in each rank
 # the parts of the backends' messages that mean a peer is gone rather than a bug in this process
 LOST_PEER = ("connection", "closed", "reset by peer", "timed out", "timeout", "broken pipe", "nccl", "gloo")
 
@@ -90,6 +92,11 @@ def init(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device, bo
     created = not dist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise GptlabError(
+                f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}",
+                f"start at most {torch.cuda.device_count()} ranks per machine (--nproc_per_node)",
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
@@ -229,6 +236,7 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 with a warning; share the cores instead
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    os.environ[LAUNCH_COMMAND] = json.dumps(sys.argv)
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
         rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1, start_method="spawn",
@@ -250,16 +258,25 @@ def launch(nproc: int, argv: list[str]) -> int:
         print("interrupted", file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in e.failures.items()}
-        if all(code == 2 for code in codes.values()):
-            return 2  # user errors: each rank printed its own
-        rank, code = min((rank, code) for rank, code in codes.items() if code != 2)
-        print(f"error: rank {rank} {_ended(code)} and the run stopped (see its output above; continue with "
-              "gptlab train --resume RUN_DIR --nproc N from the last checkpoint)", file=sys.stderr)  # fmt: skip
-        return 1
+        return _report(e.failures)
     finally:
         for log, level in zip(agent_logs, levels):
             log.setLevel(level)
+
+
+def _report(failures: dict[int, Any]) -> int:
+    """The launcher's exit code for failed ranks, naming the one that caused it.
+
+    When one rank fails torchrun stops the others with SIGTERM, and a rank that loses its peers exits with a
+    user error (2), so those are consequences; a user error on every rank was printed by each already.
+    """
+    causes = {rank: f for rank, f in failures.items() if f.exitcode not in (2, -signal.SIGTERM)}
+    if not causes and any(f.exitcode == 2 for f in failures.values()):
+        return 2
+    rank, first = min((causes or failures).items(), key=lambda item: item[1].timestamp)
+    sys.stderr.write(f"error: rank {rank} {_ended(first.exitcode)} and the run stopped (see its output above; "
+                     "continue with gptlab train --resume RUN_DIR --nproc N from the last checkpoint)\n")  # fmt: skip
+    return 1
 
 
 def _ended(code: int) -> str:

@@ -26,6 +26,7 @@ from gptlab.errors import GptlabError
 from gptlab.generate import prompt_text
 from gptlab.progress import console
 from gptlab.train.callbacks import Callback
+from gptlab.train.distributed import LAUNCH_COMMAND
 
 if TYPE_CHECKING:
     from gptlab.data.batches import PreparedData
@@ -109,12 +110,22 @@ def check_git(require_clean: bool, cwd: str | Path | None = None) -> GitState | 
     return state
 
 
-def start_session(run_dir: Path, git: GitState | None, device: torch.device, step: int, quiet: bool = False) -> dict:
-    """Append this session (git, versions, command line, device, start time) to RUN_DIR/run.json; print the git line."""
+def start_session(
+    run_dir: Path,
+    git: GitState | None,
+    device: torch.device,
+    step: int,
+    quiet: bool = False,
+    ranks: int = 1,
+    parallel: str = "none",
+) -> dict:
+    """Append this session (git, versions, command line, device and ranks, start time) to RUN_DIR/run.json; print the
+    git line."""
+    launched = os.environ.get(LAUNCH_COMMAND)  # `gptlab train --nproc N`: the command the user typed
     session = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "start_step": step,
-        "command": sys.argv,
+        "command": json.loads(launched) if launched else sys.argv,
         "cwd": str(Path.cwd()),
         "git": git.record() if git else None,
         "gptlab": gptlab.__version__,
@@ -122,6 +133,8 @@ def start_session(run_dir: Path, git: GitState | None, device: torch.device, ste
         "python": platform.python_version(),
         "host": platform.node(),
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "ranks": ranks,
+        "parallel": parallel,
     }
     path = run_dir / "run.json"
     sessions = json.loads(path.read_text())["sessions"] if path.is_file() else []  # a resume adds to the first

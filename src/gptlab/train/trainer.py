@@ -107,7 +107,7 @@ def micro_batch_size(t: TrainConfig, world: int) -> int:
     if per_rank % micro:
         raise GptlabError(
             f"train.micro_batch_size={micro} does not divide the per-rank batch of {per_rank}",
-            "pick a divisor of train.batch_size",
+            f"pick a divisor of {per_rank}",
         )
     return micro
 
@@ -176,6 +176,7 @@ class TrainStep:
         self.model, self.device, self.micro_batch_size, self.dist = model, device, micro_batch_size, dist
         self.dtype = select_dtype(t.dtype, device)
         self.grad_clip = t.grad_clip
+        model.checkpoint_blocks = t.activation_checkpointing
         if dist.world > 1:
             distributed.check_parallel(t.parallel, t.optimizer, self.dtype)
         self.module = distributed.wrap(model, t.parallel, dist, device, self.dtype)
@@ -283,7 +284,6 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # the same on every rank: the same initial weights
         self.model = ckpt.build_model(cfg, base).to(self.device)
-        self.model.checkpoint_blocks = t.activation_checkpointing
         if self.dist.rank:  # other dropout masks on each rank's rows (rank 0 draws as a single process does)
             torch.manual_seed(t.seed + self.dist.rank)
         self._plain: GPT | None = None  # rank 0's unsharded copy for generation under FSDP
@@ -323,7 +323,8 @@ class Trainer:
             self.dist.barrier()  # every rank has checked the run directory before rank 0 writes it
             if self.dist.is_main:
                 self._write_run_dir(overwrite)
-                tracking.start_session(self.run_dir, self.git, self.device, self.step, quiet)
+                parallel = t.parallel if self.dist.world > 1 else "none"
+                tracking.start_session(self.run_dir, self.git, self.device, self.step, quiet, self.dist.world, parallel)
             self.dist.barrier()
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
 
@@ -337,7 +338,7 @@ class Trainer:
             return replace(cfg, model=ckpt.init_config(ckpt.init_source_config(init_from), cfg.model)), None
         base = ckpt.load_init(init_from)
         cfg = replace(cfg, model=ckpt.init_config(base.model.cfg, cfg.model))
-        if cfg.model.block_size < base.model.cfg.block_size and not self.quiet:
+        if cfg.model.block_size < base.model.cfg.block_size and not self.quiet and self.dist.is_main:
             console.print(f"{init_from}: context cropped from {base.model.cfg.block_size} to {cfg.model.block_size} "
                           "tokens (model.block_size)")  # fmt: skip
         ours = self.data.tokenizer().hf.get_vocab(with_added_tokens=True)
@@ -554,8 +555,9 @@ class Trainer:
         state = ckpt.load_state(path)
         if state["scaler"] and self.scaler.is_enabled():  # an fp32/bf16 run saves an empty scaler state
             self.scaler.load_state_dict(state["scaler"])
-        rngs = state["rng"]  # one per rank; a run resumed on more ranks than it had gives the new ones rank 0's
-        ckpt.set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+        rngs = state["rng"]  # one per rank; ranks a run did not have keep their fresh seed (seed + rank)
+        if self.dist.rank < len(rngs):
+            ckpt.set_rng_state(rngs[self.dist.rank])
         self.step = meta["step"]
         self.best_metric, self.history = state["best_metric"], state["history"]
         self._epoch_loss, self._epoch_steps = state["epoch_loss"], state["epoch_steps"]
@@ -593,9 +595,7 @@ class Trainer:
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.dist.world > 1:  # torchrun passes the terminal's Ctrl-C on again: only its own timeout aborts
-            if not self._stop_requested and self.dist.is_main:
-                console.print("[yellow]interrupted: every rank saves a checkpoint after this step[/]")
-            self._stop_requested = True
+            self._stop_requested = True  # the ranks agree on the step to stop at, then rank 0 says so
             return
         if self._stop_requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
@@ -628,8 +628,10 @@ class Trainer:
                 raise distributed.peer_error(e, self.dist, t.dist_timeout) from e
             raise
         finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+            # a rank that failed keeps ignoring torchrun's SIGTERM, which would end it before it reports why
+            if clean or self.dist.world == 1:
+                for sig, handler in old_handlers.items():
+                    signal.signal(sig, handler)
             self.fire("on_train_end")
             if self._owns_group:  # the group this trainer joined is left with it
                 self._owns_group = False
@@ -663,10 +665,12 @@ class Trainer:
     def _steps(self, t: Any, batches: Iterator[tuple[Any, Any]]) -> None:
         while self.step < self.total_steps:
             if self.stop_reason is not None:
-                if not self.quiet:
+                if not self.quiet and self.dist.is_main:
                     console.print(f"stopped at step {self.step}: {self.stop_reason}")
                 return
             if self._stopping():
+                if self.dist.world > 1 and self.dist.is_main:
+                    console.print(f"[yellow]interrupted: every rank saves a checkpoint at step {self.step}[/]")
                 path = self.save_checkpoint()
                 if self.dist.is_main:
                     console.print(f"saved {path}")
