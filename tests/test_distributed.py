@@ -221,16 +221,22 @@ def test_activation_checkpointing_recomputes_the_same_gradients(prepared):
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
-def test_a_stop_by_sigterm_saves_every_rank_at_the_same_step(runs, tmp_path):
-    """torchrun passes SIGTERM (a scheduler's preemption) to each rank; they agree on a step and save it."""
+def start_long_run(config: Path, run: Path) -> subprocess.Popen:
+    """A 2-rank run with a budget it will not reach, once it has logged 3 steps."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = tmp_path / "run"
-    args = [sys.executable, "-m", "gptlab", "train", str(runs["config"]), "--nproc", "2", "--quiet",
-            f"train.out_dir={run}", "train.max_iters=100000", "train.eval_interval=100000"]  # fmt: skip
+    args = [sys.executable, "-m", "gptlab", "train", str(config), "--nproc", "2", "--quiet", f"train.out_dir={run}",
+            "train.max_iters=100000", "train.eval_interval=100000"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and step_losses(run).get(3)):
         time.sleep(0.05)
+    return proc
+
+
+def test_a_stop_by_sigterm_saves_every_rank_at_the_same_step(runs, tmp_path):
+    """torchrun passes SIGTERM (a scheduler's preemption) to each rank; they agree on a step and save it."""
+    run = tmp_path / "run"
+    proc = start_long_run(runs["config"], run)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -246,14 +252,8 @@ def test_a_stop_by_sigterm_saves_every_rank_at_the_same_step(runs, tmp_path):
 
 
 def test_a_rank_that_dies_stops_the_others_with_a_clear_error(runs, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "gptlab", "train", str(runs["config"]), "--nproc", "2", "--quiet",
-            f"train.out_dir={run}", "train.max_iters=100000", "train.eval_interval=100000"]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and step_losses(run).get(3)):
-        time.sleep(0.05)
+    proc = start_long_run(runs["config"], run)
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     rank1 = [pid for pid in children if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes()]
     assert len(rank1) == 1

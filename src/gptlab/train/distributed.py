@@ -175,7 +175,8 @@ def wrap(model: nn.Module, parallel: str, d: Dist, device: torch.device, dtype: 
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    # the only buffers (RoPE's tables) are the same constants on every rank: no broadcast before each forward
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def is_sharded(module: nn.Module) -> bool:
