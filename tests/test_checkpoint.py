@@ -80,3 +80,12 @@ def test_state_holds_only_weights_only_safe_types(prepared):
     assert state["step"] == 20 and len(state["rng"]) == 1  # one RNG state per rank
     ckpt.set_rng_state(state["rng"][0])  # restores without error
     assert (path / "train_state" / ".metadata").is_file()  # the model and optimizer state, by parameter name
+
+
+def test_a_stop_before_the_first_step_saves_nothing(prepared, capsys):
+    """A checkpoint at step 0 would hold an optimizer state torch.distributed.checkpoint had to invent (a zero step)."""
+    trainer = Trainer(prepared, quiet=True)
+    trainer._stop_requested = True  # Ctrl-C while the run was starting
+    trainer.fit()
+    assert trainer.step == 0 and not (Path(prepared.train.out_dir) / "checkpoints").exists()
+    assert "interrupted before the first step: nothing to save" in capsys.readouterr().err

@@ -262,7 +262,7 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_error(runs, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert time.time() - start < 60  # not a hang: gloo sees the closed connection at once
     assert proc.returncode == 1
-    assert "error: rank 0 lost contact with the other ranks (" in err
+    assert "error: lost contact with the other ranks (" in err  # rank 0, exit 3: a consequence
     assert err.splitlines()[-1] == (
         "error: rank 1 was killed by SIGKILL and the run stopped (see its output above; continue with gptlab train "
         "--resume RUN_DIR --nproc N from the last checkpoint)"
@@ -289,6 +289,56 @@ def test_user_errors_of_distributed_runs(runs, tmp_path, capsys):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
     assert f"error: {what}" in errors and set(errors) <= {f"error: {what}", f"error: [rank 1] {what}"}
+
+
+def test_a_rank_that_fails_in_set_up_stops_the_others_with_its_own_error(runs, tmp_path):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"
+    r = gptlab("train", str(runs["config"]), "--nproc", "2", f"train.out_dir={out}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"error: cannot write the run directory '{out}' (Not a directory) (set train.out_dir to a folder you " \
+        "can write)" in r.stderr.splitlines()  # fmt: skip
+
+
+def test_the_launcher_names_the_rank_that_caused_a_failure(capsys):
+    from types import SimpleNamespace as Failure
+
+    from gptlab.train.distributed import _report
+
+    # rank 1 was killed; rank 0 then lost contact (3) and was stopped: rank 1 is named
+    assert _report({0: Failure(exitcode=3, timestamp=10), 1: Failure(exitcode=-9, timestamp=10)}) == 1
+    assert capsys.readouterr().err.startswith("error: rank 1 was killed by SIGKILL and the run stopped (")
+    # rank 0 met a user error (printed by it); rank 1, blocked meanwhile, was killed by torchrun: exit 2, no blame
+    assert _report({0: Failure(exitcode=2, timestamp=10), 1: Failure(exitcode=-9, timestamp=40)}) == 2
+    assert capsys.readouterr().err == ""
+    assert _report({1: Failure(exitcode=1, timestamp=12), 0: Failure(exitcode=-15, timestamp=12)}) == 1
+    assert capsys.readouterr().err.startswith("error: rank 1 exited with code 1 and the run stopped (")
+
+
+def test_a_batch_smaller_than_the_ranks_is_refused_under_plain_torchrun(prepared):
+    from gptlab.train.trainer import micro_batch_size
+
+    with pytest.raises(GptlabError) as e:
+        micro_batch_size(replace(prepared.train, batch_size=1), world=2)
+    assert str(e.value) == "batch size 1 is not divisible by 2 ranks (change train.batch_size)"
+
+
+def test_a_lora_task_run_with_tied_embeddings_on_two_fsdp_ranks(tmp_path):
+    """Exact match each epoch and the best checkpoint's test score at the end, from rank 0, with adapters only."""
+    configs = Path(__file__).parent.parent / "configs"
+    common = [f"data.dir={tmp_path / 'adder'}", "train.device=cpu", "train.max_epochs=1", "task.eval_examples=100",
+              "model.tie_embeddings=true", "train.batch_size=256", "train.warmup_iters=5"]  # fmt: skip
+    assert main(["prepare", str(configs / "adder.yaml"), *common]) == 0
+    assert main(["train", str(configs / "adder.yaml"), "--quiet", *common, f"train.out_dir={tmp_path / 'base'}"]) == 0
+    r = gptlab("train", str(configs / "adder.yaml"), "--nproc", "2", "--quiet", *common,
+               f"train.out_dir={tmp_path / 'lora'}", f"model.init_from={tmp_path / 'base'}", "train.lora_rank=4",
+               "train.parallel=fsdp")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "lora" / "results.json").read_text())
+    assert set(results) == {"step", "checkpoint", "val_exact_match", "test_exact_match"}
+    assert "val_exact_match" in json.loads((tmp_path / "lora" / "history.json").read_text())[-1]
+    stored = weights(tmp_path / "lora", results["checkpoint"])
+    assert stored and all("lora_" in name for name in stored)  # the adapters, not the frozen base
 
 
 def test_other_ranks_mark_their_errors_with_their_rank(runs, monkeypatch, capsys):

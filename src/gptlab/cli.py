@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank may fail: say which one did
         sys.stderr.write(f"error: {f'[rank {rank}] ' if rank else ''}{e}\n")  # one write: ranks share the stream
-        return 2
+        return e.exit_code  # 2, or 3 for a rank that lost the others (train/distributed.py)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,8 @@ from __future__ import annotations
 class GptlabError(Exception):
     """A user-caused failure: printed as `error: <what> (<how to fix>)`, exit code 2."""
 
+    exit_code = 2
+
     def __init__(self, what: str, fix: str) -> None:
         super().__init__(f"{what} ({fix})")
         self.what = what

@@ -37,7 +37,7 @@ from gptlab.interop.hf import load_pretrained, pretrained_config
 from gptlab.lora import add_lora, is_adapter, merge_lora
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
-from gptlab.train.distributed import SINGLE, Dist, is_sharded, load_full_state
+from gptlab.train.distributed import SINGLE, Dist, is_sharded, load_full_state, lost_peer
 
 FORMAT_VERSION = 2  # 2: the model and optimizer state for resuming moved from state.pt to train_state/
 READABLE_VERSIONS = (1, 2)  # the weights of both are read; only version 2 resumes
@@ -112,7 +112,7 @@ def load_model_tensors(model: GPT, tensors: dict[str, torch.Tensor], origin: str
             "load it with the config.yaml of the run that wrote it",
         )
     if is_sharded(model):
-        if model.cfg.tie_embeddings:  # the sharded model's loader wants both names of the tied weight
+        if "tok_emb.weight" in tensors and model.cfg.tie_embeddings:  # the sharded loader wants both names
             tensors = {**tensors, "lm_head.weight": tensors["tok_emb.weight"]}
         load_full_state(model, tensors)
     else:
@@ -244,6 +244,8 @@ def load_training_state(
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=path / TRAIN_STATE, no_dist=d.world == 1)
     except (Exception, CheckpointException) as e:  # dcp gathers every rank's failure into one BaseException
+        if d.world > 1 and lost_peer(RuntimeError(_cause(e))):
+            raise  # another rank is gone: the trainer says so
         raise GptlabError(
             f"checkpoint '{path}' does not match this run or is damaged: {TRAIN_STATE} unreadable ({_cause(e)})",
             "resume with the config of the run that wrote it, or pick an older checkpoint",

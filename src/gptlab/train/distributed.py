@@ -129,12 +129,19 @@ def lost_peer(e: BaseException) -> bool:
     return isinstance(e, dist.DistError) or any(word in str(e).lower() for word in LOST_PEER)
 
 
-def peer_error(e: BaseException, d: Dist, timeout_s: float) -> GptlabError:
+class LostRanks(GptlabError):
+    """A collective failed because another rank is gone: a consequence, not a cause, so its own exit code lets the
+    launcher name the rank that failed first."""
+
+    exit_code = 3
+
+
+def peer_error(e: BaseException, timeout_s: float) -> LostRanks:
     """The error a rank reports when a collective fails because another rank is gone."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # without gloo's source location and advice
-    return GptlabError(
-        f"rank {d.rank} lost contact with the other ranks ({first}): another rank died, or hung longer than "
+    return LostRanks(
+        f"lost contact with the other ranks ({first}): another rank died, or hung longer than "
         f"train.dist_timeout={timeout_s:g} s",
         "see the first failing rank's output above, then continue with --resume from the last checkpoint",
     )
@@ -175,8 +182,10 @@ def wrap(model: nn.Module, parallel: str, d: Dist, device: torch.device, dtype: 
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    # the only buffers (RoPE's tables) are the same constants on every rank: no broadcast before each forward
-    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; older versions know only that name
+        warnings.simplefilter("ignore", FutureWarning)
+        # the only buffers (RoPE's tables) are the same constants on every rank: no broadcast before each forward
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -235,8 +244,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    saved_env = dict(os.environ)
     if "OMP_NUM_THREADS" not in os.environ:  # torchrun would set 1 with a warning; share the cores instead
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     os.environ[LAUNCH_COMMAND] = json.dumps(sys.argv)
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
@@ -263,18 +273,20 @@ def launch(nproc: int, argv: list[str]) -> int:
     finally:
         for log, level in zip(agent_logs, levels):
             log.setLevel(level)
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def _report(failures: dict[int, Any]) -> int:
     """The launcher's exit code for failed ranks, naming the one that caused it.
 
-    When one rank fails torchrun stops the others with SIGTERM, and a rank that loses its peers exits with a
-    user error (2), so those are consequences; a user error on every rank was printed by each already.
+    When one rank fails torchrun stops the others (SIGTERM, then SIGKILL after its timeout), and a rank that
+    loses its peers exits with LostRanks.exit_code: consequences. A user error (2) was printed by its rank already.
     """
-    causes = {rank: f for rank, f in failures.items() if f.exitcode not in (2, -signal.SIGTERM)}
-    if not causes and any(f.exitcode == 2 for f in failures.values()):
-        return 2
-    rank, first = min((causes or failures).items(), key=lambda item: item[1].timestamp)
+    causes = {rank: f for rank, f in failures.items() if f.exitcode not in (LostRanks.exit_code, -signal.SIGTERM)}
+    if any(f.exitcode == 2 for f in causes.values()):
+        return 2  # a rank blocked in a collective meanwhile may have been killed by torchrun: not a cause
+    rank, first = min((causes or failures).items(), key=lambda item: (item[1].timestamp, item[0]))
     sys.stderr.write(f"error: rank {rank} {_ended(first.exitcode)} and the run stopped (see its output above; "
                      "continue with gptlab train --resume RUN_DIR --nproc N from the last checkpoint)\n")  # fmt: skip
     return 1

@@ -102,6 +102,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def micro_batch_size(t: TrainConfig, world: int) -> int:
     """Sequences per forward on one rank: train.micro_batch_size, which must divide the rank's batch."""
+    if t.batch_size % world:
+        raise GptlabError(f"batch size {t.batch_size} is not divisible by {world} ranks", "change train.batch_size")
     per_rank = t.batch_size // world
     micro = t.micro_batch_size or per_rank
     if per_rank % micro:
@@ -116,8 +118,6 @@ def check_world(t: TrainConfig, world: int) -> None:
     """Refuse a number of ranks the batch cannot be shared by, or more GPUs than there are."""
     if world < 1:
         raise GptlabError(f"--nproc must be at least 1, got {world}", "e.g. --nproc 2")
-    if t.batch_size % world:
-        raise GptlabError(f"batch size {t.batch_size} is not divisible by {world} ranks", "change train.batch_size")
     micro_batch_size(t, world)
     if select_device(t.device).type == "cuda" and world > torch.cuda.device_count():
         raise GptlabError(
@@ -254,9 +254,11 @@ class Trainer:
             self.dist, self.device, self._owns_group = distributed.init(self.device, cfg.train.dist_timeout)
         try:
             self._set_up(cfg, resume, overwrite, callbacks, quiet, ephemeral, allow_dirty)
-        except BaseException:
+        except BaseException as e:
             if self._owns_group:
                 distributed.shutdown(clean=False)
+            if isinstance(e, RuntimeError) and self.dist.world > 1 and distributed.lost_peer(e):
+                raise distributed.peer_error(e, cfg.train.dist_timeout) from e  # rank 0 failed while we waited
             raise
 
     def _set_up(
@@ -443,10 +445,16 @@ class Trainer:
 
     def _write_run_dir(self, overwrite: bool) -> None:
         """Start (or, with --overwrite, restart) the run directory: config.yaml and a copy of the tokenizer."""
-        if overwrite and not self.resume and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg).encode())
+        try:
+            if overwrite and not self.resume and self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.run_dir / "config.yaml", to_yaml(self.cfg).encode())
+        except OSError as e:
+            raise GptlabError(
+                f"cannot write the run directory '{self.run_dir}' ({e.strerror or e})",
+                "set train.out_dir to a folder you can write",
+            ) from e
         write_atomic(self.run_dir / "tokenizer.json", self.data.tokenizer_path.read_bytes())
         # the chat template goes with the tokenizer: the data's (sft), else the base model's
         template = load_chat_template(self.data.dir, self.data.tokenizer()) or self.base_template
@@ -516,7 +524,8 @@ class Trainer:
 
         A collective: rank 0 writes the whole weights and the run's state, every rank its training state."""
         t = self.cfg.train
-        full = distributed.full_state(self.model)  # gathered from the shards under FSDP
+        # gathered from the shards under FSDP (a collective); otherwise only rank 0 needs a copy
+        full = distributed.full_state(self.model) if self.stepper.sharded or self.dist.is_main else {}
         rngs = self.dist.gather(ckpt.rng_state())
         train_state = ckpt.training_state(self.model, self.optimizers)
         weights = state = meta = None
@@ -625,7 +634,7 @@ class Trainer:
             ) from e
         except (RuntimeError, torch.distributed.DistError) as e:
             if self.dist.world > 1 and distributed.lost_peer(e):
-                raise distributed.peer_error(e, self.dist, t.dist_timeout) from e
+                raise distributed.peer_error(e, t.dist_timeout) from e
             raise
         finally:
             # a rank that failed keeps ignoring torchrun's SIGTERM, which would end it before it reports why
@@ -667,6 +676,10 @@ class Trainer:
             if self.stop_reason is not None:
                 if not self.quiet and self.dist.is_main:
                     console.print(f"stopped at step {self.step}: {self.stop_reason}")
+                return
+            if self._stopping() and self.step == 0:  # nothing trained: no optimizer state worth a checkpoint
+                if self.dist.is_main:
+                    console.print("[yellow]interrupted before the first step: nothing to save[/]")
                 return
             if self._stopping():
                 if self.dist.world > 1 and self.dist.is_main:
