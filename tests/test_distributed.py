@@ -295,7 +295,7 @@ def test_a_rank_that_fails_in_set_up_stops_the_others_with_its_own_error(runs, t
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "run"
     r = gptlab("train", str(runs["config"]), "--nproc", "2", f"train.out_dir={out}")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"error: cannot write the run directory '{out}' (Not a directory) (set train.out_dir to a folder you " \
         "can write)" in r.stderr.splitlines()  # fmt: skip
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -437,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         rank = int(os.environ.get("RANK", "0"))  # under torchrun every rank may fail: say which one did
         sys.stderr.write(f"error: {f'[rank {rank}] ' if rank else ''}{e}\n")  # one write: ranks share the stream
+        if "RANK" in os.environ:  # torchrun stops the others when one exits: finish exiting with this code
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return e.exit_code  # 2, or 3 for a rank that lost the others (train/distributed.py)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
