@@ -9,6 +9,7 @@ whole batch's target count, so the gradients, and the losses, do not depend on t
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import shutil
@@ -644,6 +645,10 @@ class Trainer:
             self.fire("on_train_end")
             if self._owns_group:  # the group this trainer joined is left with it
                 self._owns_group = False
+                # DDP's C++ reducer holds the group and frees it holding the GIL, which deadlocks against gloo's
+                # worker thread (seen: a hang after the last step, 1 run in 30): drop it while the group lives
+                self.stepper.module = self.stepper.forward = self.forward = None
+                gc.collect()
                 distributed.shutdown(clean)
         return self
 
