@@ -72,30 +72,26 @@ def read_pointer(path: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def model_tensors(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The weights to store (of `state`, the model's whole state dict, if given): a tied head once, as the
-    embedding; with LoRA, the adapters only."""
-    state = dict(model.state_dict() if state is None else state)
+def _stored(model: GPT, state: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a state dict that a checkpoint stores: a tied head once, as the embedding; with LoRA, the
+    adapters only (the frozen base is model.init_from's, not this run's to store)."""
+    state = dict(state)
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    if any(is_adapter(k) for k in state):  # the frozen base is model.init_from's, not this run's to store
+    if any(is_adapter(k) for k in state):
         state = {k: v for k, v in state.items() if is_adapter(k)}
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return state
 
 
-def _stored_shapes(model: GPT) -> dict[str, torch.Size]:
-    """Name -> shape of what `model_tensors` stores, without copying (global shapes under FSDP)."""
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        shapes.pop("lm_head.weight", None)
-    if any(is_adapter(k) for k in shapes):
-        shapes = {k: v for k, v in shapes.items() if is_adapter(k)}
-    return shapes
+def model_tensors(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights to store (of `state`, the model's whole state dict, if given), on the CPU."""
+    stored = _stored(model, model.state_dict() if state is None else state)
+    return {k: v.detach().contiguous().cpu() for k, v in stored.items()}
 
 
 def load_model_tensors(model: GPT, tensors: dict[str, torch.Tensor], origin: str) -> None:
     """Load weights into `model` (sharding them if FSDP has), turning any name or shape mismatch into a user error."""
-    expected = _stored_shapes(model)
+    expected = {k: v.shape for k, v in _stored(model, model.state_dict()).items()}  # global shapes under FSDP
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k]]
@@ -209,10 +205,14 @@ def _write(
         _fsync_dir(ckpt_root)
 
 
+def _inner(e: BaseException) -> BaseException:
+    """The first failure inside a `torch.distributed.checkpoint` error (which gathers every rank's)."""
+    return next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+
+
 def _cause(e: BaseException) -> str:
     """The first failure inside a `torch.distributed.checkpoint` error, in one short line."""
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
+    e = _inner(e)
     text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
     return text[:300]
 
@@ -244,7 +244,7 @@ def load_training_state(
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=path / TRAIN_STATE, no_dist=d.world == 1)
     except (Exception, CheckpointException) as e:  # dcp gathers every rank's failure into one BaseException
-        if d.world > 1 and lost_peer(RuntimeError(_cause(e))):
+        if d.world > 1 and lost_peer(_inner(e)):
             raise  # another rank is gone: the trainer says so
         raise GptlabError(
             f"checkpoint '{path}' does not match this run or is damaged: {TRAIN_STATE} unreadable ({_cause(e)})",
