@@ -105,16 +105,52 @@ class _Request:
     prompt: list[int]
     max_new_tokens: int
     params: SamplingParams
-    stop: tuple[str, ...]
     stop_at_eos: bool
     generator: torch.Generator | None
     window: list[int] = field(default_factory=list)  # the tokens in context: what the cache holds, and `feed`
     feed: list[int] = field(default_factory=list)  # tokens the next forward must run for this row
     out: list[int] = field(default_factory=list)
-    text: str = ""  # decoded output so far (complete characters only)
-    sent: int = 0  # characters of `text` already handed out
-    utf8: codecs.IncrementalDecoder | None = None  # the output's bytes so far, for tokenizers that have them
+    text: TextOutput | None = None  # the output's text, with a tokenizer
     cancelled: bool = False
+
+
+class TextOutput:
+    """The text of one output as its tokens arrive: whole characters only, and nothing that may still turn out
+    to begin a stop string; cut at the earliest stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.tokens: list[int] = []
+        self.text = ""  # decoded output so far (complete characters only)
+        self.sent = 0  # characters of `text` already handed out
+        # the output's bytes so far, for byte-level and character tokenizers: the exact incremental UTF-8 decode
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace") if tokenizer.token_bytes() is not None else None
+
+    def push(self, token: int | None, final: bool) -> tuple[str, bool]:
+        """Add a token (None: no more, as at end-of-text); return the text now safe to hand out, and whether a
+        stop string ended the output."""
+        if token is not None:
+            self.tokens.append(token)
+        self._decode(token, final)
+        cuts = [at for s in self.stop if (at := self.text.find(s, max(0, self.sent - len(s) + 1))) >= 0]
+        if cuts:  # the earliest stop string wins
+            self.text = self.text[: min(cuts)]
+        held = 0 if final or cuts else max((_overlap(self.text, s) for s in self.stop), default=0)  # may begin a stop
+        text, self.sent = self.text[self.sent : len(self.text) - held], max(self.sent, len(self.text) - held)
+        return text, bool(cuts)
+
+    def _decode(self, token: int | None, final: bool) -> None:
+        """Extend `text` with the characters the output now holds whole (all of it when `final`)."""
+        if self.utf8 is not None:
+            table = self.tokenizer.token_bytes()
+            assert table is not None
+            data = table[token] if token is not None and token < len(table) else b""
+            self.text += self.utf8.decode(data, final=final)
+            return
+        # any other tokenizer: decode it all again, waiting while the end is an incomplete character
+        full = self.tokenizer.decode(self.tokens)
+        if final or not full.endswith(REPLACEMENT):
+            self.text = full
 
 
 class Engine:
@@ -193,9 +229,9 @@ class Engine:
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        req = _Request(next(self._ids), prompt, max_new_tokens, params, tuple(stop), stop_at_eos, generator)
-        if self.tokenizer is not None and self.tokenizer.token_bytes() is not None:
-            req.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        req = _Request(next(self._ids), prompt, max_new_tokens, params, stop_at_eos, generator)
+        if self.tokenizer is not None:
+            req.text = TextOutput(self.tokenizer, stop)
         if max_new_tokens == 0:
             self._finished_early.append(Update(req.id, [], "", True, "length"))
         else:
@@ -295,29 +331,11 @@ class Engine:
                 req.feed = list(req.window)
         tokens = [] if eos else [token]
         reason = "stop" if eos else "length" if len(req.out) >= req.max_new_tokens else None
-        if self.tokenizer is None:
+        if req.text is None:
             return Update(req.id, tokens, "", reason is not None, reason)
-        self._decode(req, token if not eos else None, final=reason is not None)
-        cuts = [at for s in req.stop if (at := req.text.find(s, max(0, req.sent - len(s) + 1))) >= 0]
-        if cuts:  # the earliest stop string wins
-            req.text, reason = req.text[: min(cuts)], "stop"
-        held = 0 if reason else max((_overlap(req.text, s) for s in req.stop), default=0)  # may begin a stop
-        text, req.sent = req.text[req.sent : len(req.text) - held], max(req.sent, len(req.text) - held)
+        text, stopped = req.text.push(None if eos else token, final=reason is not None)
+        reason = "stop" if stopped else reason
         return Update(req.id, tokens, text, reason is not None, reason)
-
-    def _decode(self, req: _Request, token: int | None, final: bool) -> None:
-        """Extend `req.text` with the characters the output now holds whole (all of it when `final`)."""
-        assert self.tokenizer is not None
-        if req.utf8 is not None:  # a byte-level or character tokenizer: the exact incremental UTF-8 decode
-            table = self.tokenizer.token_bytes()
-            assert table is not None
-            data = table[token] if token is not None and token < len(table) else b""
-            req.text += req.utf8.decode(data, final=final)
-            return
-        # any other tokenizer: decode it all again, waiting while the end is an incomplete character
-        full = self.tokenizer.decode(req.out)
-        if final or not full.endswith(REPLACEMENT):
-            req.text = full
 
     def _leave(self, rows: list[int]) -> None:
         """Remove finished or cancelled rows from the batch and the cache."""
