@@ -109,6 +109,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         switches = (("--overwrite", args.overwrite), ("--quiet", args.quiet), ("--allow-dirty", args.allow_dirty))
         again += [flag for flag, on in switches if on]
         return launch(args.nproc, [*(["--debug"] if args.debug else []), "train", *args.args, *extra, *again])
+    if cfg.train.backend == "jax":
+        from gptlab.jax.train import JaxTrainer as Trainer  # noqa: N814 - the same interface
     trainer = Trainer(
         cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet, allow_dirty=args.allow_dirty
     ).fit()
@@ -126,9 +128,15 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.train.trainer import select_device, select_dtype
 
     _reject_extra(extra, "sample")
-    device = select_device(args.device)
-    cfg, model, tokenizer = load_run(args.run_dir, args.checkpoint, device)
-    model = model.to(select_dtype(args.dtype, device))
+    if args.backend == "jax":  # the weights go to JAX from the CPU
+        from gptlab.jax.generate import JaxGenerator
+
+        cfg, model, tokenizer = load_run(args.run_dir, args.checkpoint, "cpu")
+        gen = JaxGenerator.from_torch(model, tokenizer, args.device, args.dtype)
+    else:
+        device = select_device(args.device)
+        cfg, model, tokenizer = load_run(args.run_dir, args.checkpoint, device)
+        gen = Generator(model.to(select_dtype(args.dtype, device)), tokenizer)
     s = cfg.sample
     start = prompt_text(args.start if args.start is not None else s.start)
     ids = tokenizer.encode(start)
@@ -151,7 +159,6 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     check_sampling(n, max_new, params.temperature, params.top_k, params.top_p, True, params.min_p,
                    params.repetition_penalty)  # fmt: skip
     stop = pick(args.stop, list(s.stop))
-    gen = Generator(model, tokenizer)
     if n == 1:  # one sample streams to the terminal as it is made
         print(start, end="", flush=True)
         for piece in gen.stream(ids, max_new, params, stop=stop, truncate=args.truncate):
@@ -352,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder such as step_500")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "jax"],
+        default="torch",
+        help="sample with PyTorch (default) or the JAX model (pip install gptlab[jax])",
+    )
     p.add_argument(
         "--dtype",
         default="auto",

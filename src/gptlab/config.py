@@ -184,6 +184,7 @@ class TrainConfig:
     parallel: str = "ddp"  # several ranks (torchrun, --nproc): "ddp" replicates the model, "fsdp" shards it (FSDP2)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time
     dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective before giving up
+    backend: str = "torch"  # "torch", or "jax": the JAX model and optax AdamW, one process (pip install gptlab[jax])
 
 
 @dataclass
@@ -346,6 +347,7 @@ def validate(cfg: Config) -> None:
         "data.format": (cfg.data.format, ("text", "sft")),
         "train.wandb": (t.wandb, ("off", "offline", "online")),
         "train.parallel": (t.parallel, ("ddp", "fsdp")),
+        "train.backend": (t.backend, ("torch", "jax")),
         "task.name": (cfg.task.name, ("none", "adder", "sort")),
     }
     for key, (value, allowed) in choices.items():

@@ -119,6 +119,8 @@ def check_world(t: TrainConfig, world: int) -> None:
     """Refuse a number of ranks the batch cannot be shared by, or more GPUs than there are."""
     if world < 1:
         raise GptlabError(f"--nproc must be at least 1, got {world}", "e.g. --nproc 2")
+    if t.backend == "jax" and world > 1:
+        raise GptlabError("train.backend=jax trains in one process", "drop --nproc, or use train.backend=torch")
     micro_batch_size(t, world)
     if select_device(t.device).type == "cuda" and world > torch.cuda.device_count():
         raise GptlabError(
@@ -189,6 +191,10 @@ class TrainStep:
         self.optimizers = build_optimizers(model, t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
+    def set_lr(self, factor: float) -> None:
+        """Set every group's learning rate to its peak times the schedule's factor."""
+        set_lr(self.optimizers, factor)
+
     def to_device(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
         if self.device.type == "cuda":  # the prefetch thread has usually pinned it already
@@ -234,6 +240,8 @@ class Trainer:
     go to the callbacks in order; evaluation and checkpointing are callbacks too.
     """
 
+    backend = "torch"  # the train.backend this class trains
+
     def __init__(
         self,
         cfg: Config,
@@ -249,8 +257,13 @@ class Trainer:
         `allow_dirty`: train even when train.require_clean_git finds uncommitted changes (`--allow-dirty`)."""
         if ephemeral and (resume or overwrite):
             raise ValueError("an ephemeral trainer neither resumes nor overwrites a run directory")
+        if cfg.train.backend != self.backend:
+            raise GptlabError(
+                f"train.backend={cfg.train.backend} is not trained by {type(self).__name__}",
+                "use `gptlab train`, or gptlab.jax.train.JaxTrainer for train.backend=jax",
+            )
         self.dist, self._owns_group = distributed.SINGLE, False
-        self.device = select_device(cfg.train.device)
+        self.device = self._device(cfg.train.device)
         if not ephemeral:  # under torchrun: join the other ranks (and leave them again if set-up fails)
             self.dist, self.device, self._owns_group = distributed.init(self.device, cfg.train.dist_timeout)
         try:
@@ -303,7 +316,7 @@ class Trainer:
         if t.max_epochs is not None:
             budgets.append(t.max_epochs * self.steps_per_epoch)
         self.total_steps = min(b for b in budgets if b is not None)
-        self.stepper = TrainStep(self.model, t, self.device, self.micro_batch_size, self.total_steps, self.dist)
+        self.stepper = self._stepper()
         self.dtype, self.forward = self.stepper.dtype, self.stepper.forward
         self.optimizers, self.scaler = self.stepper.optimizers, self.stepper.scaler
 
@@ -332,6 +345,15 @@ class Trainer:
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
 
     # ----- set-up -----------------------------------------------------------------------------
+    def _stepper(self) -> TrainStep:
+        """What runs one optimizer step (another backend's trainer returns its own)."""
+        t = self.cfg.train
+        return TrainStep(self.model, t, self.device, self.micro_batch_size, self.total_steps, self.dist)
+
+    def _device(self, name: str) -> torch.device:
+        """The device of the PyTorch model, from train.device."""
+        return select_device(name)
+
     def _load_base(self, cfg: Config) -> tuple[Config, ckpt.Pretrained | None]:
         """The model `model.init_from` names (not needed to resume a full fine-tune), and the config shaped by it."""
         init_from = cfg.model.init_from
@@ -540,6 +562,7 @@ class Trainer:
                 "world_size": self.dist.world,
                 "parallel": t.parallel if self.dist.world > 1 else "none",
                 "optimizer": t.optimizer,
+                "backend": t.backend,
                 "epoch": max(0, self.step - 1) // self.steps_per_epoch,
                 "tokens": self.step * self.tokens_per_step,
             }
@@ -694,7 +717,7 @@ class Trainer:
                     console.print(f"saved {path}")
                 return
             factor = lr_factor(self.step, self.total_steps, t)
-            set_lr(self.optimizers, factor)
+            self.stepper.set_lr(factor)
             t0 = time.perf_counter()
             with record_function("data"):  # regions train.profile reports: waiting for the batch vs computing
                 x, y = next(batches)

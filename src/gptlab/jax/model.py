@@ -1,0 +1,364 @@
+"""The GPT of `gptlab.model` as plain JAX functions of a parameter tree, with the same blocks and switches.
+
+Parameters are a dict keyed by the PyTorch names. The blocks' entries are stacked along a leading layer axis under
+"blocks", so one `lax.scan` runs every block and compile time does not grow with depth; their linear weights are
+stored (in, out), the layout `x @ w` wants. `from_torch` and `to_torch` convert exactly, so a run directory loads
+into either framework and a JAX-trained model is sampled, served and exported by the PyTorch tools unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from gptlab.config import Config, ModelConfig
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+
+Params = dict[str, Any]  # {"tok_emb.weight": (V, C), ..., "blocks": {"attn.q.weight": (L, C, H*D), ...}}
+Cache = tuple[jax.Array, jax.Array]  # keys and values, each (n_layer, B, slots, n_kv_head, head_dim)
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The shape of every parameter of a model of `cfg` (resolved), in this module's layout."""
+    C, L, F, V = cfg.n_embd, cfg.n_layer, cfg.d_ff, cfg.vocab_size
+    q_out, kv_out = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    linears = {"attn.q": (C, q_out), "attn.k": (C, kv_out), "attn.v": (C, kv_out), "attn.out": (C, C)}
+    if cfg.mlp == "swiglu":
+        linears |= {"mlp.gate": (C, F), "mlp.up": (C, F), "mlp.down": (F, C)}
+    else:
+        linears |= {"mlp.fc": (C, F), "mlp.down": (F, C)}
+    block: dict[str, tuple[int, ...]] = {}
+    for name in ("norm1", "norm2"):
+        block[f"{name}.weight"] = (L, C)
+        if cfg.bias and cfg.norm == "layernorm":
+            block[f"{name}.bias"] = (L, C)
+    for name, (n_in, n_out) in linears.items():
+        block[f"{name}.weight"] = (L, n_in, n_out)
+        if cfg.bias:
+            block[f"{name}.bias"] = (L, n_out)
+    if cfg.qk_norm:
+        block |= {"attn.q_norm.weight": (L, cfg.head_dim), "attn.k_norm.weight": (L, cfg.head_dim)}
+    shapes: Params = {"tok_emb.weight": (V, C), "blocks": block, "norm_f.weight": (C,)}
+    if cfg.position == "learned":
+        shapes["pos_emb.weight"] = (cfg.block_size, C)
+    if cfg.bias and cfg.norm == "layernorm":
+        shapes["norm_f.bias"] = (C,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
+    """Fresh parameters with `GPT.reset_parameters`' init: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+    cfg = cfg.resolved()
+    shapes = param_shapes(cfg)
+    flat, tree = jax.tree.flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        name = path[-1].key
+        if name.endswith(("attn.out.weight", "mlp.down.weight")):
+            leaves.append(jax.random.normal(k, shape) * (0.02 / math.sqrt(2 * cfg.n_layer)))
+        elif name.endswith("bias"):
+            leaves.append(jnp.zeros(shape))
+        elif "norm" in name:
+            leaves.append(jnp.ones(shape))
+        else:
+            leaves.append(jax.random.normal(k, shape) * 0.02)
+    return jax.tree.unflatten(tree, leaves)
+
+
+def decays(params: Params) -> Params:
+    """Which parameters weight decay applies to: matrices (matmuls and embeddings), never norms or biases."""
+    mask = {name: a.ndim >= 2 for name, a in params.items() if name != "blocks"}
+    mask["blocks"] = {name: a.ndim >= 3 for name, a in params["blocks"].items()}  # one more axis: the layer
+    return mask
+
+
+def jax_device(name: str) -> jax.Device:
+    """The JAX device for a device name (train.device, --device): auto (JAX's default, a GPU when its CUDA build is
+    installed), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return jax.devices()[0]
+    if name == "cpu":
+        return jax.devices("cpu")[0]
+    if name.startswith("cuda"):
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        index = int(name.split(":")[1]) if name[5:6] == ":" and name[6:].isdigit() else 0 if name == "cuda" else -1
+        if not 0 <= index < len(gpus):
+            raise GptlabError(
+                f"device '{name}' was asked for but JAX sees {len(gpus)} GPUs",
+                'install JAX with CUDA (pip install "jax[cuda12]"), or use the cpu device',
+            )
+        return gpus[index]
+    raise GptlabError(f"device '{name}' is not supported by the JAX backend", "use auto, cpu, cuda or cuda:N")
+
+
+def jax_dtype(name: str, device: jax.Device) -> Any:
+    """The compute dtype for a dtype name (train.dtype, --dtype): auto is bf16 on a GPU and fp32 elsewhere, as for
+    PyTorch; float16 would need loss scaling, which the JAX backend does not have."""
+    if name == "auto":
+        return jnp.bfloat16 if device.platform == "gpu" else jnp.float32
+    if name == "float16":
+        raise GptlabError("float16 is not supported by the JAX backend", "use bfloat16 or float32")
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+# ----- the forward pass -------------------------------------------------------------------------------------------
+def _linear(p: Params, name: str, x: jax.Array) -> jax.Array:
+    y = x @ p[f"{name}.weight"]
+    bias = p.get(f"{name}.bias")
+    return y + bias if bias is not None else y
+
+
+def _norm(cfg: ModelConfig, weight: jax.Array, bias: jax.Array | None, x: jax.Array) -> jax.Array:
+    """RMSNorm or LayerNorm over the last axis, computed in fp32."""
+    xf = x.astype(jnp.float32)
+    if cfg.norm == "rmsnorm":
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+    else:
+        mean = xf.mean(axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + cfg.norm_eps)
+    y = y.astype(x.dtype) * weight
+    return y + bias if bias is not None else y
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate((-x2, x1), axis=-1)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (block_size, head_dim) of the rotary positions, in the rotate-half layout, as `GPT` builds them."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+    angles = np.outer(np.arange(cfg.block_size, dtype=np.float32), inv_freq.astype(np.float32))
+    angles = np.concatenate((angles, angles), axis=-1)
+    return np.cos(angles), np.sin(angles)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _attention(
+    cfg: ModelConfig,
+    p: Params,
+    x: jax.Array,
+    rope: tuple[jax.Array, jax.Array] | None,
+    visible: jax.Array,
+    kv: tuple[jax.Array, jax.Array] | None,
+    slots: jax.Array | None,
+    keys: jax.Array | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Causal self-attention; with a layer's cache `kv` (B, S, kv_heads, head_dim) the new keys and values are
+    written into `slots` (B, T) first and the queries read every slot `visible` (B or 1, T, S) shows them."""
+    B, T, C = x.shape
+    H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    q = _linear(p, "attn.q", x).reshape(B, T, H, D)
+    k = _linear(p, "attn.k", x).reshape(B, T, KV, D)
+    v = _linear(p, "attn.v", x).reshape(B, T, KV, D)
+    if cfg.qk_norm:
+        q = _norm(cfg, p["attn.q_norm.weight"], None, q)
+        k = _norm(cfg, p["attn.k_norm.weight"], None, k)
+    if rope is not None:
+        cos, sin = rope  # (B or 1, T, 1, D)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+    if kv is not None:
+        rows = jnp.arange(B)[:, None]
+        kv = (kv[0].at[rows, slots].set(k.astype(kv[0].dtype)), kv[1].at[rows, slots].set(v.astype(kv[1].dtype)))
+        k, v = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
+    # grouped-query heads: query head h reads key/value head h // (H / KV), as torch's enable_gqa
+    q = q.reshape(B, T, KV, H // KV, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if keys is not None:
+        probs = _dropout(probs, cfg.dropout, keys[0])
+    y = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v).reshape(B, T, C)
+    return _dropout(_linear(p, "attn.out", y), cfg.dropout, None if keys is None else keys[1]), kv
+
+
+def _mlp(cfg: ModelConfig, p: Params, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    if cfg.mlp == "swiglu":
+        h = jax.nn.silu(_linear(p, "mlp.gate", x)) * _linear(p, "mlp.up", x)
+    else:  # "gelu": GPT-2's tanh approximation; "gelu_exact": erf, as nanoGPT's nn.GELU()
+        h = jax.nn.gelu(_linear(p, "mlp.fc", x), approximate=cfg.mlp == "gelu")
+    return _dropout(_linear(p, "mlp.down", h), cfg.dropout, key)
+
+
+def _run(
+    params: Params,
+    cfg: ModelConfig,
+    idx: jax.Array,
+    positions: jax.Array,
+    visible: jax.Array,
+    cache: Cache | None,
+    slots: jax.Array | None,
+    key: jax.Array | None,
+    remat: bool,
+    dtype: Any,
+    logits_at: jax.Array | None,
+) -> tuple[jax.Array, Cache | None]:
+    """The body shared by `forward` and `forward_cached`."""
+    if dtype != jnp.float32:  # mixed precision: fp32 parameters, computed in `dtype`
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    positions = jnp.minimum(positions, cfg.block_size - 1)  # a padding slot past the context takes the last one
+    x = params["tok_emb.weight"][idx]
+    if cfg.position == "learned":
+        x = x + params["pos_emb.weight"][positions]
+        rope = None
+    else:
+        cos, sin = (jnp.asarray(t, dtype)[positions][:, :, None] for t in rope_tables(cfg))
+        rope = (cos, sin)
+    train = key is not None and cfg.dropout > 0
+    if train:
+        key, first = jax.random.split(key)
+        x = _dropout(x, cfg.dropout, first)
+    layer_keys = jax.random.split(key, (cfg.n_layer, 3)) if train else None
+
+    def block(x: jax.Array, layer: tuple) -> tuple[jax.Array, tuple]:
+        p, kv, keys = layer
+        h, kv = _attention(cfg, p, _norm(cfg, p["norm1.weight"], p.get("norm1.bias"), x), rope, visible, kv, slots,
+                           keys)  # fmt: skip
+        x = x + h
+        x = x + _mlp(cfg, p, _norm(cfg, p["norm2.weight"], p.get("norm2.bias"), x), None if keys is None else keys[2])
+        return x, kv
+
+    if remat:  # train.activation_checkpointing: keep each block's input only, recompute the rest in backward
+        block = jax.checkpoint(block)
+    x, kv = jax.lax.scan(block, x, (params["blocks"], cache, layer_keys))
+    if logits_at is not None:
+        x = x[jnp.arange(x.shape[0]), logits_at][:, None]
+    x = _norm(cfg, params["norm_f.weight"], params.get("norm_f.bias"), x)
+    head = params.get("lm_head.weight", params["tok_emb.weight"])
+    logits = jnp.einsum("btc,vc->btv", x, head, preferred_element_type=jnp.float32)
+    return logits, kv
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    idx: jax.Array,
+    key: jax.Array | None = None,
+    remat: bool = False,
+    dtype: Any = jnp.float32,
+) -> jax.Array:
+    """Next-token logits (B, T, vocab) in fp32 for token ids (B, T); with a `key`, dropout is on (training)."""
+    T = idx.shape[1]
+    if T > cfg.block_size:
+        raise ValueError(f"sequence of {T} tokens is longer than the context of {cfg.block_size}")
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+    logits, _ = _run(params, cfg, idx, jnp.arange(T)[None], causal, None, None, key, remat, dtype, None)
+    return logits
+
+
+def forward_cached(
+    params: Params,
+    cfg: ModelConfig,
+    idx: jax.Array,
+    slots: jax.Array,
+    cache: Cache,
+    logits_at: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+) -> tuple[jax.Array, Cache]:
+    """Logits and the updated cache for new tokens (B, T) whose keys and values go into cache `slots` (B, T).
+
+    A token's slot is its position, and it attends to every slot up to its own: slots past a row's last real
+    token may hold stale values, which no real token reads. `logits_at` (B,): only that position's logits.
+    """
+    visible = jnp.arange(cache[0].shape[2])[None, None, :] <= slots[:, :, None]
+    return _run(params, cfg, idx, slots, visible, cache, slots, None, False, dtype, logits_at)
+
+
+def new_cache(cfg: ModelConfig, batch_size: int, slots: int | None = None, dtype: Any = jnp.float32) -> Cache:
+    """An empty cache of `slots` (default: the context) positions for `batch_size` rows."""
+    shape = (cfg.n_layer, batch_size, slots or cfg.block_size, cfg.n_kv_head, cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+# ----- conversion -------------------------------------------------------------------------------------------------
+def from_torch(model: GPT) -> Params:
+    """The parameters of a PyTorch `GPT` (LoRA adapters merged first) in this module's layout, as fp32 arrays."""
+    return from_state(model.state_dict(), model.cfg)
+
+
+def from_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Params:
+    """A PyTorch state dict of `GPT(cfg)` (or anything keyed and shaped like its parameters, such as AdamW's
+    moments) in this module's layout, as fp32 arrays."""
+    state = {n: t.detach().float().cpu().numpy() for n, t in state.items()}
+    expected = param_shapes(cfg)
+    params: Params = {"blocks": {}}
+    for name in expected:
+        if name != "blocks":
+            params[name] = _checked(state, name, expected[name])
+    for name, shape in expected["blocks"].items():
+        layers = [_checked(state, f"blocks.{i}.{name}", None) for i in range(cfg.n_layer)]
+        stacked = np.stack([a.T for a in layers] if len(shape) == 3 else layers)  # linears: (out, in) -> (in, out)
+        if stacked.shape != shape:
+            raise ValueError(f"{name}: shape {stacked.shape}, expected {shape}")
+        params["blocks"][name] = stacked
+    return jax.tree.map(jnp.asarray, params)
+
+
+def _checked(state: dict[str, np.ndarray], name: str, shape: tuple[int, ...] | None) -> np.ndarray:
+    if name not in state:
+        raise ValueError(f"the PyTorch model has no '{name}' (merge LoRA adapters first: gptlab.lora.merge_lora)")
+    if shape is not None and state[name].shape != shape:
+        raise ValueError(f"{name}: shape {state[name].shape}, expected {shape}")
+    return state[name]
+
+
+def to_torch(params: Params, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A state dict for `GPT(cfg)` holding these parameters (fp32); `model.load_state_dict` takes it."""
+    state = {n: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in params.items() if n != "blocks"}
+    for name, a in params["blocks"].items():
+        a = np.array(a, dtype=np.float32)
+        for i in range(cfg.n_layer):
+            state[f"blocks.{i}.{name}"] = torch.from_numpy(np.ascontiguousarray(a[i].T if a.ndim == 3 else a[i]))
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    return state
+
+
+def load_params(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, Params, Any]:
+    """(config, parameters, tokenizer) of a gptlab run directory's checkpoint ('best' falls back to 'latest')."""
+    from gptlab.train.checkpoint import load_run
+
+    cfg, model, tokenizer = load_run(run_dir, checkpoint, "cpu")
+    return cfg, from_torch(model), tokenizer
+
+
+def save_params(params: Params, run_dir: str | Path, step: int) -> Path:
+    """Write `params` into an existing run directory as the weights-only checkpoint `step_N`, which `latest` (and
+    `gptlab sample`, `serve`, `export`) then use; returns its folder. The run's config.yaml gives the shape."""
+    import yaml
+
+    from gptlab.config import from_dict
+    from gptlab.train.checkpoint import load_model_tensors, model_tensors, save_checkpoint
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ValueError(f"'{run_dir}' is not a run directory (config.yaml missing)")
+    cfg = from_dict(yaml.safe_load(config_path.read_text()), str(config_path)).model.resolved()
+    model = GPT(cfg)
+    state = to_torch(params, cfg)
+    if cfg.tie_embeddings:  # stored once, as the embedding
+        del state["lm_head.weight"]
+    load_model_tensors(model, state, "JAX parameters")
+    return save_checkpoint(run_dir / "checkpoints", step, model_tensors(model), {}, {"backend": "jax"})

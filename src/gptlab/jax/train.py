@@ -1,0 +1,225 @@
+"""Training the JAX GPT: a jitted AdamW step through optax, and the trainer behind `train.backend=jax`.
+
+The step mirrors `gptlab.train.trainer.TrainStep`: micro-batches accumulate gradients of the loss normalised by the
+whole batch's target count, the global gradient norm is clipped as `torch.nn.utils.clip_grad_norm_` clips it, and
+AdamW decays matrices only (`decays`), at the learning rate of the shared schedule (`lr_factor`), passed in each step
+so no schedule is compiled in. `JaxTrainer` is the PyTorch `Trainer` with this step: the same batches, callbacks,
+run directory and checkpoints. A checkpoint holds the PyTorch layout (the weights and AdamW's moments converted), so
+`gptlab sample`, `serve` and `export` read a JAX run as any other, and a run resumes on either backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+from gptlab.config import Config, ModelConfig, TrainConfig
+from gptlab.data.batches import IGNORE_INDEX
+from gptlab.errors import GptlabError
+from gptlab.jax.model import Params, decays, forward, from_state, from_torch, jax_device, jax_dtype, to_torch
+from gptlab.model import GPT
+from gptlab.train.optim import build_optimizers
+from gptlab.train.trainer import Trainer
+
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default
+
+
+def adamw(t: TrainConfig, params: Params) -> optax.GradientTransformation:
+    """AdamW without its learning rate (the step applies it): Adam's direction plus decay on matrices only."""
+    return optax.chain(
+        optax.scale_by_adam(b1=t.beta1, b2=t.beta2, eps=ADAM_EPS),
+        optax.add_decayed_weights(t.weight_decay, mask=decays(params)),
+    )
+
+
+def loss_sum(params: Params, cfg: ModelConfig, x: jax.Array, y: jax.Array, **kwargs: Any) -> jax.Array:
+    """Summed next-token cross-entropy over targets that are not IGNORE_INDEX (in fp32), as `lm_loss`."""
+    logits = forward(params, cfg, x, **kwargs)
+    valid = y != IGNORE_INDEX
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, y, 0))
+    return jnp.sum(jnp.where(valid, losses, 0.0))
+
+
+def make_train_step(
+    cfg: ModelConfig, t: TrainConfig, tx: optax.GradientTransformation, micro_batch_size: int, dtype: Any
+) -> Any:
+    """A jitted `step(params, opt_state, x, y, lr, key) -> (params, opt_state, mean loss, grad norm)`.
+
+    x and y (B, T) are split into micro-batches of `micro_batch_size` whose gradients add up; `key` draws the
+    dropout masks (none when model.dropout is 0). The old parameters and optimizer state are donated.
+    """
+
+    def step(params: Params, opt_state: Any, x: jax.Array, y: jax.Array, lr: jax.Array, key: jax.Array):
+        n_valid = jnp.maximum(1, jnp.sum(y != IGNORE_INDEX))
+        micro = x.reshape(-1, micro_batch_size, x.shape[1]), y.reshape(-1, micro_batch_size, y.shape[1])
+        keys = jax.random.split(key, micro[0].shape[0])
+        drop = cfg.dropout > 0
+
+        def accumulate(carry: tuple, batch: tuple) -> tuple[tuple, None]:
+            loss, grads = carry
+            xb, yb, k = batch
+            value, g = jax.value_and_grad(loss_sum)(
+                params, cfg, xb, yb, key=k if drop else None, remat=t.activation_checkpointing, dtype=dtype
+            )
+            return (loss + value / n_valid, jax.tree.map(lambda a, b: a + b / n_valid, grads, g)), None
+
+        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(accumulate, zero, (*micro, keys))
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        if t.grad_clip > 0:  # as clip_grad_norm_: scaled by clip / (norm + 1e-6) when that is below 1
+            grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, t.grad_clip / (norm + 1e-6)), grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
+        return params, opt_state, loss, norm
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def unsupported(cfg: Config) -> tuple[str, str] | None:
+    """The first setting train.backend=jax does not support yet, with how to proceed; None when all are."""
+    t = cfg.train
+    checks = [
+        (t.optimizer != "adamw", f"train.optimizer={t.optimizer}", "use train.optimizer=adamw"),
+        (t.lora_rank > 0, "train.lora_rank", "set train.lora_rank=0"),
+        (t.dtype == "float16", "train.dtype=float16", "use bfloat16 or float32"),
+        (t.profile, "train.profile", "set train.profile=false"),
+        (int(os.environ.get("WORLD_SIZE", "1")) > 1, "several ranks (torchrun)", "run one process"),
+    ]
+    for failing, setting, hint in checks:
+        if failing:
+            return setting, f"{hint}, or train.backend=torch"
+    return None
+
+
+class JaxTrainStep:
+    """One optimizer step of the JAX model; the same interface as `TrainStep`, so the trainer's loop is shared."""
+
+    def __init__(self, model: GPT, t: TrainConfig, device: jax.Device, micro_batch_size: int) -> None:
+        self.cfg, self.device, self.micro_batch_size = model.cfg, device, micro_batch_size
+        self.dtype = jax_dtype(t.dtype, device)
+        self.params = jax.device_put(from_torch(model), device)  # the PyTorch trainer's initial weights
+        self.tx = adamw(t, self.params)
+        self.opt_state = jax.device_put(self.tx.init(self.params), device)
+        self.lr, self.peak_lr = t.lr, t.lr
+        self.seed = t.seed
+        self.count = 0  # optimizer steps taken: with the seed, it picks each step's dropout key
+        self.step_fn = make_train_step(self.cfg, t, self.tx, micro_batch_size, self.dtype)
+        self.eval_fn = jax.jit(functools.partial(loss_sum, cfg=self.cfg, dtype=self.dtype))
+        # PyTorch AdamW over the PyTorch model: what checkpoints are written from and read into
+        self.optimizers = build_optimizers(model, t, torch.device("cpu"))
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.forward, self.sharded = None, False  # what the trainer reads of a PyTorch step
+
+    def set_lr(self, factor: float) -> None:
+        """The learning rate of the next step: the peak times the schedule's factor."""
+        self.lr = self.peak_lr * factor
+
+    def __call__(self, x: np.ndarray, y: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """One optimizer step on a batch; returns (mean loss, gradient norm before clipping)."""
+        key = jax.random.fold_in(jax.random.key(self.seed), self.count)
+        x, y = (jax.device_put(np.asarray(a, np.int32), self.device) for a in (x, y))
+        self.params, self.opt_state, loss, norm = self.step_fn(
+            self.params, self.opt_state, x, y, np.float32(self.lr), key
+        )
+        self.count += 1
+        return loss, norm
+
+    def eval_loss(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+        """(summed loss, target count) of a batch, without dropout."""
+        x, y = np.asarray(x, np.int32), np.asarray(y, np.int32)
+        return float(self.eval_fn(self.params, x=x, y=y)), int((y != IGNORE_INDEX).sum())
+
+    # ----- to and from the PyTorch layout of checkpoints --------------------------------------------------------
+    def write_torch(self, model: GPT, weights_only: bool = False) -> None:
+        """Copy the parameters (and unless `weights_only`, AdamW's moments and step) into the PyTorch model and
+        optimizers, as if they had trained."""
+        state = to_torch(self.params, self.cfg)
+        model.load_state_dict(state)
+        if weights_only:
+            return
+        adam = self.opt_state[0]
+        moments = {"exp_avg": to_torch(adam.mu, self.cfg), "exp_avg_sq": to_torch(adam.nu, self.cfg)}
+        names = {id(p): n for n, p in model.named_parameters()}
+        step = float(adam.count)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    name = names[id(p)]
+                    opt.state[p] = {"step": torch.tensor(step), **{k: m[name].clone() for k, m in moments.items()}}
+
+    def read_torch(self, model: GPT, step: int) -> None:
+        """Take the parameters and AdamW's state from the PyTorch model and optimizers (a resumed checkpoint)."""
+        self.params = jax.device_put(from_torch(model), self.device)
+        names = {id(p): n for n, p in model.named_parameters()}
+        moments: dict[str, dict[str, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
+        for opt in self.optimizers:
+            for p, s in opt.state.items():
+                for k in moments:
+                    moments[k][names[id(p)]] = s[k]
+        adam = self.opt_state[0]
+        mu, nu = (jax.device_put(from_state(moments[k], self.cfg), self.device) for k in ("exp_avg", "exp_avg_sq"))
+        self.opt_state = (adam._replace(count=jnp.asarray(step, adam.count.dtype), mu=mu, nu=nu), *self.opt_state[1:])
+        self.count = step
+
+
+class JaxTrainer(Trainer):
+    """The `Trainer` on the JAX model (train.backend=jax): one process, AdamW, the random or epoch data modes.
+
+    The PyTorch model is kept on the CPU as the checkpoints' and callbacks' view of the weights, brought up to date
+    when one asks for it (`inference_model`, `save_checkpoint`).
+    """
+
+    backend = "jax"
+
+    def __init__(self, cfg: Config, **kwargs: Any) -> None:
+        problem = unsupported(cfg)
+        if problem is not None:
+            raise GptlabError(f"{problem[0]} is not supported with train.backend=jax yet", problem[1])
+        self.jax_device = jax_device(cfg.train.device)
+        self._synced = 0  # the step the PyTorch model's weights are from
+        super().__init__(cfg, **kwargs)
+
+    def _device(self, name: str) -> torch.device:
+        return torch.device("cpu")
+
+    def _stepper(self) -> JaxTrainStep:
+        return JaxTrainStep(self.model, self.cfg.train, self.jax_device, self.micro_batch_size)
+
+    def evaluate(self) -> float:
+        """Mean loss per target token over the fixed validation batches."""
+        s, n = 0.0, 0
+        for k in range(self.cfg.train.eval_iters):
+            x, y = self.val_batches.batch(k)
+            for i in range(0, len(x), self.micro_batch_size):
+                loss, count = self.stepper.eval_loss(x[i : i + self.micro_batch_size], y[i : i + self.micro_batch_size])
+                s, n = s + loss, n + count
+        if n == 0:
+            raise GptlabError(
+                "the validation batches hold no target tokens (every response is cut away)",
+                "raise model.block_size or give shorter examples",
+            )
+        return s / n
+
+    def inference_model(self) -> GPT:
+        """The PyTorch model holding the JAX parameters of the current step (for samples and task scores)."""
+        if self._synced != self.step:
+            self.stepper.write_torch(self.model, weights_only=True)
+            self._synced = self.step
+        return self.model
+
+    def save_checkpoint(self, best: bool = False) -> Any:
+        self.stepper.write_torch(self.model)
+        self._synced = self.step
+        return super().save_checkpoint(best)
+
+    def _load_latest(self) -> None:
+        super()._load_latest()
+        self.stepper.read_torch(self.model, self.step)
+        self._synced = self.step

@@ -1,0 +1,320 @@
+"""The JAX GPT against the PyTorch one: logits, generations, compilations, training steps, run directories."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+jax = pytest.importorskip("jax")  # CI installs it (make test); an install without the extra skips these
+
+import jax.numpy as jnp  # noqa: E402
+from conftest import tiny_config  # noqa: E402
+from jax import monitoring  # noqa: E402
+
+from gptlab.config import ModelConfig  # noqa: E402
+from gptlab.data.shards import prepare  # noqa: E402
+from gptlab.errors import GptlabError  # noqa: E402
+from gptlab.generate import Generator, SamplingParams  # noqa: E402
+from gptlab.jax.generate import JaxGenerator, bucket  # noqa: E402
+from gptlab.jax.model import forward, from_torch, init_params, load_params, save_params, to_torch  # noqa: E402
+from gptlab.jax.train import JaxTrainer, unsupported  # noqa: E402
+from gptlab.model import GPT  # noqa: E402
+from gptlab.tokenizers import Tokenizer  # noqa: E402
+from gptlab.train.callbacks import Callback  # noqa: E402
+from gptlab.train.checkpoint import load_run  # noqa: E402
+from gptlab.train.trainer import Trainer, check_world  # noqa: E402
+
+VARIANTS = {
+    "gpt2": {"arch": "gpt2"},
+    "modern": {"arch": "modern"},
+    "gqa+qk_norm": {"arch": "modern", "n_kv_head": 1, "qk_norm": True},
+    "gelu_exact+untied": {"arch": "gpt2", "mlp": "gelu_exact", "tie_embeddings": False},
+}
+
+
+@pytest.fixture
+def prepared(tmp_path: Path, text_file: Path):
+    """conftest's prepared data, encoded in this process: forking (several workers) once JAX runs threads may hang."""
+    cfg = tiny_config(tmp_path, text_file, "data.workers=1")
+    prepare(cfg.data, quiet=True)
+    return cfg
+
+
+def torch_model(block_size: int = 32, vocab_size: int = 50, **switches) -> GPT:
+    """A random PyTorch GPT with weights scaled up, so its next token depends on the whole context."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **switches)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_equal_pytorch(variant):
+    model = torch_model(**VARIANTS[variant])
+    idx = torch.randint(0, 50, (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(idx).numpy()
+    got = np.asarray(forward(from_torch(model), model.cfg, jnp.asarray(idx.numpy())))
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 1e-5
+
+
+def test_parameters_convert_both_ways_exactly():
+    model = torch_model(arch="modern", qk_norm=True)
+    params = from_torch(model)
+    assert params["blocks"]["attn.q.weight"].shape == (2, 32, 32)  # stacked layers, (in, out)
+    back = to_torch(params, model.cfg)
+    state = model.state_dict()
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    fresh = init_params(jax.random.key(0), model.cfg)
+    assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)
+    again = GPT(model.cfg)
+    again.load_state_dict(to_torch(fresh, model.cfg))  # JAX's own init loads into PyTorch
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_greedy_generations_are_pytorch_s_token_for_token(arch):
+    model = torch_model(block_size=16, arch=arch)
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [5]]
+    # 40 new tokens on a 16-token context: each row's window slides (at different steps) and is run again
+    expected = Generator(model).generate(prompts, 40, temperature=0)
+    gen = JaxGenerator(from_torch(model), model.cfg)
+    assert gen.generate(prompts, 40, temperature=0) == expected
+    assert gen.traces == {"prefill": 1, "decode": 1, "refill": 1}
+    # end-of-text stops a row early (not returned), and the repetition penalty is applied as PyTorch applies it
+    eos = expected[1][4]
+    assert gen.generate(prompts, 40, temperature=0, eos_id=eos) == Generator(model).generate(
+        prompts, 40, temperature=0, eos_id=eos
+    )
+    penalised = Generator(model).generate(prompts, 12, temperature=0, repetition_penalty=1.5)
+    assert gen.generate(prompts, 12, temperature=0, repetition_penalty=1.5) == penalised != expected
+
+
+def count_backend_compiles() -> list[str]:
+    """A list that every XLA compilation from now on appends to."""
+    compiled: list[str] = []
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    return compiled
+
+
+def test_a_long_generation_compiles_once_for_prefill_and_once_for_decode():
+    model = torch_model(block_size=256, arch="modern")
+    gen = JaxGenerator(from_torch(model), model.cfg)
+    compiled = count_backend_compiles()
+    out = gen.generate([[1, 2, 3, 4, 5]], 200, temperature=0)
+    assert len(out[0]) == 200
+    assert gen.traces == {"prefill": 1, "decode": 1} and len(compiled) == 2
+    # another prompt length in the same padding bucket (16), other sampling settings: nothing compiles again
+    assert bucket(5, 256) == bucket(11, 256) == 16
+    gen.generate([list(range(1, 12))], 50, temperature=0.8, top_k=5, top_p=0.9, seed=1)
+    assert gen.traces == {"prefill": 1, "decode": 1} and len(compiled) == 2
+    # a longer prompt is another bucket: one more prefill, the same decode
+    gen.generate([list(range(1, 30))], 5, temperature=0)
+    assert gen.traces == {"prefill": 2, "decode": 1} and len(compiled) == 3
+    assert Generator(model).generate([[1, 2, 3, 4, 5]], 200, temperature=0) == out
+
+
+def test_seeded_sampling_repeats_and_filters_as_asked():
+    model = torch_model(arch="gpt2")
+    gen = JaxGenerator(from_torch(model), model.cfg)
+    prompts = [[1, 2], [3, 4, 5]]
+    a = gen.generate(prompts, 20, temperature=1.0, seed=7)
+    assert a == gen.generate(prompts, 20, temperature=1.0, seed=7)
+    assert a != gen.generate(prompts, 20, temperature=1.0, seed=8)
+    greedy = gen.generate(prompts, 20, temperature=0)
+    assert a != greedy
+    assert gen.generate(prompts, 20, temperature=1.0, top_k=1, seed=3) == greedy
+    assert gen.generate(prompts, 20, temperature=1.0, top_p=1e-6, seed=3) == greedy
+    assert gen.generate(prompts, 20, temperature=1.0, min_p=0.999, seed=3) == greedy
+    # top-k keeps sampling among the k likeliest: over many draws, only those appear
+    with torch.no_grad():
+        top3 = set(model(torch.tensor([[1, 2]]))[0, -1].topk(3).indices.tolist())
+    firsts = {gen.generate([[1, 2]], 1, temperature=2.0, top_k=3, seed=s)[0][0] for s in range(40)}
+    assert firsts <= top3 and len(firsts) > 1
+
+
+def char_tokenizer() -> Tokenizer:
+    return Tokenizer.train_char(["abcdefghij \n"])
+
+
+def test_text_streams_and_stops_as_pytorch_s():
+    tok = char_tokenizer()
+    model = torch_model(vocab_size=tok.vocab_size, arch="modern")
+    greedy = SamplingParams(temperature=0)
+    expected = Generator(model, tok).complete("abc", 30, greedy)
+    gen = JaxGenerator(from_torch(model), model.cfg, tok)
+    pieces = list(gen.stream("abc", 30, greedy))
+    assert "".join(pieces) == expected and len(pieces) > 1
+    stop = expected[5:7]
+    cut = "".join(gen.stream("abc", 30, greedy, stop=[stop]))
+    assert cut == Generator(model, tok).complete("abc", 30, greedy, stop=[stop]) == expected[: expected.index(stop)]
+    texts = gen.texts("abc", 3, 20, SamplingParams(temperature=1.0, seed=5))
+    assert texts == gen.texts("abc", 3, 20, SamplingParams(temperature=1.0, seed=5)) and len(set(texts)) == 3
+    with pytest.raises(ValueError, match="more than the context of 32"):
+        gen.generate([[1] * 33], 5)
+    assert len(gen.generate([[1] * 33], 5, temperature=0, truncate=True)[0]) == 5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_training_steps_track_pytorch(prepared, tmp_path, arch):
+    # the same initial weights and batches: 2 micro-batches per step, clipping on, the cosine schedule's warmup
+    common = [f"model.arch={arch}", "train.micro_batch_size=2", "train.log_interval=1", "train.max_iters=10"]
+    torch_run = Trainer(
+        tiny_config(tmp_path, Path(prepared.data.source), *common, "train.out_dir=" + str(tmp_path / "pt")), quiet=True
+    ).fit()
+    jax_cfg = tiny_config(
+        tmp_path, Path(prepared.data.source), *common, "train.backend=jax", f"train.out_dir={tmp_path / 'jax'}"
+    )
+    jax_run = JaxTrainer(jax_cfg, quiet=True).fit()
+    losses = [
+        [json.loads(line)["loss"] for line in (run.run_dir / "metrics.jsonl").open() if '"loss"' in line]
+        for run in (torch_run, jax_run)
+    ]
+    assert len(losses[0]) == 10 and np.abs(np.subtract(*losses)).max() < 1e-4
+    val = [[h["val_loss"] for h in run.history] for run in (torch_run, jax_run)]
+    assert np.abs(np.subtract(*val)).max() < 1e-4
+    # the JAX run's checkpoint is an ordinary one: PyTorch loads it, and its weights are the JAX parameters
+    _, model, _ = load_run(jax_run.run_dir, "latest")
+    assert (
+        np.abs(
+            np.asarray(forward(jax_run.stepper.params, model.cfg, jnp.asarray([[1, 2, 3]])))
+            - model(torch.tensor([[1, 2, 3]])).detach().numpy()
+        ).max()
+        < 1e-5
+    )
+
+
+class StopAt(Callback):
+    """Asks the trainer to stop after `step`, as Ctrl-C does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, trainer, metrics):
+        if metrics["step"] == self.step:
+            trainer._stop_requested = True
+
+
+def test_jax_runs_resume_exactly_and_on_pytorch(prepared, tmp_path):
+    src = Path(prepared.data.source)
+    common = ["train.backend=jax", "model.dropout=0.1", "train.micro_batch_size=2"]
+    whole = JaxTrainer(tiny_config(tmp_path, src, *common, f"train.out_dir={tmp_path / 'whole'}"), quiet=True).fit()
+    cut_cfg = tiny_config(tmp_path, src, *common, f"train.out_dir={tmp_path / 'cut'}")
+    cut = JaxTrainer(cut_cfg, quiet=True)
+    cut.callbacks.append(StopAt(13))  # between checkpoints
+    cut.fit()
+    assert cut.step == 13
+    resumed = JaxTrainer(cut_cfg, quiet=True, resume=True).fit()
+    assert resumed.history == whole.history  # dropout keys come from (seed, step): bit-identical
+    same = jax.tree.map(lambda a, b: bool((a == b).all()), resumed.stepper.params, whole.stepper.params)
+    assert all(jax.tree.leaves(same))
+    # a JAX checkpoint is resumed by PyTorch from the same weights and AdamW state
+    pt_cfg = tiny_config(
+        tmp_path, src, "model.dropout=0.1", "train.micro_batch_size=2", f"train.out_dir={tmp_path / 'cut'}"
+    )
+    pt = Trainer(pt_cfg, quiet=True, resume=True)
+    assert pt.step == 20
+    moments = pt.optimizers[0].state[pt.model.tok_emb.weight]
+    adam = resumed.stepper.opt_state[0]
+    assert float(moments["step"]) == 20
+    assert np.array_equal(moments["exp_avg"].numpy(), np.asarray(adam.mu["tok_emb.weight"]))
+    assert np.array_equal(moments["exp_avg_sq"].numpy(), np.asarray(adam.nu["tok_emb.weight"]))
+    assert torch.equal(pt.model.tok_emb.weight, torch.from_numpy(np.array(resumed.stepper.params["tok_emb.weight"])))
+
+
+def test_settings_jax_does_not_support_are_named(prepared, tmp_path):
+    src = Path(prepared.data.source)
+    cases = {
+        "train.optimizer=muon": "error: train.optimizer=muon is not supported with train.backend=jax yet (use train.optimizer=adamw, or train.backend=torch)",
+        "train.dtype=float16": "error: train.dtype=float16 is not supported with train.backend=jax yet (use bfloat16 or float32, or train.backend=torch)",
+    }
+    for override, message in cases.items():
+        with pytest.raises(GptlabError) as e:
+            JaxTrainer(tiny_config(tmp_path, src, "train.backend=jax", override), quiet=True)
+        assert f"error: {e.value}" == message
+    assert not (tmp_path / "run").exists()
+    lora = tiny_config(tmp_path, src, "train.backend=jax")
+    lora.train.lora_rank = 4  # (a LoRA config also needs a base model; the backend check names the setting first)
+    assert unsupported(lora) == ("train.lora_rank", "set train.lora_rank=0, or train.backend=torch")
+    cfg = tiny_config(tmp_path, src, "train.backend=jax")
+    with pytest.raises(GptlabError, match=r"train.backend=jax trains in one process \(drop --nproc"):
+        check_world(cfg.train, 2)
+    with pytest.raises(GptlabError, match="train.backend=jax is not trained by Trainer"):
+        Trainer(cfg)
+
+
+def gptlab(*args: str, cwd: Path, hide_jax: bool = False) -> subprocess.CompletedProcess:
+    hide = "import sys; sys.modules['jax'] = None; " if hide_jax else ""  # as if JAX were not installed
+    code = f"{hide}import sys; from gptlab.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_trains_and_samples_with_jax(prepared, tmp_path):
+    data = [
+        "model.block_size=16",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=32",
+        f"data.dir={prepared.data.dir}",
+    ]
+    train = [
+        "train.max_iters=5",
+        "train.eval_interval=5",
+        "train.eval_iters=1",
+        "train.batch_size=4",
+        "train.device=cpu",
+    ]
+    proc = gptlab(
+        "train", *data, *train, "train.backend=jax", f"train.out_dir={tmp_path / 'j'}", "--quiet", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "trained 5 steps" in proc.stdout
+    meta = json.loads((tmp_path / "j" / "checkpoints" / "step_5" / "meta.json").read_text())
+    assert meta["backend"] == "jax"
+    greedy = ["--temperature", "0", "--max-new-tokens", "30", "--num-samples", "1", "--start", "KING:"]
+    ours = gptlab("sample", str(tmp_path / "j"), *greedy, "--backend", "jax", cwd=tmp_path)
+    theirs = gptlab("sample", str(tmp_path / "j"), *greedy, cwd=tmp_path)
+    assert ours.returncode == theirs.returncode == 0, ours.stderr
+    assert ours.stdout == theirs.stdout and len(ours.stdout) > len("KING:")
+    missing = gptlab("sample", str(tmp_path / "j"), "--backend", "jax", cwd=tmp_path, hide_jax=True)
+    assert missing.returncode == 2
+    assert missing.stderr == "error: JAX is not installed: no module named 'jax' (pip install gptlab[jax])\n"
+    bad = gptlab(
+        "train",
+        *data,
+        *train,
+        "train.backend=jax",
+        "train.optimizer=muon",
+        f"train.out_dir={tmp_path / 'm'}",
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: train.optimizer=muon is not supported")
+    assert "Traceback" not in bad.stderr + missing.stderr
+
+
+def test_params_load_from_and_save_to_run_directories(prepared, tmp_path):
+    run = Trainer(
+        tiny_config(tmp_path, Path(prepared.data.source), "train.max_iters=5", "train.eval_interval=5"), quiet=True
+    ).fit()
+    cfg, params, tokenizer = load_params(run.run_dir)
+    assert tokenizer.vocab_size == cfg.model.vocab_size
+    doubled = jax.tree.map(lambda a: a * 2, params)
+    path = save_params(doubled, run.run_dir, step=6)
+    assert path.name == "step_6"
+    _, model, _ = load_run(run.run_dir, "latest")
+    assert torch.equal(model.tok_emb.weight, torch.from_numpy(np.array(doubled["tok_emb.weight"])))
