@@ -60,3 +60,9 @@ def prepared(tmp_path: Path, text_file: Path) -> Config:
     cfg = tiny_config(tmp_path, text_file)
     prepare(cfg.data, quiet=True)
     return cfg
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the JAX tests last: once JAX's runtime has started its threads, forking (as `prepare`'s workers do)
+    may deadlock, and the tests of every other module fork."""
+    items.sort(key=lambda item: item.path.name == "test_jax.py")

@@ -16,7 +16,7 @@ LAYERS = [
     ("interop.hf",),
     ("train.checkpoint", "train.distributed"),
     ("train", "generate", "evaluate", "plot"),
-    ("interop", "serve"),
+    ("interop", "serve", "jax"),
     ("cli", "__main__"),
 ]
 

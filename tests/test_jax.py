@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from jax import monitoring  # noqa: E402
 
-from gptlab.config import ModelConfig  # noqa: E402
+from gptlab.config import ModelConfig, load_config  # noqa: E402
 from gptlab.data.shards import prepare  # noqa: E402
 from gptlab.errors import GptlabError  # noqa: E402
 from gptlab.generate import Generator, SamplingParams  # noqa: E402
@@ -26,8 +26,10 @@ from gptlab.jax.model import forward, from_torch, init_params, load_params, save
 from gptlab.jax.train import JaxTrainer, unsupported  # noqa: E402
 from gptlab.model import GPT  # noqa: E402
 from gptlab.tokenizers import Tokenizer  # noqa: E402
+from gptlab.train.bench import bench  # noqa: E402
 from gptlab.train.callbacks import Callback  # noqa: E402
 from gptlab.train.checkpoint import load_run  # noqa: E402
+from gptlab.train.lr_finder import find_lr  # noqa: E402
 from gptlab.train.trainer import Trainer, check_world  # noqa: E402
 
 VARIANTS = {
@@ -256,6 +258,22 @@ def test_settings_jax_does_not_support_are_named(prepared, tmp_path):
         check_world(cfg.train, 2)
     with pytest.raises(GptlabError, match="train.backend=jax is not trained by Trainer"):
         Trainer(cfg)
+    with pytest.raises(GptlabError, match="gptlab find-lr sweeps with the PyTorch backend, not train.backend=jax"):
+        find_lr(cfg)
+    with pytest.raises(GptlabError, match="gptlab bench times the PyTorch step, not train.backend=jax"):
+        bench(cfg)
+
+
+def test_out_of_memory_names_the_knob(prepared, tmp_path):
+    t = JaxTrainer(tiny_config(tmp_path, Path(prepared.data.source), "train.backend=jax"), quiet=True)
+
+    def oom(x, y):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+
+    t.stepper.__dict__["step_fn"] = lambda *args: oom(None, None)
+    with pytest.raises(GptlabError) as e:
+        t.fit()
+    assert str(e.value).startswith("out of memory with micro-batches of 4 x 16 tokens (lower train.micro_batch_size")
 
 
 def gptlab(*args: str, cwd: Path, hide_jax: bool = False) -> subprocess.CompletedProcess:
@@ -318,3 +336,34 @@ def test_params_load_from_and_save_to_run_directories(prepared, tmp_path):
     assert path.name == "step_6"
     _, model, _ = load_run(run.run_dir, "latest")
     assert torch.equal(model.tok_emb.weight, torch.from_numpy(np.array(doubled["tok_emb.weight"])))
+
+
+def test_a_task_in_epoch_mode_trains_as_on_pytorch(tmp_path):
+    # masked targets (the loss on answers only), whole examples per epoch, and the exact-match score at the end
+    from gptlab.data.tasks import prepare_task
+
+    over = ["train.max_epochs=null", "train.max_iters=12", "train.eval_interval=6", "train.batch_size=16",
+            "train.micro_batch_size=8", "task.eval_examples=20", "train.device=cpu"]  # fmt: skip
+    configs = {}
+    for backend in ("torch", "jax"):
+        configs[backend] = load_config(
+            Path(__file__).parent.parent / "configs" / "adder.yaml",
+            [
+                *over,
+                f"data.dir={tmp_path / 'adder'}",
+                f"train.out_dir={tmp_path / backend}",
+                f"train.backend={backend}",
+            ],
+        )
+    prepare_task(configs["torch"].task, configs["torch"].data.dir)
+    runs = {"torch": Trainer(configs["torch"], quiet=True).fit(), "jax": JaxTrainer(configs["jax"], quiet=True).fit()}
+    losses = [
+        [json.loads(line)["loss"] for line in (r.run_dir / "metrics.jsonl").open() if '"loss"' in line]
+        for r in runs.values()
+    ]
+    assert len(losses[0]) == 12 and np.abs(np.subtract(*losses)).max() < 1e-4
+    val = [[h["val_loss"] for h in r.history] for r in runs.values()]
+    assert np.abs(np.subtract(*val)).max() < 1e-4
+    assert runs["jax"].history[-1]["val_exact_match"] == runs["torch"].history[-1]["val_exact_match"]
+    results = json.loads((tmp_path / "jax" / "results.json").read_text())
+    assert results["step"] == 12 and "test_exact_match" in results

@@ -108,7 +108,7 @@ def test_run_directory_layout(prepared):
     assert best == f"step_{next(h['step'] for h in t.history if h['val_loss'] == best_val)}"
     meta = json.loads((run / "checkpoints" / "step_20" / "meta.json").read_text())
     assert meta == {
-        "format_version": 2, "step": 20, "world_size": 1, "parallel": "none", "optimizer": "adamw", "epoch": 3,
+        "format_version": 2, "step": 20, "world_size": 1, "parallel": "none", "optimizer": "adamw", "backend": "torch", "epoch": 3,
         "tokens": 20 * 4 * 16,
     }  # fmt: skip
     assert {p.name for p in (run / "checkpoints" / "step_20").iterdir()} == {
@@ -179,10 +179,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared):
 def test_out_of_memory_names_the_knob(prepared, monkeypatch):
     t = Trainer(prepared, quiet=True)
 
-    def oom(x, y):
-        raise torch.OutOfMemoryError("CUDA out of memory")
+    class OutOfMemory:
+        def set_lr(self, factor):
+            pass
 
-    monkeypatch.setattr(t, "stepper", oom)
+        def __call__(self, x, y):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(t, "stepper", OutOfMemory())
     with pytest.raises(GptlabError) as e:
         t.fit()
     assert str(e.value) == (

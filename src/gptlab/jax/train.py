@@ -189,6 +189,16 @@ class JaxTrainer(Trainer):
     def _device(self, name: str) -> torch.device:
         return torch.device("cpu")
 
+    def fit(self) -> JaxTrainer:
+        """Train until the budget (or Ctrl-C, which saves a checkpoint first); returns self."""
+        try:
+            super().fit()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise self.out_of_memory() from e
+        return self
+
     def _stepper(self) -> JaxTrainStep:
         return JaxTrainStep(self.model, self.cfg.train, self.jax_device, self.micro_batch_size)
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from gptlab.config import Config
+from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.train.trainer import TrainStep, micro_batch_size, select_device
 
@@ -64,6 +65,11 @@ class BenchResult:
 
 def bench(cfg: Config, steps: int = 20, warmup: int = 5, vocab_size: int = 0) -> BenchResult:
     """Time `steps` training steps after `warmup` steps on random tokens of the config's shape."""
+    if cfg.train.backend != "torch":
+        raise GptlabError(
+            f"gptlab bench times the PyTorch step, not train.backend={cfg.train.backend}",
+            "drop train.backend; benchmarks/jax_speed.py compares the JAX step with it",
+        )
     vocab = cfg.model.vocab_size or vocab_size or 256
     model_cfg = replace(cfg.model, vocab_size=vocab).resolved()
     device = select_device(cfg.train.device)

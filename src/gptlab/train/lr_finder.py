@@ -155,6 +155,11 @@ def find_lr(
     from the config's initial weights. Muon's rate (train.optimizer=muon) moves with the swept one, keeping the
     ratio train.muon_lr / train.lr.
     """
+    if cfg.train.backend != "torch":
+        raise GptlabError(
+            f"gptlab find-lr sweeps with the PyTorch backend, not train.backend={cfg.train.backend}",
+            "drop train.backend: both backends take the same steps, so the rate it finds applies to either",
+        )
     if cfg.train.lr <= 0:
         raise GptlabError("the sweep scales every rate by its ratio to train.lr, which is 0", "set train.lr above 0")
     # the sweep's length as the budget: torch.compile only where it pays for that many steps (compile_pays)

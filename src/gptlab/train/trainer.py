@@ -652,10 +652,7 @@ class Trainer:
                 self.fire("on_fit_end")
             clean = True
         except torch.OutOfMemoryError as e:
-            raise GptlabError(
-                f"out of memory with micro-batches of {self.micro_batch_size} x {self.cfg.model.block_size} tokens",
-                "lower train.micro_batch_size (the batch is kept by accumulation), model.block_size or the model size",
-            ) from e
+            raise self.out_of_memory() from e
         except (RuntimeError, torch.distributed.DistError) as e:
             if self.dist.world > 1 and distributed.lost_peer(e):
                 raise distributed.peer_error(e, t.dist_timeout) from e
@@ -674,6 +671,13 @@ class Trainer:
                 gc.collect()
                 distributed.shutdown(clean)
         return self
+
+    def out_of_memory(self) -> GptlabError:
+        """The error for a step that ran out of device memory, naming the settings that would fit it."""
+        return GptlabError(
+            f"out of memory with micro-batches of {self.micro_batch_size} x {self.cfg.model.block_size} tokens",
+            "lower train.micro_batch_size (the batch is kept by accumulation), model.block_size or the model size",
+        )
 
     def _stopping(self) -> bool:
         """Whether Ctrl-C or SIGTERM asked to stop: on several ranks, once all of them know it."""
