@@ -367,3 +367,18 @@ def test_a_task_in_epoch_mode_trains_as_on_pytorch(tmp_path):
     assert runs["jax"].history[-1]["val_exact_match"] == runs["torch"].history[-1]["val_exact_match"]
     results = json.loads((tmp_path / "jax" / "results.json").read_text())
     assert results["step"] == 12 and "test_exact_match" in results
+
+
+def test_devices_and_dtypes_are_checked():
+    from gptlab.jax.model import jax_device, jax_dtype
+
+    cpu = jax_device("cpu")
+    assert (
+        cpu.platform == "cpu" and jax_dtype("auto", cpu) == jnp.float32 and jax_dtype("bfloat16", cpu) == jnp.bfloat16
+    )
+    with pytest.raises(GptlabError, match=r"device 'cuda:3' was asked for but JAX sees 0 GPUs"):
+        jax_device("cuda:3")
+    with pytest.raises(GptlabError, match=r"device 'cudax' is not supported by the JAX backend \(use auto, cpu"):
+        jax_device("cudax")
+    with pytest.raises(GptlabError, match=r"float16 is not supported by the JAX backend \(use bfloat16 or float32\)"):
+        jax_dtype("float16", cpu)

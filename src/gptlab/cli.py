@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder such as step_500")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (PyTorch only)")
     p.add_argument(
         "--backend",
         choices=["torch", "jax"],

@@ -75,6 +75,31 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tens
     return logits
 
 
+def check_prompt(prompt: Sequence[int], block_size: int, truncate: bool) -> list[int]:
+    """A prompt's token ids, refused when empty, or when longer than the context unless `truncate` keeps its end."""
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("the prompt is empty: it needs at least one token")
+    if len(prompt) > block_size:
+        if not truncate:
+            raise ValueError(f"the prompt has {len(prompt)} tokens, more than the context of {block_size}")
+        prompt = prompt[-block_size:]
+    return prompt
+
+
+def check_stop(stop: str | Sequence[str]) -> list[str]:
+    """Stop strings as a list (one may be given alone); an empty one is refused."""
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    if any(not s for s in stop):
+        raise ValueError("a stop string is empty")
+    return stop
+
+
+def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The settings of n samples: with a seed, sample i uses seed + i, so equal prompts give different samples."""
+    return [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(n)]
+
+
 def sample_next(
     logits: torch.Tensor,
     params: SamplingParams = SamplingParams(),
@@ -210,21 +235,12 @@ class Engine:
     ) -> int:
         """Queue a request; return its id. A prompt longer than the context is refused, or cut on the left."""
         params.check()
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        if len(prompt) > self.block_size:
-            if not truncate:
-                raise ValueError(f"the prompt has {len(prompt)} tokens, more than the context of {self.block_size}")
-            prompt = prompt[-self.block_size :]
+        prompt = check_prompt(prompt, self.block_size, truncate)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
-        if isinstance(stop, str):
-            stop = [stop]
+        stop = check_stop(stop)
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer")
-        if any(not s for s in stop):
-            raise ValueError("a stop string is empty")
         generator = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
@@ -411,10 +427,8 @@ class Generator:
             raise ValueError("give at least one prompt")
         engine = Engine(self.model, None, max_batch=len(prompts), eos_id=eos_id, use_cache=use_cache)
         ids = []
-        for i, prompt in enumerate(prompts):
-            params = SamplingParams(
-                temperature, top_k, top_p, min_p, repetition_penalty, None if seed is None else seed + i
-            )
+        each = seeded(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed), len(prompts))
+        for prompt, params in zip(prompts, each):
             ids.append(engine.submit(prompt, max_new_tokens, params, stop_at_eos=eos_id is not None, truncate=truncate))
         out: dict[int, list[int]] = {i: [] for i in ids}
         for u in _updates(engine):
@@ -446,9 +460,8 @@ class Generator:
         """`num_samples` continuations of one prompt, made in one batch; with a seed, sample i uses seed + i."""
         engine = Engine(self.model, self._text_tokenizer(), max_batch=num_samples)
         ids, rows = self._ids(prompt), []
-        for i in range(num_samples):
-            seed = None if params.seed is None else params.seed + i
-            rows.append(engine.submit(ids, max_new_tokens, replace(params, seed=seed), stop=stop, truncate=truncate))
+        for each in seeded(params, num_samples):
+            rows.append(engine.submit(ids, max_new_tokens, each, stop=stop, truncate=truncate))
         out = dict.fromkeys(rows, "")
         for u in _updates(engine):
             out[u.id] += u.text

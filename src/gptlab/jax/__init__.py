@@ -15,6 +15,19 @@ try:
 except ImportError as e:  # an optional extra: say how to get it
     raise GptlabError(f"JAX is not installed: no module named '{e.name}'", "pip install gptlab[jax]") from e
 
-from gptlab.jax.model import forward, from_torch, init_params, load_params, to_torch  # noqa: E402
+from gptlab.jax.model import (  # noqa: E402
+    forward,
+    forward_cached,
+    from_state,
+    from_torch,
+    init_params,
+    load_params,
+    new_cache,
+    save_params,
+    to_torch,
+)
 
-__all__ = ["forward", "from_torch", "init_params", "load_params", "to_torch"]
+__all__ = [
+    "forward", "forward_cached", "from_state", "from_torch", "init_params", "load_params", "new_cache",
+    "save_params", "to_torch",
+]  # fmt: skip

@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptlab.config import ModelConfig
-from gptlab.generate import SamplingParams, TextOutput
+from gptlab.generate import SamplingParams, TextOutput, check_prompt, check_stop, seeded
 from gptlab.jax.model import Cache, Params, forward_cached, from_torch, jax_device, jax_dtype, new_cache
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
@@ -176,16 +176,7 @@ class JaxGenerator:
             raise ValueError("give at least one prompt")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
-        windows = []
-        for prompt in prompts:
-            prompt = [int(t) for t in prompt]
-            if not prompt:
-                raise ValueError("the prompt is empty: it needs at least one token")
-            if len(prompt) > self.block_size:
-                if not truncate:
-                    raise ValueError(f"the prompt has {len(prompt)} tokens, more than the context of {self.block_size}")
-                prompt = prompt[-self.block_size :]
-            windows.append(prompt)
+        windows = [check_prompt(prompt, self.block_size, truncate) for prompt in prompts]
         for p in params:
             p.check()
         return _Batch(self, windows, max_new_tokens, list(params), eos_id)
@@ -205,10 +196,7 @@ class JaxGenerator:
     ) -> list[list[int]]:
         """New tokens for each prompt, all in one batch (stopping after `eos_id`, which is not returned); as
         `gptlab.generate.Generator.generate`, with seed + i for prompt i."""
-        params = [
-            SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, None if seed is None else seed + i)
-            for i in range(len(prompts))
-        ]
+        params = seeded(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed), len(prompts))
         batch = self._rows(prompts, max_new_tokens, params, eos_id, truncate)
         while not batch.done:
             batch.step()
@@ -235,9 +223,8 @@ class JaxGenerator:
         truncate: bool = False,
     ) -> list[str]:
         """`num_samples` continuations of one prompt, made in one batch; with a seed, sample i uses seed + i."""
-        seeds = [None if params.seed is None else params.seed + i for i in range(num_samples)]
         out = [""] * num_samples
-        for texts in self._pieces(prompt, [replace(params, seed=s) for s in seeds], max_new_tokens, stop, truncate):
+        for texts in self._pieces(prompt, seeded(params, num_samples), max_new_tokens, stop, truncate):
             out = [a + b for a, b in zip(out, texts)]
         return out
 
@@ -252,9 +239,7 @@ class JaxGenerator:
         """Each step's new text of every row (rows are continuations of one prompt, with their own settings)."""
         if self.tokenizer is None:
             raise ValueError("text generation needs the generator's tokenizer: JaxGenerator(params, cfg, tokenizer)")
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        if any(not s for s in stop):
-            raise ValueError("a stop string is empty")
+        stop = check_stop(stop)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         batch = self._rows([ids] * len(params), max_new_tokens, params, self.tokenizer.eos_id, truncate)
         outputs = [TextOutput(self.tokenizer, stop) for _ in params]

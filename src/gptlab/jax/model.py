@@ -9,6 +9,7 @@ into either framework and a JAX-trained model is sampled, served and exported by
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,14 @@ def jax_device(name: str) -> jax.Device:
         return jax.devices()[0]
     if name == "cpu":
         return jax.devices("cpu")[0]
-    if name.startswith("cuda"):
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if cuda:
         try:
             gpus = jax.devices("gpu")
         except RuntimeError:
             gpus = []
-        index = int(name.split(":")[1]) if name[5:6] == ":" and name[6:].isdigit() else 0 if name == "cuda" else -1
-        if not 0 <= index < len(gpus):
+        index = int(cuda[1] or 0)
+        if index >= len(gpus):
             raise GptlabError(
                 f"device '{name}' was asked for but JAX sees {len(gpus)} GPUs",
                 'install JAX with CUDA (pip install "jax[cuda12]"), or use the cpu device',
@@ -259,7 +261,7 @@ def forward(
     dtype: Any = jnp.float32,
 ) -> jax.Array:
     """Next-token logits (B, T, vocab) in fp32 for token ids (B, T); with a `key`, dropout is on (training)."""
-    T = idx.shape[1]
+    cfg, T = cfg.resolved(), idx.shape[1]
     if T > cfg.block_size:
         raise ValueError(f"sequence of {T} tokens is longer than the context of {cfg.block_size}")
     causal = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
@@ -281,6 +283,7 @@ def forward_cached(
     A token's slot is its position, and it attends to every slot up to its own: slots past a row's last real
     token may hold stale values, which no real token reads. `logits_at` (B,): only that position's logits.
     """
+    cfg = cfg.resolved()
     visible = jnp.arange(cache[0].shape[2])[None, None, :] <= slots[:, :, None]
     return _run(params, cfg, idx, slots, visible, cache, slots, None, False, dtype, logits_at)
 

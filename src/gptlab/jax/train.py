@@ -189,6 +189,15 @@ class JaxTrainer(Trainer):
     def _device(self, name: str) -> torch.device:
         return torch.device("cpu")
 
+    def session_info(self) -> dict[str, Any]:
+        d = self.jax_device
+        return {"backend": "jax", "jax": jax.__version__, "device": f"{d.platform}:{d.id} ({d.device_kind})"}
+
+    def fire(self, event: str, payload: Any = None) -> None:
+        if event == "on_fit_end":  # the callbacks may load the best checkpoint's weights: theirs must not be replaced
+            self.inference_model()
+        super().fire(event, payload)
+
     def fit(self) -> JaxTrainer:
         """Train until the budget (or Ctrl-C, which saves a checkpoint first); returns self."""
         try:

@@ -118,9 +118,10 @@ def start_session(
     quiet: bool = False,
     ranks: int = 1,
     parallel: str = "none",
+    extra: dict[str, Any] | None = None,
 ) -> dict:
-    """Append this session (git, versions, command line, device and ranks, start time) to RUN_DIR/run.json; print the
-    git line."""
+    """Append this session (git, versions, command line, device and ranks, start time, and `extra`'s fields, which
+    win) to RUN_DIR/run.json; print the git line."""
     launched = os.environ.get(LAUNCH_COMMAND)  # `gptlab train --nproc N`: the command the user typed
     session = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -135,6 +136,7 @@ def start_session(
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "ranks": ranks,
         "parallel": parallel,
+        **(extra or {}),
     }
     path = run_dir / "run.json"
     sessions = json.loads(path.read_text())["sessions"] if path.is_file() else []  # a resume adds to the first

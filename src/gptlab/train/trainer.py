@@ -340,7 +340,16 @@ class Trainer:
             if self.dist.is_main:
                 self._write_run_dir(overwrite)
                 parallel = t.parallel if self.dist.world > 1 else "none"
-                tracking.start_session(self.run_dir, self.git, self.device, self.step, quiet, self.dist.world, parallel)
+                tracking.start_session(
+                    self.run_dir,
+                    self.git,
+                    self.device,
+                    self.step,
+                    quiet,
+                    self.dist.world,
+                    parallel,
+                    self.session_info(),
+                )
             self.dist.barrier()
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
 
@@ -349,6 +358,10 @@ class Trainer:
         """What runs one optimizer step (another backend's trainer returns its own)."""
         t = self.cfg.train
         return TrainStep(self.model, t, self.device, self.micro_batch_size, self.total_steps, self.dist)
+
+    def session_info(self) -> dict[str, Any]:
+        """What run.json records of this session besides the common fields (the backend, its device)."""
+        return {"backend": self.backend}
 
     def _device(self, name: str) -> torch.device:
         """The device of the PyTorch model, from train.device."""
