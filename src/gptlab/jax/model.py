@@ -300,16 +300,18 @@ def from_torch(model: GPT) -> Params:
     return from_state(model.state_dict(), model.cfg)
 
 
-def from_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Params:
-    """A PyTorch state dict of `GPT(cfg)` (or anything keyed and shaped like its parameters, such as AdamW's
-    moments) in this module's layout, as fp32 arrays."""
+def from_state(state: dict[str, torch.Tensor], cfg: ModelConfig, partial: bool = False) -> Params:
+    """A PyTorch state dict of `GPT(cfg)` (or anything keyed and shaped like its parameters, such as an optimizer's
+    moments) in this module's layout, as fp32 arrays; with `partial`, of the parameters it holds only."""
     state = {n: t.detach().float().cpu().numpy() for n, t in state.items()}
     expected = param_shapes(cfg)
     params: Params = {"blocks": {}}
     for name in expected:
-        if name != "blocks":
+        if name != "blocks" and not (partial and name not in state):
             params[name] = _checked(state, name, expected[name])
     for name, shape in expected["blocks"].items():
+        if partial and f"blocks.0.{name}" not in state:
+            continue
         layers = [_checked(state, f"blocks.{i}.{name}", None) for i in range(cfg.n_layer)]
         stacked = np.stack([a.T for a in layers] if len(shape) == 3 else layers)  # linears: (out, in) -> (in, out)
         if stacked.shape != shape:
@@ -327,13 +329,14 @@ def _checked(state: dict[str, np.ndarray], name: str, shape: tuple[int, ...] | N
 
 
 def to_torch(params: Params, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """A state dict for `GPT(cfg)` holding these parameters (fp32); `model.load_state_dict` takes it."""
+    """A state dict for `GPT(cfg)` holding these parameters (fp32); `model.load_state_dict` takes it. A tree of some
+    of the parameters (as an optimizer's state may be) gives their entries only."""
     state = {n: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in params.items() if n != "blocks"}
     for name, a in params["blocks"].items():
         a = np.array(a, dtype=np.float32)
         for i in range(cfg.n_layer):
             state[f"blocks.{i}.{name}"] = torch.from_numpy(np.ascontiguousarray(a[i].T if a.ndim == 3 else a[i]))
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "tok_emb.weight" in state:
         state["lm_head.weight"] = state["tok_emb.weight"]
     return state
 

@@ -1,11 +1,12 @@
-"""Training the JAX GPT: a jitted AdamW step through optax, and the trainer behind `train.backend=jax`.
+"""Training the JAX GPT: a jitted step through optax, and the trainer behind `train.backend=jax`.
 
 The step mirrors `gptlab.train.trainer.TrainStep`: micro-batches accumulate gradients of the loss normalised by the
 whole batch's target count, the global gradient norm is clipped as `torch.nn.utils.clip_grad_norm_` clips it, and
-AdamW decays matrices only (`decays`), at the learning rate of the shared schedule (`lr_factor`), passed in each step
-so no schedule is compiled in. `JaxTrainer` is the PyTorch `Trainer` with this step: the same batches, callbacks,
-run directory and checkpoints. A checkpoint holds the PyTorch layout (the weights and AdamW's moments converted), so
-`gptlab sample`, `serve` and `export` read a JAX run as any other, and a run resumes on either backend.
+the optimizers of `optim.py` (AdamW, with Muon on hidden matrices if asked) step at the learning rates of the shared
+schedule (`lr_factor`), whose factor is passed in each step so no schedule is compiled in. `JaxTrainer` is the
+PyTorch `Trainer` with this step: the same batches, callbacks, run directory and checkpoints. A checkpoint holds the
+PyTorch layout (the weights and the optimizers' state converted), so `gptlab sample`, `serve` and `export` read a JAX
+run as any other, and a run resumes on either backend.
 """
 
 from __future__ import annotations
@@ -23,20 +24,11 @@ import torch
 from gptlab.config import Config, ModelConfig, TrainConfig
 from gptlab.data.batches import IGNORE_INDEX
 from gptlab.errors import GptlabError
-from gptlab.jax.model import Params, decays, forward, from_state, from_torch, jax_device, jax_dtype, to_torch
+from gptlab.jax.model import Params, forward, from_state, from_torch, jax_device, jax_dtype, to_torch
+from gptlab.jax.optim import Optimizer
 from gptlab.model import GPT
 from gptlab.train.optim import build_optimizers
 from gptlab.train.trainer import Trainer
-
-ADAM_EPS = 1e-8  # torch.optim.AdamW's default
-
-
-def adamw(t: TrainConfig, params: Params) -> optax.GradientTransformation:
-    """AdamW without its learning rate (the step applies it): Adam's direction plus decay on matrices only."""
-    return optax.chain(
-        optax.scale_by_adam(b1=t.beta1, b2=t.beta2, eps=ADAM_EPS),
-        optax.add_decayed_weights(t.weight_decay, mask=decays(params)),
-    )
 
 
 def loss_sum(params: Params, cfg: ModelConfig, x: jax.Array, y: jax.Array, **kwargs: Any) -> jax.Array:
@@ -47,16 +39,15 @@ def loss_sum(params: Params, cfg: ModelConfig, x: jax.Array, y: jax.Array, **kwa
     return jnp.sum(jnp.where(valid, losses, 0.0))
 
 
-def make_train_step(
-    cfg: ModelConfig, t: TrainConfig, tx: optax.GradientTransformation, micro_batch_size: int, dtype: Any
-) -> Any:
-    """A jitted `step(params, opt_state, x, y, lr, key) -> (params, opt_state, mean loss, grad norm)`.
+def make_train_step(cfg: ModelConfig, t: TrainConfig, opt: Optimizer, micro_batch_size: int, dtype: Any) -> Any:
+    """A jitted `step(params, opt_state, x, y, factor, key) -> (params, opt_state, mean loss, grad norm)`.
 
-    x and y (B, T) are split into micro-batches of `micro_batch_size` whose gradients add up; `key` draws the
-    dropout masks (none when model.dropout is 0). The old parameters and optimizer state are donated.
+    x and y (B, T) are split into micro-batches of `micro_batch_size` whose gradients add up; `factor` is the
+    schedule's (the learning rates are the peaks times it); `key` draws the dropout masks (none when model.dropout
+    is 0). The old parameters and optimizer state are donated.
     """
 
-    def step(params: Params, opt_state: Any, x: jax.Array, y: jax.Array, lr: jax.Array, key: jax.Array):
+    def step(params: Params, opt_state: Any, x: jax.Array, y: jax.Array, factor: jax.Array, key: jax.Array):
         n_valid = jnp.maximum(1, jnp.sum(y != IGNORE_INDEX))
         micro = x.reshape(-1, micro_batch_size, x.shape[1]), y.reshape(-1, micro_batch_size, y.shape[1])
         keys = jax.random.split(key, micro[0].shape[0])
@@ -75,8 +66,7 @@ def make_train_step(
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         if t.grad_clip > 0:  # as clip_grad_norm_: scaled by clip / (norm + 1e-6) when that is below 1
             grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, t.grad_clip / (norm + 1e-6)), grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
+        params, opt_state = opt.update(grads, opt_state, params, factor)
         return params, opt_state, loss, norm
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -86,7 +76,6 @@ def unsupported(cfg: Config) -> tuple[str, str] | None:
     """The first setting train.backend=jax does not support yet, with how to proceed; None when all are."""
     t = cfg.train
     checks = [
-        (t.optimizer != "adamw", f"train.optimizer={t.optimizer}", "use train.optimizer=adamw"),
         (t.lora_rank > 0, "train.lora_rank", "set train.lora_rank=0"),
         (t.dtype == "float16", "train.dtype=float16", "use bfloat16 or float32"),
         (t.profile, "train.profile", "set train.profile=false"),
@@ -105,12 +94,12 @@ class JaxTrainStep:
         self.cfg, self.device, self.micro_batch_size = model.cfg, device, micro_batch_size
         self.dtype = jax_dtype(t.dtype, device)
         self.params = jax.device_put(from_torch(model), device)  # the PyTorch trainer's initial weights
-        self.tx = adamw(t, self.params)
-        self.opt_state = jax.device_put(self.tx.init(self.params), device)
-        self.lr, self.peak_lr = t.lr, t.lr
+        self.opt = Optimizer(t, self.params)
+        self.opt_state = jax.device_put(self.opt.init(self.params), device)
+        self.factor = 1.0
         self.seed = t.seed
         self.count = 0  # optimizer steps taken: with the seed, it picks each step's dropout key
-        self.step_fn = make_train_step(self.cfg, t, self.tx, micro_batch_size, self.dtype)
+        self.step_fn = make_train_step(self.cfg, t, self.opt, micro_batch_size, self.dtype)
         self.eval_fn = jax.jit(functools.partial(loss_sum, cfg=self.cfg, dtype=self.dtype))
         # PyTorch AdamW over the PyTorch model: what checkpoints are written from and read into
         self.optimizers = build_optimizers(model, t, torch.device("cpu"))
@@ -118,15 +107,15 @@ class JaxTrainStep:
         self.forward, self.sharded = None, False  # what the trainer reads of a PyTorch step
 
     def set_lr(self, factor: float) -> None:
-        """The learning rate of the next step: the peak times the schedule's factor."""
-        self.lr = self.peak_lr * factor
+        """The learning rates of the next step: the peaks times the schedule's factor."""
+        self.factor = factor
 
     def __call__(self, x: np.ndarray, y: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """One optimizer step on a batch; returns (mean loss, gradient norm before clipping)."""
         key = jax.random.fold_in(jax.random.key(self.seed), self.count)
         x, y = (jax.device_put(np.asarray(a, np.int32), self.device) for a in (x, y))
         self.params, self.opt_state, loss, norm = self.step_fn(
-            self.params, self.opt_state, x, y, np.float32(self.lr), key
+            self.params, self.opt_state, x, y, np.float32(self.factor), key
         )
         self.count += 1
         return loss, norm
@@ -138,34 +127,39 @@ class JaxTrainStep:
 
     # ----- to and from the PyTorch layout of checkpoints --------------------------------------------------------
     def write_torch(self, model: GPT, weights_only: bool = False) -> None:
-        """Copy the parameters (and unless `weights_only`, AdamW's moments and step) into the PyTorch model and
+        """Copy the parameters (and unless `weights_only`, the optimizers' state) into the PyTorch model and
         optimizers, as if they had trained."""
-        state = to_torch(self.params, self.cfg)
-        model.load_state_dict(state)
+        model.load_state_dict(to_torch(self.params, self.cfg))
         if weights_only:
             return
-        adam = self.opt_state[0]
-        moments = {"exp_avg": to_torch(adam.mu, self.cfg), "exp_avg_sq": to_torch(adam.nu, self.cfg)}
+        adam, muon = self.opt_state[0][0], self.opt_state[1]
+        state = {"exp_avg": to_torch(adam.mu, self.cfg), "exp_avg_sq": to_torch(adam.nu, self.cfg)}
+        if muon is not None:
+            state["momentum_buffer"] = to_torch(muon.momentum, self.cfg)
         names = {id(p): n for n, p in model.named_parameters()}
-        step = float(adam.count)
         for opt in self.optimizers:
+            keys = ["momentum_buffer"] if isinstance(opt, torch.optim.Muon) else ["exp_avg", "exp_avg_sq"]
             for group in opt.param_groups:
                 for p in group["params"]:
-                    name = names[id(p)]
-                    opt.state[p] = {"step": torch.tensor(step), **{k: m[name].clone() for k, m in moments.items()}}
+                    opt.state[p] = {k: state[k][names[id(p)]].clone() for k in keys}
+                    if "exp_avg" in keys:
+                        opt.state[p]["step"] = torch.tensor(float(adam.count))
 
     def read_torch(self, model: GPT, step: int) -> None:
-        """Take the parameters and AdamW's state from the PyTorch model and optimizers (a resumed checkpoint)."""
+        """Take the parameters and the optimizers' state from the PyTorch model and optimizers (a resumed
+        checkpoint)."""
         self.params = jax.device_put(from_torch(model), self.device)
         names = {id(p): n for n, p in model.named_parameters()}
-        moments: dict[str, dict[str, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
+        state: dict[str, dict[str, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}, "momentum_buffer": {}}
         for opt in self.optimizers:
             for p, s in opt.state.items():
-                for k in moments:
-                    moments[k][names[id(p)]] = s[k]
-        adam = self.opt_state[0]
-        mu, nu = (jax.device_put(from_state(moments[k], self.cfg), self.device) for k in ("exp_avg", "exp_avg_sq"))
-        self.opt_state = (adam._replace(count=jnp.asarray(step, adam.count.dtype), mu=mu, nu=nu), *self.opt_state[1:])
+                for k in state.keys() & s.keys():
+                    state[k][names[id(p)]] = s[k]
+        tree = {k: jax.device_put(from_state(v, self.cfg, partial=True), self.device) for k, v in state.items()}
+        (adam, *others), muon = self.opt_state
+        adam = adam._replace(count=jnp.asarray(step, adam.count.dtype), mu=tree["exp_avg"], nu=tree["exp_avg_sq"])
+        muon = muon._replace(momentum=tree["momentum_buffer"]) if muon is not None else None
+        self.opt_state = ((adam, *others), muon)
         self.count = step
 
 

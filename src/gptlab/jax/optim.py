@@ -1,0 +1,112 @@
+"""The PyTorch trainer's optimizers (`gptlab.train.optim`) in optax terms: AdamW with decay on matrices only, and with
+train.optimizer=muon, Muon (as `torch.optim.Muon` computes it) on the blocks' matrices and AdamW on the rest."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gptlab.config import TrainConfig
+from gptlab.jax.model import Params, decays
+
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default
+# torch.optim.Muon's defaults: momentum, Newton-Schulz coefficients, steps and epsilon
+MUON_MOMENTUM, NS_COEFFICIENTS, NS_STEPS, NS_EPS = 0.95, (3.4445, -4.7750, 2.0315), 5, 1e-7
+
+
+def split(params: Params, hidden: Params | None) -> tuple[Params, Params]:
+    """(the rest, the hidden matrices) of a parameter tree, each a tree of the same layout."""
+    if hidden is None:
+        return params, {}
+    rest = {n: a for n, a in params.items() if n != "blocks"}
+    rest["blocks"] = {n: a for n, a in params["blocks"].items() if not hidden["blocks"][n]}
+    return rest, {"blocks": {n: a for n, a in params["blocks"].items() if hidden["blocks"][n]}}
+
+
+def merge(rest: Params, hidden: Params) -> Params:
+    """The tree `split` took apart."""
+    return {**rest, "blocks": {**rest["blocks"], **hidden.get("blocks", {})}}
+
+
+def muon_mask(params: Params) -> Params:
+    """The matrices Muon takes: the blocks' linear weights (as build_optimizers: 2-D and under "blocks.")."""
+    return {n: False for n in params if n != "blocks"} | {
+        "blocks": {n: a.ndim == 3 for n, a in params["blocks"].items()}
+    }
+
+
+def newton_schulz(g: jax.Array) -> jax.Array:
+    """An approximately orthogonal matrix of g's shape, in bf16, by torch.optim.Muon's quintic Newton-Schulz."""
+    a, b, c = NS_COEFFICIENTS
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    x = g.astype(bf16)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(f32)))).astype(bf16).astype(f32)  # torch: a bf16 norm
+    x = (x.astype(f32) / jnp.maximum(norm, NS_EPS)).astype(bf16)
+    for _ in range(NS_STEPS):
+        gram = jnp.matmul(x, x.T, preferred_element_type=f32).astype(bf16)
+        update = (b * gram.astype(f32) + c * jnp.matmul(gram, gram, preferred_element_type=f32)).astype(bf16)
+        x = (a * x.astype(f32) + jnp.matmul(update, x, preferred_element_type=f32)).astype(bf16)
+    return x.T if tall else x
+
+
+class MuonState(NamedTuple):
+    momentum: Params
+
+
+def muon(weight_decay: float) -> optax.GradientTransformation:
+    """Muon's direction for stacked (layers, in, out) matrices, without its learning rate: Nesterov momentum,
+    orthogonalised per layer, scaled by sqrt(max(1, out/in)), plus the decoupled weight decay."""
+
+    def init(params: Params) -> MuonState:
+        return MuonState(jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads: Params, state: MuonState, params: Params) -> tuple[Params, MuonState]:
+        w = 1 - MUON_MOMENTUM
+        # torch's lerp: buf.lerp_(grad, 1 - m), then grad.lerp(buf, m) (the second from the far end, as torch does)
+        momentum = jax.tree.map(lambda b, g: b + w * (g - b), state.momentum, grads)
+        nesterov = jax.tree.map(lambda b, g: b - (b - g) * w, momentum, grads)
+
+        def direction(u: jax.Array, p: jax.Array) -> jax.Array:
+            ratio = max(1.0, u.shape[2] / u.shape[1]) ** 0.5  # torch's (out, in) shape: sqrt(max(1, out / in))
+            return weight_decay * p + ratio * jax.vmap(newton_schulz)(u).astype(p.dtype)
+
+        return jax.tree.map(direction, nesterov, params), MuonState(momentum)
+
+    return optax.GradientTransformation(init, update)
+
+
+class Optimizer:
+    """The optimizer `build_optimizers` makes, as one state and one update; the learning rates are the peak ones times
+    the schedule's factor, given at each update (so no schedule is compiled in)."""
+
+    def __init__(self, t: TrainConfig, params: Params) -> None:
+        self.hidden = muon_mask(params) if t.optimizer == "muon" else None
+        rest, _ = split(params, self.hidden)
+        decay = t.weight_decay
+        self.adam = optax.chain(
+            optax.scale_by_adam(b1=t.beta1, b2=t.beta2, eps=ADAM_EPS),
+            optax.add_decayed_weights(decay, mask=decays(rest)),
+        )
+        self.muon = muon(decay) if self.hidden is not None else None
+        self.lr, self.muon_lr = t.lr, t.muon_lr
+
+    def init(self, params: Params) -> tuple[Any, Any]:
+        rest, hidden = split(params, self.hidden)
+        return self.adam.init(rest), self.muon.init(hidden) if self.muon else None
+
+    def update(self, grads: Params, state: tuple, params: Params, factor: jax.Array) -> tuple[Params, tuple]:
+        """The parameters after one step, and the new state."""
+        (g_rest, g_hidden), (p_rest, p_hidden) = split(grads, self.hidden), split(params, self.hidden)
+        u_rest, adam_state = self.adam.update(g_rest, state[0], p_rest)
+        p_rest = optax.apply_updates(p_rest, jax.tree.map(lambda u: -self.lr * factor * u, u_rest))
+        muon_state = state[1]
+        if self.muon is not None:
+            u_hidden, muon_state = self.muon.update(g_hidden, muon_state, p_hidden)
+            p_hidden = optax.apply_updates(p_hidden, jax.tree.map(lambda u: -self.muon_lr * factor * u, u_hidden))
+        return merge(p_rest, p_hidden), (adam_state, muon_state)
