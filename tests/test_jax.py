@@ -38,6 +38,7 @@ VARIANTS = {
     "modern": {"arch": "modern"},
     "gqa+qk_norm": {"arch": "modern", "n_kv_head": 1, "qk_norm": True},
     "gelu_exact+untied": {"arch": "gpt2", "mlp": "gelu_exact", "tie_embeddings": False},
+    "gpt2+qk_norm": {"arch": "gpt2", "qk_norm": True},  # qk_norm is an RMSNorm under LayerNorm blocks too
 }
 
 
@@ -70,6 +71,25 @@ def test_logits_equal_pytorch(variant):
     got = np.asarray(forward(from_torch(model), model.cfg, jnp.asarray(idx.numpy())))
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() < 1e-5
+
+
+def test_long_contexts_and_bf16_follow_pytorch():
+    # rotary tables are PyTorch's own: far positions agree as well as near ones
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=1024, n_layer=2, n_head=2, n_embd=64)).eval()
+    idx = torch.randint(0, 50, (1, 1024), generator=torch.Generator().manual_seed(2))
+    params = from_torch(model)
+    with torch.no_grad():
+        expected = model(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected_bf16 = model(idx).float()
+    ids = jnp.asarray(idx.numpy())
+    assert np.abs(np.asarray(forward(params, model.cfg, ids)) - expected.numpy()).max() < 1e-5
+    # bf16 as autocast computes it (fp32 residual stream and norms): as close to fp32 as PyTorch's, and to it
+    got_bf16 = np.asarray(forward(params, model.cfg, ids, dtype=jnp.bfloat16))
+    torch_error = (expected_bf16 - expected).abs().max().item()
+    assert np.abs(got_bf16 - expected.numpy()).max() < 2 * torch_error
+    assert np.abs(got_bf16 - expected_bf16.numpy()).max() < 2 * torch_error
 
 
 def test_parameters_convert_both_ways_exactly():
@@ -144,6 +164,11 @@ def test_seeded_sampling_repeats_and_filters_as_asked():
     assert gen.generate(prompts, 20, temperature=1.0, top_k=1, seed=3) == greedy
     assert gen.generate(prompts, 20, temperature=1.0, top_p=1e-6, seed=3) == greedy
     assert gen.generate(prompts, 20, temperature=1.0, min_p=0.999, seed=3) == greedy
+    # any seed PyTorch takes: negative ones (as 2**64 + seed), and all 64 bits of large ones; any top-k
+    one = [[1, 2]]
+    assert gen.generate(one, 20, temperature=1.0, seed=-1) == gen.generate(one, 20, temperature=1.0, seed=2**64 - 1)
+    assert gen.generate(prompts, 20, temperature=1.0, seed=2**40) != gen.generate(prompts, 20, temperature=1.0, seed=0)
+    assert gen.generate(prompts, 20, temperature=1.0, top_k=3_000_000_000, seed=7) == a
     # top-k keeps sampling among the k likeliest: over many draws, only those appear
     with torch.no_grad():
         top3 = set(model(torch.tensor([[1, 2]]))[0, -1].topk(3).indices.tolist())
@@ -367,6 +392,8 @@ def test_params_load_from_and_save_to_run_directories(prepared, tmp_path):
     doubled = jax.tree.map(lambda a: a * 2, params)
     path = save_params(doubled, run.run_dir, step=6)
     assert path.name == "step_6"
+    with pytest.raises(ValueError, match="already has a checkpoint step_6: give another step"):
+        save_params(params, run.run_dir, step=6)
     _, model, _ = load_run(run.run_dir, "latest")
     assert torch.equal(model.tok_emb.weight, torch.from_numpy(np.array(doubled["tok_emb.weight"])))
 

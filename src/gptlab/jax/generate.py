@@ -42,7 +42,7 @@ class Sampling(NamedTuple):
     def of(cls, params: Sequence[SamplingParams]) -> Sampling:
         return cls(
             np.array([p.temperature for p in params], np.float32),
-            np.array([p.top_k or 0 for p in params], np.int32),
+            np.array([min(p.top_k or 0, 2**31 - 1) for p in params], np.int32),  # any k past the vocabulary: all
             np.array([1.0 if p.top_p is None else p.top_p for p in params], np.float32),
             np.array([p.min_p or 0.0 for p in params], np.float32),
             np.array([p.repetition_penalty for p in params], np.float32),
@@ -105,6 +105,8 @@ class JaxGenerator:
             raise ValueError("generation needs a context (model.block_size) of at least 2 tokens")
         self.keep = max(2, self.block_size * 3 // 4)  # the window kept when the context is full, as the engine's
         self.dtype = dtype or jnp.float32
+        if self.dtype != jnp.float32:  # kept in the compute dtype: no cast of every weight at every step
+            self.params = jax.tree.map(lambda a: a.astype(self.dtype), params)
         self.traces: Counter[str] = Counter()
         self._prefill = jax.jit(self._prefill_fn)
         self._decode = jax.jit(self._decode_fn, donate_argnums=1)
@@ -130,7 +132,7 @@ class JaxGenerator:
         rows = jnp.arange(B)[:, None]
         V = self.cfg.vocab_size  # padding is marked at index V, out of range: dropped
         seen = jnp.zeros((B, V), bool).at[rows, jnp.where(slots < lens[:, None], ids, V)].set(True, mode="drop")
-        keys = jax.vmap(lambda seed: jax.random.key_data(jax.random.key(seed)))(seeds)
+        keys = jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(jax.random.key(s[0]), s[1])))(seeds)
         token, keys = pick(logits[:, 0], keys, seen, s)
         return State(cache, lens, token, keys, seen.at[rows[:, 0], token].set(True))
 
@@ -277,7 +279,8 @@ class _Batch:
         self.gen, self.max_new_tokens, self.eos_id = gen, max_new_tokens, eos_id
         self.rows = [_Row(w) for w in windows]
         self.sampling = Sampling.of(params)
-        self.seeds = np.array([p.seed if p.seed is not None else secrets.randbits(32) for p in params], np.uint32)
+        seeds = [(p.seed if p.seed is not None else secrets.randbits(64)) % 2**64 for p in params]  # negative too
+        self.seeds = np.array([[s & 0xFFFFFFFF, s >> 32] for s in seeds], np.uint32)  # 64 bits as two halves
         self.state: State | None = None
         self.done = max_new_tokens == 0
 

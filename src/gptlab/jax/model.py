@@ -20,7 +20,7 @@ import torch
 
 from gptlab.config import Config, ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.model import GPT
+from gptlab.model import GPT, rope_tables
 
 Params = dict[str, Any]  # {"tok_emb.weight": (V, C), ..., "blocks": {"attn.q.weight": (L, C, H*D), ...}}
 Cache = tuple[jax.Array, jax.Array]  # keys and values, each (n_layer, B, slots, n_kv_head, head_dim)
@@ -118,15 +118,16 @@ def jax_dtype(name: str, device: jax.Device) -> Any:
 
 # ----- the forward pass -------------------------------------------------------------------------------------------
 def _linear(p: Params, name: str, x: jax.Array) -> jax.Array:
-    y = x @ p[f"{name}.weight"]
+    """x @ w + b in x's dtype (the compute dtype: the weights are cast to it, as autocast casts them)."""
+    y = x @ p[f"{name}.weight"].astype(x.dtype)
     bias = p.get(f"{name}.bias")
-    return y + bias if bias is not None else y
+    return y + bias.astype(x.dtype) if bias is not None else y
 
 
-def _norm(cfg: ModelConfig, weight: jax.Array, bias: jax.Array | None, x: jax.Array) -> jax.Array:
-    """RMSNorm or LayerNorm over the last axis, computed in fp32."""
+def _norm(cfg: ModelConfig, weight: jax.Array, bias: jax.Array | None, x: jax.Array, rms: bool = False) -> jax.Array:
+    """RMSNorm (`rms` or model.norm=rmsnorm) or LayerNorm over the last axis, computed in fp32."""
     xf = x.astype(jnp.float32)
-    if cfg.norm == "rmsnorm":
+    if rms or cfg.norm == "rmsnorm":
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
     else:
         mean = xf.mean(axis=-1, keepdims=True)
@@ -138,15 +139,6 @@ def _norm(cfg: ModelConfig, weight: jax.Array, bias: jax.Array | None, x: jax.Ar
 def _rotate_half(x: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate((-x2, x1), axis=-1)
-
-
-def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (block_size, head_dim) of the rotary positions, in the rotate-half layout, as `GPT` builds them."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
-    angles = np.outer(np.arange(cfg.block_size, dtype=np.float32), inv_freq.astype(np.float32))
-    angles = np.concatenate((angles, angles), axis=-1)
-    return np.cos(angles), np.sin(angles)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -174,8 +166,8 @@ def _attention(
     k = _linear(p, "attn.k", x).reshape(B, T, KV, D)
     v = _linear(p, "attn.v", x).reshape(B, T, KV, D)
     if cfg.qk_norm:
-        q = _norm(cfg, p["attn.q_norm.weight"], None, q)
-        k = _norm(cfg, p["attn.k_norm.weight"], None, k)
+        q = _norm(cfg, p["attn.q_norm.weight"], None, q, rms=True)  # RMSNorm whatever model.norm is, as GPT's
+        k = _norm(cfg, p["attn.k_norm.weight"], None, k, rms=True)
     if rope is not None:
         cos, sin = rope  # (B or 1, T, 1, D)
         q = q * cos + _rotate_half(q) * sin
@@ -217,15 +209,15 @@ def _run(
     logits_at: jax.Array | None,
 ) -> tuple[jax.Array, Cache | None]:
     """The body shared by `forward` and `forward_cached`."""
-    if dtype != jnp.float32:  # mixed precision: fp32 parameters, computed in `dtype`
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    # mixed precision as torch.autocast computes it: the residual stream, embeddings and norms in fp32, each block's
+    # attention and MLP (their input and weights cast) in `dtype`
     positions = jnp.minimum(positions, cfg.block_size - 1)  # a padding slot past the context takes the last one
-    x = params["tok_emb.weight"][idx]
+    x = params["tok_emb.weight"][idx].astype(jnp.float32)
     if cfg.position == "learned":
-        x = x + params["pos_emb.weight"][positions]
+        x = x + params["pos_emb.weight"][positions].astype(jnp.float32)
         rope = None
     else:
-        cos, sin = (jnp.asarray(t, dtype)[positions][:, :, None] for t in rope_tables(cfg))
+        cos, sin = (jnp.asarray(t.numpy(), dtype)[positions][:, :, None] for t in rope_tables(cfg))
         rope = (cos, sin)
     train = key is not None and cfg.dropout > 0
     if train:
@@ -235,11 +227,11 @@ def _run(
 
     def block(x: jax.Array, layer: tuple) -> tuple[jax.Array, tuple]:
         p, kv, keys = layer
-        h, kv = _attention(cfg, p, _norm(cfg, p["norm1.weight"], p.get("norm1.bias"), x), rope, visible, kv, slots,
-                           keys)  # fmt: skip
+        h = _norm(cfg, p["norm1.weight"], p.get("norm1.bias"), x).astype(dtype)
+        h, kv = _attention(cfg, p, h, rope, visible, kv, slots, keys)
         x = x + h
-        x = x + _mlp(cfg, p, _norm(cfg, p["norm2.weight"], p.get("norm2.bias"), x), None if keys is None else keys[2])
-        return x, kv
+        h = _norm(cfg, p["norm2.weight"], p.get("norm2.bias"), x).astype(dtype)
+        return x + _mlp(cfg, p, h, None if keys is None else keys[2]), kv
 
     if remat:  # train.activation_checkpointing: keep each block's input only, recompute the rest in backward
         block = jax.checkpoint(block)
@@ -248,7 +240,7 @@ def _run(
         x = x[jnp.arange(x.shape[0]), logits_at][:, None]
     x = _norm(cfg, params["norm_f.weight"], params.get("norm_f.bias"), x)
     head = params.get("lm_head.weight", params["tok_emb.weight"])
-    logits = jnp.einsum("btc,vc->btv", x, head, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btc,vc->btv", x.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
     return logits, kv
 
 
@@ -361,6 +353,8 @@ def save_params(params: Params, run_dir: str | Path, step: int) -> Path:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ValueError(f"'{run_dir}' is not a run directory (config.yaml missing)")
+    if (run_dir / "checkpoints" / f"step_{step}").exists():
+        raise ValueError(f"'{run_dir}' already has a checkpoint step_{step}: give another step")
     cfg = from_dict(yaml.safe_load(config_path.read_text()), str(config_path)).model.resolved()
     model = GPT(cfg)
     state = to_torch(params, cfg)

@@ -157,7 +157,9 @@ class JaxTrainStep:
                     state[k][names[id(p)]] = s[k]
         tree = {k: jax.device_put(from_state(v, self.cfg, partial=True), self.device) for k, v in state.items()}
         (adam, *others), muon = self.opt_state
-        adam = adam._replace(count=jnp.asarray(step, adam.count.dtype), mu=tree["exp_avg"], nu=tree["exp_avg_sq"])
+        # AdamW's own count (below the trainer's steps where a float16 run's scaler skipped some)
+        count = next((int(s["step"]) for opt in self.optimizers for s in opt.state.values() if "step" in s), step)
+        adam = adam._replace(count=jnp.asarray(count, adam.count.dtype), mu=tree["exp_avg"], nu=tree["exp_avg_sq"])
         muon = muon._replace(momentum=tree["momentum_buffer"]) if muon is not None else None
         self.opt_state = ((adam, *others), muon)
         self.count = step
