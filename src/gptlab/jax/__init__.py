@@ -1,8 +1,8 @@
 """The GPT of `gptlab.model` in JAX: a pure function of its parameters, loading and writing the same run directories.
 
 `pip install gptlab[jax]` brings JAX and optax. `model.py` holds the forward pass and the conversion of parameters
-to and from PyTorch; `generate.py` a jitted generator with a fixed-size KV cache; `train.py` a jitted AdamW training
-step and the trainer behind `gptlab train ... train.backend=jax`.
+to and from PyTorch; `generate.py` a jitted generator with a fixed-size KV cache; `optim.py` AdamW and Muon in optax;
+`train.py` a jitted training step and the trainer behind `gptlab train ... train.backend=jax`.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ class JaxTrainStep:
         self.opt = Optimizer(t, self.params)
         self.opt_state = jax.device_put(self.opt.init(self.params), device)
         self.factor = 1.0
-        self.seed = t.seed
+        self.seed = t.seed % 2**32  # a JAX key's seed is 32 bits
         self.count = 0  # optimizer steps taken: with the seed, it picks each step's dropout key
         self.step_fn = make_train_step(self.cfg, t, self.opt, micro_batch_size, self.dtype)
         self.eval_fn = jax.jit(functools.partial(loss_sum, cfg=self.cfg, dtype=self.dtype))
