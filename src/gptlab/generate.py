@@ -391,7 +391,70 @@ def prompt_text(start: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-class Generator:
+class TextGeneration:
+    """The text side of a generator, shared by `Generator` and the JAX one: a streamed continuation of a prompt, or
+    a batch of them, from `_pieces`, which each generator implements."""
+
+    tokenizer: Tokenizer | None
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+        truncate: bool = False,
+    ) -> Iterator[str]:
+        """Yield the text of one continuation as it is produced (stopping at end-of-text or a stop string)."""
+        yield from (texts[0] for texts in self._pieces(prompt, [params], max_new_tokens, stop, truncate) if texts[0])
+
+    def texts(
+        self,
+        prompt: str | Sequence[int],
+        num_samples: int,
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+        truncate: bool = False,
+    ) -> list[str]:
+        """`num_samples` continuations of one prompt, made in one batch; with a seed, sample i uses seed + i."""
+        out = [""] * num_samples
+        for texts in self._pieces(prompt, seeded(params, num_samples), max_new_tokens, stop, truncate):
+            out = [a + b for a, b in zip(out, texts)]
+        return out
+
+    def complete(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int,
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+        truncate: bool = False,
+    ) -> str:
+        """The text of one continuation, whole (the streamed pieces joined)."""
+        return "".join(self.stream(prompt, max_new_tokens, params, stop, truncate))
+
+    def _pieces(
+        self,
+        prompt: str | Sequence[int],
+        params: list[SamplingParams],
+        max_new_tokens: int,
+        stop: Sequence[str],
+        truncate: bool,
+    ) -> Iterator[list[str]]:
+        """Each step's new text of every row: continuations of one prompt, row i with `params[i]`."""
+        raise NotImplementedError
+
+    def _text_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"text generation needs the generator's tokenizer: {type(self).__name__}(..., tokenizer)")
+        return self.tokenizer
+
+    def _ids(self, prompt: str | Sequence[int]) -> Sequence[int]:
+        return self._text_tokenizer().encode(prompt) if isinstance(prompt, str) else prompt
+
+
+class Generator(TextGeneration):
     """Generates continuations of prompts with one model: batches of token ids, or streamed text."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None) -> None:
@@ -435,53 +498,19 @@ class Generator:
             out[u.id] += u.token_ids
         return [out[i] for i in ids]
 
-    def stream(
+    def _pieces(
         self,
         prompt: str | Sequence[int],
+        params: list[SamplingParams],
         max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
-        stop: Sequence[str] = (),
-        truncate: bool = False,
-    ) -> Iterator[str]:
-        """Yield the text of one continuation as it is produced (stopping at end-of-text or a stop string)."""
-        engine = Engine(self.model, self._text_tokenizer(), max_batch=1)
-        engine.submit(self._ids(prompt), max_new_tokens, params, stop=stop, truncate=truncate)
-        yield from (u.text for u in _updates(engine) if u.text)
-
-    def texts(
-        self,
-        prompt: str | Sequence[int],
-        num_samples: int,
-        max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
-        stop: Sequence[str] = (),
-        truncate: bool = False,
-    ) -> list[str]:
-        """`num_samples` continuations of one prompt, made in one batch; with a seed, sample i uses seed + i."""
-        engine = Engine(self.model, self._text_tokenizer(), max_batch=num_samples)
-        ids, rows = self._ids(prompt), []
-        for each in seeded(params, num_samples):
-            rows.append(engine.submit(ids, max_new_tokens, each, stop=stop, truncate=truncate))
-        out = dict.fromkeys(rows, "")
-        for u in _updates(engine):
-            out[u.id] += u.text
-        return [out[r] for r in rows]
-
-    def _text_tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise ValueError("text generation needs the generator's tokenizer: Generator(model, tokenizer)")
-        return self.tokenizer
-
-    def _ids(self, prompt: str | Sequence[int]) -> Sequence[int]:
-        return self._text_tokenizer().encode(prompt) if isinstance(prompt, str) else prompt
-
-    def complete(
-        self,
-        prompt: str | Sequence[int],
-        max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
-        stop: Sequence[str] = (),
-        truncate: bool = False,
-    ) -> str:
-        """The text of one continuation, whole (the streamed pieces joined)."""
-        return "".join(self.stream(prompt, max_new_tokens, params, stop, truncate))
+        stop: Sequence[str],
+        truncate: bool,
+    ) -> Iterator[list[str]]:
+        engine = Engine(self.model, self._text_tokenizer(), max_batch=len(params))
+        ids = self._ids(prompt)
+        rows = {engine.submit(ids, max_new_tokens, p, stop=stop, truncate=truncate): b for b, p in enumerate(params)}
+        while engine.has_work():
+            texts = [""] * len(rows)
+            for u in engine.step():
+                texts[rows[u.id]] += u.text
+            yield texts

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptlab.config import ModelConfig
-from gptlab.generate import SamplingParams, TextOutput, check_prompt, check_stop, seeded
+from gptlab.generate import SamplingParams, TextGeneration, TextOutput, check_prompt, check_stop, seeded
 from gptlab.jax.model import Cache, Params, forward_cached, from_torch, jax_device, jax_dtype, new_cache
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
@@ -95,8 +95,9 @@ def bucket(n: int, limit: int) -> int:
     return min(limit, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
 
 
-class JaxGenerator:
-    """Generates continuations with a JAX GPT; `traces` counts how often each jitted function was compiled."""
+class JaxGenerator(TextGeneration):
+    """Generates continuations with a JAX GPT (token ids, or text as `gptlab.generate.Generator` gives it); `traces`
+    counts how often each jitted function was compiled."""
 
     def __init__(self, params: Params, cfg: ModelConfig, tokenizer: Tokenizer | None = None, dtype: Any = None):
         self.params, self.cfg, self.tokenizer = params, cfg.resolved(), tokenizer
@@ -204,32 +205,6 @@ class JaxGenerator:
             batch.step()
         return [row.out for row in batch.rows]
 
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
-        stop: Sequence[str] = (),
-        truncate: bool = False,
-    ) -> Iterator[str]:
-        """Yield the text of one continuation as it is produced (stopping at end-of-text or a stop string)."""
-        yield from (texts[0] for texts in self._pieces(prompt, [params], max_new_tokens, stop, truncate) if texts[0])
-
-    def texts(
-        self,
-        prompt: str | Sequence[int],
-        num_samples: int,
-        max_new_tokens: int,
-        params: SamplingParams = SamplingParams(),
-        stop: Sequence[str] = (),
-        truncate: bool = False,
-    ) -> list[str]:
-        """`num_samples` continuations of one prompt, made in one batch; with a seed, sample i uses seed + i."""
-        out = [""] * num_samples
-        for texts in self._pieces(prompt, seeded(params, num_samples), max_new_tokens, stop, truncate):
-            out = [a + b for a, b in zip(out, texts)]
-        return out
-
     def _pieces(
         self,
         prompt: str | Sequence[int],
@@ -238,13 +213,9 @@ class JaxGenerator:
         stop: Sequence[str],
         truncate: bool,
     ) -> Iterator[list[str]]:
-        """Each step's new text of every row (rows are continuations of one prompt, with their own settings)."""
-        if self.tokenizer is None:
-            raise ValueError("text generation needs the generator's tokenizer: JaxGenerator(params, cfg, tokenizer)")
-        stop = check_stop(stop)
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        batch = self._rows([ids] * len(params), max_new_tokens, params, self.tokenizer.eos_id, truncate)
-        outputs = [TextOutput(self.tokenizer, stop) for _ in params]
+        tokenizer, stop = self._text_tokenizer(), check_stop(stop)
+        batch = self._rows([self._ids(prompt)] * len(params), max_new_tokens, params, tokenizer.eos_id, truncate)
+        outputs = [TextOutput(tokenizer, stop) for _ in params]
         while not batch.done:
             texts = []
             for b, (token, finished) in enumerate(batch.step()):
