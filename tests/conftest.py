@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab.config import Config, load_config
+from gptlab.config import Config, ModelConfig, load_config
 from gptlab.data.shards import prepare
+from gptlab.model import GPT
 
 torch.set_num_threads(2)
 
@@ -52,6 +53,19 @@ def tiny_config(tmp_path: Path, source: Path, *overrides: str) -> Config:
         "train.compile=false",
     ]
     return load_config(None, base + list(overrides))
+
+
+def scaled_model(vocab_size: int = 40, block_size: int = 16, **switches: object) -> GPT:
+    """A random 2-layer model in eval mode with its matrices scaled up, so its next token depends on the whole
+    context (the seed is fixed)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **switches)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model
 
 
 @pytest.fixture

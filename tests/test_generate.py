@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import scaled_model
 
 from gptlab.config import ModelConfig
 from gptlab.generate import Engine, Generator, SamplingParams, filter_logits, sample_next
@@ -9,14 +10,7 @@ from gptlab.tokenizers import Tokenizer
 
 def tiny(arch: str = "modern", vocab_size: int = 40, block_size: int = 16) -> GPT:
     """A random model with weights scaled up, so its next token depends on the whole context."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)
-    model = GPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-    return model
+    return scaled_model(vocab_size, block_size, arch=arch)
 
 
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])

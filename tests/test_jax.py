@@ -14,8 +14,9 @@ import torch
 jax = pytest.importorskip("jax")  # CI installs it (make test); an install without the extra skips these
 
 import jax.numpy as jnp  # noqa: E402
-from conftest import tiny_config  # noqa: E402
+from conftest import scaled_model, tiny_config  # noqa: E402
 from jax import monitoring  # noqa: E402
+from test_trainer import StopAt  # noqa: E402
 
 from gptlab.config import ModelConfig, TrainConfig, load_config  # noqa: E402
 from gptlab.data.shards import prepare  # noqa: E402
@@ -28,7 +29,6 @@ from gptlab.jax.train import JaxTrainer, unsupported  # noqa: E402
 from gptlab.model import GPT  # noqa: E402
 from gptlab.tokenizers import Tokenizer  # noqa: E402
 from gptlab.train.bench import bench  # noqa: E402
-from gptlab.train.callbacks import Callback  # noqa: E402
 from gptlab.train.checkpoint import load_run  # noqa: E402
 from gptlab.train.lr_finder import find_lr  # noqa: E402
 from gptlab.train.trainer import Trainer, check_world  # noqa: E402
@@ -52,14 +52,7 @@ def prepared(tmp_path: Path, text_file: Path):
 
 def torch_model(block_size: int = 32, vocab_size: int = 50, **switches) -> GPT:
     """A random PyTorch GPT with weights scaled up, so its next token depends on the whole context."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **switches)
-    model = GPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-    return model
+    return scaled_model(vocab_size, block_size, **switches)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -250,17 +243,6 @@ def test_a_muon_step_is_torch_s(  # Newton-Schulz in bf16: equal to its rounding
         assert np.abs(np.asarray(state[1].momentum["blocks"]["w"][0]) - buffer).max() < 1e-8
         # an update is lr * sqrt(3) * O with |O| < 0.5 in bf16 (8 bits): its rounding is below 0.02 * 1.8 * 2^-9
         assert np.abs(np.asarray(params["blocks"]["w"][0]) - weight.detach().numpy().T).max() < 1e-4
-
-
-class StopAt(Callback):
-    """Asks the trainer to stop after `step`, as Ctrl-C does."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, trainer, metrics):
-        if metrics["step"] == self.step:
-            trainer._stop_requested = True
 
 
 def test_jax_runs_resume_exactly_and_on_pytorch(prepared, tmp_path):

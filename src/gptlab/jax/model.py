@@ -154,12 +154,14 @@ def _attention(
     x: jax.Array,
     rope: tuple[jax.Array, jax.Array] | None,
     visible: jax.Array,
-    kv: tuple[jax.Array, jax.Array] | None,
+    cache: Cache | None,
+    layer: jax.Array,
     slots: jax.Array | None,
     keys: jax.Array | None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """Causal self-attention; with a layer's cache `kv` (B, S, kv_heads, head_dim) the new keys and values are
-    written into `slots` (B, T) first and the queries read every slot `visible` (B or 1, T, S) shows them."""
+) -> tuple[jax.Array, Cache | None]:
+    """Causal self-attention; with a `cache`, the new keys and values are written into `slots` (B, T) of its
+    `layer` first (in place: the cache is carried through the layers, never copied) and the queries read every
+    slot `visible` (B or 1, T, S) shows them."""
     B, T, C = x.shape
     H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     q = _linear(p, "attn.q", x).reshape(B, T, H, D)
@@ -172,10 +174,10 @@ def _attention(
         cos, sin = rope  # (B or 1, T, 1, D)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-    if kv is not None:
+    if cache is not None:
         rows = jnp.arange(B)[:, None]
-        kv = (kv[0].at[rows, slots].set(k.astype(kv[0].dtype)), kv[1].at[rows, slots].set(v.astype(kv[1].dtype)))
-        k, v = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
+        cache = tuple(c.at[layer, rows, slots].set(new.astype(c.dtype)) for c, new in zip(cache, (k, v)))
+        k, v = cache[0][layer].astype(q.dtype), cache[1][layer].astype(q.dtype)
     # grouped-query heads: query head h reads key/value head h // (H / KV), as torch's enable_gqa
     q = q.reshape(B, T, KV, H // KV, D)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
@@ -184,7 +186,7 @@ def _attention(
     if keys is not None:
         probs = _dropout(probs, cfg.dropout, keys[0])
     y = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v).reshape(B, T, C)
-    return _dropout(_linear(p, "attn.out", y), cfg.dropout, None if keys is None else keys[1]), kv
+    return _dropout(_linear(p, "attn.out", y), cfg.dropout, None if keys is None else keys[1]), cache
 
 
 def _mlp(cfg: ModelConfig, p: Params, x: jax.Array, key: jax.Array | None) -> jax.Array:
@@ -225,23 +227,24 @@ def _run(
         x = _dropout(x, cfg.dropout, first)
     layer_keys = jax.random.split(key, (cfg.n_layer, 3)) if train else None
 
-    def block(x: jax.Array, layer: tuple) -> tuple[jax.Array, tuple]:
-        p, kv, keys = layer
+    def block(carry: tuple, layer: tuple) -> tuple[tuple, None]:
+        x, cache = carry
+        p, i, keys = layer
         h = _norm(cfg, p["norm1.weight"], p.get("norm1.bias"), x).astype(dtype)
-        h, kv = _attention(cfg, p, h, rope, visible, kv, slots, keys)
+        h, cache = _attention(cfg, p, h, rope, visible, cache, i, slots, keys)
         x = x + h
         h = _norm(cfg, p["norm2.weight"], p.get("norm2.bias"), x).astype(dtype)
-        return x + _mlp(cfg, p, h, None if keys is None else keys[2]), kv
+        return (x + _mlp(cfg, p, h, None if keys is None else keys[2]), cache), None
 
     if remat:  # train.activation_checkpointing: keep each block's input only, recompute the rest in backward
         block = jax.checkpoint(block)
-    x, kv = jax.lax.scan(block, x, (params["blocks"], cache, layer_keys))
+    (x, cache), _ = jax.lax.scan(block, (x, cache), (params["blocks"], jnp.arange(cfg.n_layer), layer_keys))
     if logits_at is not None:
         x = x[jnp.arange(x.shape[0]), logits_at][:, None]
     x = _norm(cfg, params["norm_f.weight"], params.get("norm_f.bias"), x)
     head = params.get("lm_head.weight", params["tok_emb.weight"])
     logits = jnp.einsum("btc,vc->btv", x.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
-    return logits, kv
+    return logits, cache
 
 
 def forward(
