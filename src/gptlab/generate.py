@@ -75,6 +75,11 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tens
     return logits
 
 
+def kept_window(block_size: int) -> int:
+    """How many tokens of a row's window are kept, and run again from slot 0, when it outgrows the context."""
+    return max(2, block_size * 3 // 4)
+
+
 def check_prompt(prompt: Sequence[int], block_size: int, truncate: bool) -> list[int]:
     """A prompt's token ids, refused when empty, or when longer than the context unless `truncate` keeps its end."""
     prompt = [int(t) for t in prompt]
@@ -196,7 +201,7 @@ class Engine:
             raise ValueError("generation needs a context (model.block_size) of at least 2 tokens")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.keep = max(2, self.block_size * 3 // 4)  # window kept when the context is full
+        self.keep = kept_window(self.block_size)
         self.max_batch = max_batch
         self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
         self.use_cache = use_cache

@@ -21,7 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptlab.config import ModelConfig
-from gptlab.generate import SamplingParams, TextGeneration, TextOutput, check_prompt, check_stop, seeded
+from gptlab.generate import (
+    SamplingParams,
+    TextGeneration,
+    TextOutput,
+    check_prompt,
+    check_stop,
+    kept_window,
+    seeded,
+)
 from gptlab.jax.model import Cache, Params, forward_cached, from_torch, jax_device, jax_dtype, new_cache
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
@@ -104,7 +112,7 @@ class JaxGenerator(TextGeneration):
         self.block_size = self.cfg.block_size
         if self.block_size < 2:
             raise ValueError("generation needs a context (model.block_size) of at least 2 tokens")
-        self.keep = max(2, self.block_size * 3 // 4)  # the window kept when the context is full, as the engine's
+        self.keep = kept_window(self.block_size)  # as the engine's, so greedy tokens are the same past the context
         self.dtype = dtype or jnp.float32
         if self.dtype != jnp.float32:  # kept in the compute dtype: no cast of every weight at every step
             self.params = jax.tree.map(lambda a: a.astype(self.dtype), params)

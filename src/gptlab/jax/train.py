@@ -121,7 +121,7 @@ class JaxTrainStep:
         return loss, norm
 
     def eval_loss(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-        """(summed loss, target count) of a batch, without dropout."""
+        """(summed loss, target count) of a micro-batch, without dropout (the trainer's `evaluate` sums them)."""
         x, y = np.asarray(x, np.int32), np.asarray(y, np.int32)
         return float(self.eval_fn(self.params, x=x, y=y)), int((y != IGNORE_INDEX).sum())
 
@@ -206,21 +206,6 @@ class JaxTrainer(Trainer):
 
     def _stepper(self) -> JaxTrainStep:
         return JaxTrainStep(self.model, self.cfg.train, self.jax_device, self.micro_batch_size)
-
-    def evaluate(self) -> float:
-        """Mean loss per target token over the fixed validation batches."""
-        s, n = 0.0, 0
-        for k in range(self.cfg.train.eval_iters):
-            x, y = self.val_batches.batch(k)
-            for i in range(0, len(x), self.micro_batch_size):
-                loss, count = self.stepper.eval_loss(x[i : i + self.micro_batch_size], y[i : i + self.micro_batch_size])
-                s, n = s + loss, n + count
-        if n == 0:
-            raise GptlabError(
-                "the validation batches hold no target tokens (every response is cut away)",
-                "raise model.block_size or give shorter examples",
-            )
-        return s / n
 
     def inference_model(self) -> GPT:
         """The PyTorch model holding the JAX parameters of the current step (for samples and task scores)."""

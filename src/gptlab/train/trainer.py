@@ -195,6 +195,15 @@ class TrainStep:
         """Set every group's learning rate to its peak times the schedule's factor."""
         set_lr(self.optimizers, factor)
 
+    def eval_loss(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[float, int]:
+        """(summed loss, target count) of a micro-batch, under no_grad with the model in eval mode (the caller's)."""
+        # on CPU a compiled no-grad graph costs 5-10 s to build and saves less than that over a run's evaluations
+        forward = self.model if self.device.type == "cpu" else self.forward
+        xb, yb = self.to_device(x), self.to_device(y)
+        with autocast(self.device, self.compute_dtype):
+            logits = forward(xb)
+        return float(lm_loss(logits, yb)), int((yb != IGNORE_INDEX).sum())
+
     def to_device(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
         if self.device.type == "cuda":  # the prefetch thread has usually pinned it already
@@ -617,18 +626,12 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss per target token over the fixed validation batches (sft rows hold different numbers of them)."""
         self.model.eval()
-        # on CPU a compiled no-grad graph costs 5-10 s to build and saves less than that over a run's evaluations
-        forward = self.model if self.device.type == "cpu" else self.forward
         s, n = 0.0, 0
         for k in range(self.cfg.train.eval_iters):
             x, y = self.val_batches.batch(k)  # this rank's rows
             for i in range(0, len(x), self.micro_batch_size):
-                xb = self.stepper.to_device(x[i : i + self.micro_batch_size])
-                yb = self.stepper.to_device(y[i : i + self.micro_batch_size])
-                with autocast(self.device, self.stepper.compute_dtype):
-                    logits = forward(xb)
-                s += float(lm_loss(logits, yb))
-                n += int((yb != IGNORE_INDEX).sum())
+                loss, count = self.stepper.eval_loss(x[i : i + self.micro_batch_size], y[i : i + self.micro_batch_size])
+                s, n = s + loss, n + count
         self.model.train()
         if self.dist.world > 1:
             s, n = self.dist.all_sum(torch.tensor([s, n], dtype=torch.float64, device=self.device)).tolist()
