@@ -59,7 +59,8 @@ def scaled_model(vocab_size: int = 40, block_size: int = 16, **switches: object)
     """A random 2-layer model in eval mode with its matrices scaled up, so its next token depends on the whole
     context (the seed is fixed)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **switches)
+    shape = dict(n_layer=2, n_head=2, n_embd=32)
+    cfg = ModelConfig(vocab_size=vocab_size, block_size=block_size, **{**shape, **switches})
     model = GPT(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -12,7 +12,7 @@ LAYERS = [
     ("config",),
     ("tokenizers", "chat"),
     ("data",),
-    ("model", "lora"),
+    ("model", "lora", "decode"),
     ("interop.hf",),
     ("train.checkpoint", "train.distributed"),
     ("train", "generate", "evaluate", "plot"),

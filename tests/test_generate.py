@@ -302,25 +302,3 @@ def test_held_bytes_come_out_at_the_end_and_stops_still_apply(bpe):
     updates = run_script(bpe, ids, len(ids))
     assert text_of(updates) == "ok \ufffd🙂 ok" == bpe.decode(ids)
     assert all(u.text.count("\ufffd") <= 1 for u in updates)
-
-
-def test_stacked_weights_follow_the_weights():
-    model = tiny()  # the modern block: q/k/v and gate/up are stacked while decoding
-    x = torch.randint(0, 40, (2, 10))
-
-    def exact() -> torch.Tensor:  # with gradients on, the stacks are never used
-        return model(x).detach()
-
-    Generator(model).generate([[1, 2]], 3, temperature=0)  # stacks the weights
-    with torch.no_grad():
-        assert torch.allclose(model(x), exact(), atol=1e-5)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # fused AdamW leaves _version alone
-    model.train()  # drops the stacks
-    model(x).sum().backward()
-    opt.step()
-    model.eval()
-    with torch.no_grad():
-        assert torch.allclose(model(x), exact(), atol=1e-5)  # what evaluation during training sees
-    assert Generator(model).generate([[1, 2]], 5, temperature=0) == Generator(model).generate(
-        [[1, 2]], 5, temperature=0, use_cache=False
-    )

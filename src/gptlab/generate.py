@@ -3,7 +3,8 @@
 `Engine` keeps a batch of running requests, each a row of one preallocated KV cache. Every `step()` is one
 model forward: new requests' prompts and the running rows' last tokens go in together (rows right-padded
 to the widest; padding lands in a spare cache slot no real token attends to), so requests join and leave
-between decode steps. Generation past the context keeps a sliding window per row: when a row's window is
+between decode steps; a step of one new token per row goes through `decode.Decoder`, the model's math without
+module overhead. Generation past the context keeps a sliding window per row: when a row's window is
 full it is cut to its last 3/4 of the context and fed again from position 0 in the next step. The
 uncached path (`use_cache=False`) runs each row's whole window instead and gives the same tokens; a row's
 tokens never depend on the other rows of its batch.
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gptlab.config import sampling_problem
+from gptlab.decode import Decoder
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, KVCache
 from gptlab.tokenizers import Tokenizer
@@ -210,7 +212,8 @@ class Engine:
         self.cache: KVCache | None = None
         self.forward_calls = 0
         self._ids = itertools.count()
-        model.stack_for_inference()  # q/k/v in one matmul while decoding; the weights must not change meanwhile
+        # decode steps (one new token per row) skip the modules; the weights must not change meanwhile
+        self.decoder = Decoder(model) if use_cache and Decoder.covers(model) else None
         self._finished_early: list[Update] = []
 
     @property
@@ -298,9 +301,12 @@ class Engine:
         rows = self.running
         if self.use_cache and all(len(r.feed) == 1 for r in rows):  # the common step: one new token per row
             assert self.cache is not None
-            ids = torch.tensor([r.feed for r in rows], device=self.device)
+            ids = torch.tensor([r.feed[0] for r in rows], device=self.device)
             self.forward_calls += 1
-            logits = self.model(ids, cache=self.cache, last_only=True)[:, 0]  # each row writes at its length
+            if self.decoder is not None:
+                logits = self.decoder(ids, self.cache)  # each row writes at its length
+            else:
+                logits = self.model(ids[:, None], cache=self.cache, last_only=True)[:, 0]
             self.cache.advance(1)
             return logits
         feeds = [r.feed if self.use_cache else r.window for r in rows]

@@ -46,7 +46,7 @@ def greedy_answers(
             out += gen.generate(prompts[b : b + batch_size], max_new_tokens, temperature=0.0, eos_id=eos_id)
         return out
     finally:
-        model.train(was_training)  # back to training drops the weights the generator stacked
+        model.train(was_training)
 
 
 @torch.no_grad()

@@ -1,0 +1,103 @@
+import pytest
+import torch
+from conftest import scaled_model
+
+from gptlab.decode import Decoder
+from gptlab.generate import Engine, Generator, SamplingParams
+from gptlab.lora import add_lora
+from gptlab.model import GPT
+
+SWITCHES = {
+    "modern": dict(arch="modern"),
+    "gpt2": dict(arch="gpt2"),
+    "gqa+qk_norm": dict(n_head=4, n_kv_head=2, qk_norm=True),
+    "gpt2+qk_norm+rope": dict(arch="gpt2", qk_norm=True, position="rope"),
+    "gelu_exact+untied+bias": dict(mlp="gelu_exact", tie_embeddings=False, bias=True),
+    "swiglu+learned+layernorm": dict(position="learned", norm="layernorm"),
+}
+
+
+def decode_both(model: GPT, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Logits of one decode step through GPT.forward and through the Decoder, from equal caches whose rows hold
+    `lengths` tokens; and the two caches' keys and values after it."""
+    g = torch.Generator().manual_seed(1)
+    B, width = len(lengths), max(lengths)
+    prompts = torch.randint(0, model.cfg.vocab_size, (B, width), generator=g)
+    ids = torch.randint(0, model.cfg.vocab_size, (B,), generator=g)
+    caches = [model.new_cache(B, model.cfg.block_size + 1) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:  # rows shorter than the widest write their padding past it, in the spare slot
+            slots = torch.arange(width).expand(B, width)
+            slots = torch.where(slots < torch.tensor(lengths)[:, None], slots, model.cfg.block_size)
+            model(prompts, positions=slots, cache=cache)
+            cache.advance(torch.tensor(lengths))
+        forward = model(ids[:, None], cache=caches[0], last_only=True)[:, 0]
+        decoded = Decoder(model)(ids, caches[1])
+    return forward, decoded, [caches[0].k, caches[1].k, caches[0].v, caches[1].v]
+
+
+@pytest.mark.parametrize("switches", SWITCHES.values(), ids=SWITCHES.keys())
+@pytest.mark.parametrize("lengths", [[5], [7, 7, 7], [3, 11, 1]], ids=["one row", "rows alike", "rows apart"])
+def test_decoder_equals_the_model_forward_within_1e_5(switches, lengths):
+    model = scaled_model(block_size=16, **switches)
+    forward, decoded, (k0, k1, v0, v1) = decode_both(model, lengths)
+    assert forward.shape == decoded.shape == (len(lengths), model.cfg.vocab_size)
+    assert torch.allclose(forward, decoded, atol=1e-5, rtol=0)
+    assert torch.allclose(k0, k1, atol=1e-5, rtol=0) and torch.allclose(v0, v1, atol=1e-5, rtol=0)
+    assert (forward - decoded).abs().max() > 0 or forward.abs().max() > 0  # real logits, not zeros
+
+
+def test_decoder_overflowing_the_cache_is_refused():
+    model = scaled_model(block_size=8)
+    cache = model.new_cache(1, 8)
+    cache.advance(8)
+    with pytest.raises(ValueError, match=r"KV cache overflow: position 8 >= 8"):
+        Decoder(model)(torch.tensor([1]), cache)
+
+
+class Doubled(GPT):
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        return 2 * super().forward(*args, **kwargs)
+
+
+def test_models_the_decoder_does_not_cover_run_their_own_forward():
+    plain = scaled_model()
+    assert Decoder.covers(plain)
+    doubled = Doubled(plain.cfg).eval()
+    doubled.load_state_dict(plain.state_dict())
+    hooked, calls = scaled_model(), []
+    hooked.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    adapted = scaled_model()
+    add_lora(adapted, rank=2, alpha=4)
+    adapted.eval()
+    training = scaled_model().train()
+    for model in (doubled, hooked, adapted, training):
+        assert not Decoder.covers(model)
+        with pytest.raises(ValueError, match="this model needs its own forward"):
+            Decoder(model)
+    assert Engine(plain).decoder is not None
+    assert Engine(plain, use_cache=False).decoder is None
+    # the engine runs these through forward: every step's forward shows (the hook fires once per step)
+    engine = Engine(hooked)
+    assert engine.decoder is None
+    rid = engine.submit([1, 2, 3], 6, SamplingParams(temperature=0))
+    while engine.has_work():
+        engine.step()
+    assert len(calls) == engine.forward_calls == 6 and rid == 0
+    # the doubled logits pick the same greedy tokens, through forward at every step
+    assert Generator(doubled).generate([[1, 2]], 5, temperature=0) == Generator(plain).generate(
+        [[1, 2]], 5, temperature=0
+    )
+
+
+def test_a_new_engine_decodes_with_the_weights_as_they_are_now():
+    model = scaled_model()  # the modern block: q/k/v and gate/up are stacked copies in the decoder
+    before = Generator(model).generate([[1, 2]], 8, temperature=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    model.train()
+    model(torch.randint(0, 40, (2, 10))).sum().backward()
+    opt.step()
+    model.eval()
+    after = Generator(model).generate([[1, 2]], 8, temperature=0)
+    assert after == Generator(model).generate([[1, 2]], 8, temperature=0, use_cache=False)
+    assert after != before
