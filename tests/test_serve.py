@@ -17,6 +17,7 @@ import uvicorn
 from conftest import make_text, tiny_config
 from fastapi.testclient import TestClient
 
+import gptlab.serve
 from gptlab.cli import main
 from gptlab.data.shards import prepare
 from gptlab.serve import create_app, listen, load_chat_template
@@ -428,6 +429,23 @@ def test_serve_command_errors_are_one_line_exit_2(run_dir, capsys):
     assert capsys.readouterr().err == (
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use (pick another --port or --host, or stop what uses it)\n"
     )
+
+
+def test_serve_sets_the_model_up_in_a_thread_that_has_exited(run_dir, monkeypatch):
+    """So that the engine thread owns torch's only live OpenMP pool (why: the comment in serve())."""
+    built, apps = [], []
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        built.append(threading.current_thread())
+        return create_app(*args, **kwargs)
+
+    monkeypatch.setattr(gptlab.serve, "create_app", spy)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: apps.append(self.config.app))
+    gptlab.serve.serve(run_dir, port=0, log_level="warning")
+    try:
+        assert len(built) == 1 and built[0] is not threading.main_thread() and not built[0].is_alive()
+    finally:
+        apps[0].state.worker.close()
 
 
 @pytest.mark.slow
