@@ -3,9 +3,8 @@
 A decoding step is small: on a 2-core CPU the 6-layer, 384-dim benchmark model spends ~0.9 ms of a step in
 its matmuls and, through `GPT.forward`, ~0.4 ms more in calling modules (`nn.Module.__call__`, attribute
 lookups, per-call checks). `Decoder` takes each block's tensors once and runs the same math as
-`model.Block` for (B, 1) tokens as a flat sequence of tensor ops. q/k/v (and SwiGLU's gate/up) are stacked
-into one matmul each, copied (in, out): the layout in which a one-row matmul on this CPU is fastest
-(10.8 vs 15.6 us for 384 -> 1152). tests/test_decode.py checks its logits against `GPT.forward` for every
+`model.Block` for (B, 1) tokens as a flat sequence of tensor ops, with q/k/v (and SwiGLU's gate/up) stacked
+into one matmul each. tests/test_decode.py checks its logits against `GPT.forward` for every
 switch of the model.
 """
 
@@ -28,12 +27,12 @@ class _Layer(NamedTuple):
     """One block's tensors, in the order the step uses them."""
 
     norm1: Norm
-    qkv: tuple[torch.Tensor, torch.Tensor | None]  # stacked (in, out) weight and bias
+    qkv: tuple[torch.Tensor, torch.Tensor | None]  # q, k and v stacked: weight and bias
     q_norm: Norm | None
     k_norm: Norm | None
-    out: tuple[torch.Tensor, torch.Tensor | None]  # nn.Linear's own (out, in) weight and bias
+    out: tuple[torch.Tensor, torch.Tensor | None]  # the nn.Linear's own weight and bias
     norm2: Norm
-    up: tuple[torch.Tensor, torch.Tensor | None]  # gate and up stacked (in, out) for SwiGLU, else fc as nn.Linear
+    up: tuple[torch.Tensor, torch.Tensor | None]  # gate and up stacked for SwiGLU, else fc's own
     down: tuple[torch.Tensor, torch.Tensor | None]
 
 
@@ -54,8 +53,8 @@ def _norm(module: nn.Module) -> Norm:
 
 
 def _stack(layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layers' weights as one (in, out) matrix and their biases as one vector (copies)."""
-    weight = torch.cat([layer.weight.detach() for layer in layers]).t().contiguous()
+    """The layers' weights as one (out, in) matrix, as nn.Linear keeps one, and their biases as one vector (copies)."""
+    weight = torch.cat([layer.weight.detach() for layer in layers])
     bias = torch.cat([layer.bias.detach() for layer in layers]) if layers[0].bias is not None else None
     return weight, bias
 
@@ -128,7 +127,7 @@ class Decoder:
         heads = [self.n_head, self.n_kv_head, self.n_kv_head]
         for i, (norm1, qkv, q_norm, k_norm, out, norm2, up, down) in enumerate(self.layers):
             # with one token, (B, heads, 1, D) is attention's layout as it is: no transposes
-            q, k, v = _linear_in_out(norm1(x), qkv).view(B, -1, 1, D).split_with_sizes(heads, dim=1)
+            q, k, v = F.linear(norm1(x), *qkv).view(B, -1, 1, D).split_with_sizes(heads, dim=1)
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
             if self.rope is not None:
@@ -140,15 +139,9 @@ class Decoder:
             x += F.linear(y.view(B, -1), *out)
             h = norm2(x)
             if self.swiglu:
-                gate, h = _linear_in_out(h, up).chunk(2, dim=-1)
+                gate, h = F.linear(h, *up).chunk(2, dim=-1)
                 h = F.silu(gate) * h
             else:
                 h = F.gelu(F.linear(h, *up), approximate=self.approximate)
             x += F.linear(h, *down)
         return F.linear(self.norm_f(x), self.head)
-
-
-def _linear_in_out(x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """x @ w + b for a (B, in) x and an (in, out) w."""
-    w, b = weights
-    return torch.addmm(b, x, w) if b is not None else x @ w
