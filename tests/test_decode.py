@@ -44,7 +44,22 @@ def test_decoder_equals_the_model_forward_within_1e_5(switches, lengths):
     assert forward.shape == decoded.shape == (len(lengths), model.cfg.vocab_size)
     assert torch.allclose(forward, decoded, atol=1e-5, rtol=0)
     assert torch.allclose(k0, k1, atol=1e-5, rtol=0) and torch.allclose(v0, v1, atol=1e-5, rtol=0)
-    assert (forward - decoded).abs().max() > 0 or forward.abs().max() > 0  # real logits, not zeros
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_decoder_in_half_precision_equals_the_model_forward(arch, dtype):
+    model = scaled_model(block_size=16, arch=arch).to(dtype)
+    forward, decoded, caches = decode_both(model, [3, 11, 1])
+    assert decoded.dtype == dtype and caches[1].dtype == dtype
+    torch.testing.assert_close(decoded, forward)
+    torch.testing.assert_close(caches[1], caches[0])
+
+
+def test_decoder_takes_the_last_position_for_the_spare_slot_as_the_forward_does():
+    model = scaled_model(block_size=8)
+    forward, decoded, _ = decode_both(model, [8])  # the row's next slot is the spare one past the context
+    assert torch.allclose(forward, decoded, atol=1e-5, rtol=0)
 
 
 def test_decoder_overflowing_the_cache_is_refused():
@@ -60,6 +75,11 @@ class Doubled(GPT):
         return 2 * super().forward(*args, **kwargs)
 
 
+class Embedded(GPT):
+    def embed(self, idx, positions):  # noqa: ANN001, ANN201 - the forward stays GPT's own
+        return 2 * super().embed(idx, positions)
+
+
 def test_models_the_decoder_does_not_cover_run_their_own_forward():
     plain = scaled_model()
     assert Decoder.covers(plain)
@@ -71,10 +91,20 @@ def test_models_the_decoder_does_not_cover_run_their_own_forward():
     add_lora(adapted, rank=2, alpha=4)
     adapted.eval()
     training = scaled_model().train()
-    for model in (doubled, hooked, adapted, training):
+    half_training = scaled_model()
+    half_training.blocks[1].train()
+    patched = scaled_model()
+    patched.blocks[0].mlp.forward = lambda x: 0 * x
+    embedded = Embedded(plain.cfg).eval()
+    for model in (doubled, embedded, hooked, adapted, training, half_training, patched):
         assert not Decoder.covers(model)
         with pytest.raises(ValueError, match="this model needs its own forward"):
             Decoder(model)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        assert not Decoder.covers(plain)  # a global hook
+    finally:
+        handle.remove()
     assert Engine(plain).decoder is not None
     assert Engine(plain, use_cache=False).decoder is None
     # the engine runs these through forward: every step's forward shows (the hook fires once per step)
@@ -90,6 +120,48 @@ def test_models_the_decoder_does_not_cover_run_their_own_forward():
     )
 
 
+def greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    rid, out = engine.submit(prompt, n, SamplingParams(temperature=0)), []
+    while engine.has_work():
+        out += [t for u in engine.step() if u.id == rid for t in u.token_ids]
+    return out
+
+
+def changes(model: GPT) -> dict:
+    """Ways the weights change under an engine built before; each returns nothing."""
+    other = scaled_model(arch=model.cfg.arch)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.5)
+
+    def fused_adamw_step() -> None:  # the fused kernel leaves the tensors' version counters alone
+        opt = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+        model.train()
+        model(torch.randint(0, 40, (2, 10))).sum().backward()
+        opt.step()
+        model.eval()
+
+    return {
+        "fused AdamW step in training mode": fused_adamw_step,
+        "load_state_dict in eval mode": lambda: model.load_state_dict(other.state_dict()),
+        "to float64": lambda: model.to(torch.float64),
+    }
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+@pytest.mark.parametrize("change", ["fused AdamW step in training mode", "load_state_dict in eval mode", "to float64"])
+def test_an_engine_held_while_the_weights_change_decodes_with_the_new_ones(arch, change):
+    model = scaled_model(arch=arch)
+    held = Engine(model)
+    before = greedy(held, [1, 2], 8)
+    changes(model)[change]()
+    after = greedy(held, [1, 2], 8)
+    assert after == greedy(Engine(model, use_cache=False), [1, 2], 8)
+    assert held.decoder.layers[0].qkv[0].dtype == model.lm_head.weight.dtype  # stacked again
+    if change != "to float64":  # new values, not just a wider type
+        assert after != before
+
+
 def test_a_new_engine_decodes_with_the_weights_as_they_are_now():
     model = scaled_model()  # the modern block: q/k/v and gate/up are stacked copies in the decoder
     before = Generator(model).generate([[1, 2]], 8, temperature=0)
@@ -101,3 +173,16 @@ def test_a_new_engine_decodes_with_the_weights_as_they_are_now():
     after = Generator(model).generate([[1, 2]], 8, temperature=0)
     assert after == Generator(model).generate([[1, 2]], 8, temperature=0, use_cache=False)
     assert after != before
+
+
+def test_a_cache_in_another_precision_than_the_weights():
+    model = scaled_model(block_size=16)
+    prompts = torch.randint(0, 40, (2, 6))
+    full, half = model.new_cache(2, 17), model.new_cache(2, 17, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for cache in (full, half):  # the prefill writes several slots per row, the decode step one
+            model(prompts, cache=cache)
+            cache.advance(6)
+        ids = torch.tensor([3, 4])
+        torch.testing.assert_close(Decoder(model)(ids, half), Decoder(model)(ids, full), atol=0.1, rtol=0.05)
+    assert half.k.dtype == torch.bfloat16

@@ -18,6 +18,7 @@ from conftest import make_text, tiny_config
 from fastapi.testclient import TestClient
 
 import gptlab.serve
+import gptlab.train.checkpoint
 from gptlab.cli import main
 from gptlab.data.shards import prepare
 from gptlab.serve import create_app, listen, load_chat_template
@@ -435,15 +436,19 @@ def test_serve_sets_the_model_up_in_a_thread_that_has_exited(run_dir, monkeypatc
     """So that the engine thread owns torch's only live OpenMP pool (why: the comment in serve())."""
     built, apps = [], []
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        built.append(threading.current_thread())
-        return create_app(*args, **kwargs)
+    def spy(real):  # noqa: ANN001, ANN202
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            built.append(threading.current_thread())
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(gptlab.serve, "create_app", spy)
+        return call
+
+    monkeypatch.setattr(gptlab.serve, "create_app", spy(create_app))
+    monkeypatch.setattr(gptlab.train.checkpoint, "load_run", spy(load_run))
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: apps.append(self.config.app))
     gptlab.serve.serve(run_dir, port=0, log_level="warning")
     try:
-        assert len(built) == 1 and built[0] is not threading.main_thread() and not built[0].is_alive()
+        assert len(built) == 2 and built[0] is built[1] is not threading.main_thread() and not built[0].is_alive()
     finally:
         apps[0].state.worker.close()
 

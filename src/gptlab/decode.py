@@ -2,10 +2,13 @@
 
 A decoding step is small: on a 2-core CPU the 6-layer, 384-dim benchmark model spends ~0.9 ms of a step in
 its matmuls and, through `GPT.forward`, ~0.4 ms more in calling modules (`nn.Module.__call__`, attribute
-lookups, per-call checks). `Decoder` takes each block's tensors once and runs the same math as
-`model.Block` for (B, 1) tokens as a flat sequence of tensor ops, with q/k/v (and SwiGLU's gate/up) stacked
-into one matmul each. tests/test_decode.py checks its logits against `GPT.forward` for every
-switch of the model.
+lookups, per-call checks). `Decoder` gathers each block's parameters once and runs the same math as
+`model.Block` for (B, 1) tokens as a flat sequence of tensor ops. It holds the model's own Parameter objects,
+so it computes with the weights as they are now, except for one copy: q/k/v (and SwiGLU's gate/up) stacked
+into one matrix each, which saves two matmul calls a layer (~3% of a step). Before each step it checks that
+the copied weights are the same tensors at the same version (PyTorch bumps `_version` on every in-place
+change) and that the model has not entered training mode since, and stacks them again if not.
+tests/test_decode.py checks its logits and cache writes against `GPT.forward` for every switch of the model.
 """
 
 from __future__ import annotations
@@ -17,23 +20,28 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
-from gptlab.model import GPT, CacheStep, KVCache, rotate_half
+from gptlab.model import GPT, MLP, Attention, Block, CacheStep, KVCache, rotate_half
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
+Linear = tuple[nn.Parameter, nn.Parameter | None]  # an nn.Linear's weight and bias
+
+# the module types GPT.forward is made of: a model of only these, unmodified, is what the decoder computes
+PARTS = (GPT, Block, Attention, MLP, nn.ModuleList, nn.Embedding, nn.Linear, nn.LayerNorm, nn.RMSNorm)
 
 
 class _Layer(NamedTuple):
-    """One block's tensors, in the order the step uses them."""
+    """One block's parameters, in the order the step uses them."""
 
     norm1: Norm
-    qkv: tuple[torch.Tensor, torch.Tensor | None]  # q, k and v stacked: weight and bias
+    qkv: Linear  # q, k and v stacked (a copy)
     q_norm: Norm | None
     k_norm: Norm | None
-    out: tuple[torch.Tensor, torch.Tensor | None]  # the nn.Linear's own weight and bias
+    out: Linear
     norm2: Norm
-    up: tuple[torch.Tensor, torch.Tensor | None]  # gate and up stacked for SwiGLU, else fc's own
-    down: tuple[torch.Tensor, torch.Tensor | None]
+    up: Linear  # SwiGLU's gate and up stacked (a copy), or the GELU MLP's fc
+    down: Linear
 
 
 def _norm(module: nn.Module) -> Norm:
@@ -52,64 +60,85 @@ def _norm(module: nn.Module) -> Norm:
     )
 
 
-def _stack(layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layers' weights as one (out, in) matrix, as nn.Linear keeps one, and their biases as one vector (copies)."""
+def _linear(layer: nn.Linear) -> Linear:
+    return layer.weight, layer.bias
+
+
+def _stack(layers: tuple[nn.Linear, ...]) -> Linear:
+    """The layers' weights as one matrix, and their biases as one vector (copies)."""
     weight = torch.cat([layer.weight.detach() for layer in layers])
-    bias = torch.cat([layer.bias.detach() for layer in layers]) if layers[0].bias is not None else None
-    return weight, bias
-
-
-def _plain(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    return weight, torch.cat([layer.bias.detach() for layer in layers]) if layers[0].bias is not None else None
 
 
 class Decoder:
     """`GPT.forward` for one new token per row with a KV cache, as plain tensor ops.
 
-    The stacked matrices are copies taken at construction: build a new Decoder after the weights change.
     A model this does not cover (see `covers`) must be run through its `forward`.
     """
 
     def __init__(self, model: GPT) -> None:
         if not self.covers(model):
-            raise ValueError("this model needs its own forward (a GPT subclass, adapted layers or hooks)")
+            raise ValueError(
+                "this model needs its own forward (a GPT subclass or changed part, adapters, hooks or training mode)"
+            )
         cfg = model.cfg
+        self.model = model  # its rotary tables are read at each step: `model.to` replaces buffers, not parameters
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.max_position = cfg.block_size - 1
         self.gqa = cfg.n_kv_head != cfg.n_head
         self.swiglu = cfg.mlp == "swiglu"
         self.approximate = "none" if cfg.mlp == "gelu_exact" else "tanh"
-        self.tok_emb = model.tok_emb.weight.detach()
-        self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight.detach()
-        self.rope = None if model.pos_emb is not None else (model.rope_cos, model.rope_sin)
-        self.norm_f, self.head = _norm(model.norm_f), model.lm_head.weight.detach()
+        self.tok_emb = model.tok_emb.weight
+        self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight
+        self.norm_f, self.head = _norm(model.norm_f), model.lm_head.weight
+        self.stacked = [
+            ((b.attn.q, b.attn.k, b.attn.v), (b.mlp.gate, b.mlp.up) if self.swiglu else None) for b in model.blocks
+        ]
+        self.sources = [
+            p for groups in self.stacked for group in groups if group for m in group for p in m.parameters()
+        ]
+        self._stack()
+
+    def _stack(self) -> None:
+        """Gather the layers, stacking q/k/v and gate/up afresh; remember what the stacks were copied from."""
         self.layers = []
         with torch.no_grad():
-            for block in model.blocks:
+            for block, (qkv, gate_up) in zip(self.model.blocks, self.stacked, strict=True):
                 attn, mlp = block.attn, block.mlp
                 self.layers.append(
                     _Layer(
                         _norm(block.norm1),
-                        _stack((attn.q, attn.k, attn.v)),
+                        _stack(qkv),
                         _norm(attn.q_norm) if attn.qk_norm else None,
                         _norm(attn.k_norm) if attn.qk_norm else None,
-                        _plain(attn.out),
+                        _linear(attn.out),
                         _norm(block.norm2),
-                        _stack((mlp.gate, mlp.up)) if self.swiglu else _plain(mlp.fc),
-                        _plain(mlp.down),
+                        _stack(gate_up) if gate_up else _linear(mlp.fc),
+                        _linear(mlp.down),
                     )
                 )
+        self.copied = self._fingerprint()
+
+    def _fingerprint(self) -> list[int]:
+        """What the stacks depend on: each source tensor and its version, and how often training mode was entered."""
+        sources = self.sources
+        return [self.model.train_calls] + [p._version for p in sources] + [p.data_ptr() for p in sources]
 
     @staticmethod
     def covers(model: nn.Module) -> bool:
-        """Whether the decoder computes what this model's forward does: a plain GPT, no adapters, no hooks."""
-        if type(model).forward is not GPT.forward or model.training:
+        """Whether the decoder computes what this model's forward does: an unmodified GPT in eval mode.
+
+        Every part must be of exactly its type in `model.py` (not a subclass: e.g. LoRA's adapted layers), with
+        no forward patched onto it, no hooks (its own or global ones) and not in training mode.
+        """
+        if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
             return False
         for m in model.modules():
+            if type(m) not in PARTS or "forward" in m.__dict__ or m.training:
+                return False
             if m._forward_hooks or m._forward_pre_hooks:
                 return False
-            if isinstance(m, nn.Linear) and type(m) is not nn.Linear:  # e.g. LoRA's adapted layers
-                return False
-        return True
+        return type(model) is GPT
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -117,20 +146,24 @@ class Decoder:
 
         The caller advances `cache.lengths` afterwards, as after `GPT.forward`.
         """
-        B, D, positions = ids.shape[0], self.head_dim, cache.lengths
-        step = CacheStep.of(positions[:, None], cache)  # the step's one host sync
+        if self._fingerprint() != self.copied:  # the weights changed since the stacks were made
+            self._stack()
+        B, D = ids.shape[0], self.head_dim
+        step = CacheStep.of(cache.lengths[:, None], cache)  # the step's one host sync
+        positions = cache.lengths.clamp(max=self.max_position)  # as GPT.forward: a spare slot past the context
         x = self.tok_emb[ids]  # the residual stream (B, C), a new tensor: one token per row, so no time axis
         if self.pos_emb is not None:
             x = x + self.pos_emb[positions]
-        if self.rope is not None:  # (B, 1, 1, D) against (B, heads, 1, D)
-            cos, sin = self.rope[0][positions][:, None, None], self.rope[1][positions][:, None, None]
+        rope = self.pos_emb is None
+        if rope:  # (B, 1, 1, D) against (B, heads, 1, D)
+            cos, sin = self.model.rope_cos[positions][:, None, None], self.model.rope_sin[positions][:, None, None]
         heads = [self.n_head, self.n_kv_head, self.n_kv_head]
         for i, (norm1, qkv, q_norm, k_norm, out, norm2, up, down) in enumerate(self.layers):
             # with one token, (B, heads, 1, D) is attention's layout as it is: no transposes
             q, k, v = F.linear(norm1(x), *qkv).view(B, -1, 1, D).split_with_sizes(heads, dim=1)
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
-            if self.rope is not None:
+            if rope:
                 q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             k_all, v_all = cache.store(i, k, v, step)
             if k_all.dtype != q.dtype:  # a cache kept in another precision than the weights

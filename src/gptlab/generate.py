@@ -212,7 +212,7 @@ class Engine:
         self.cache: KVCache | None = None
         self.forward_calls = 0
         self._ids = itertools.count()
-        # decode steps (one new token per row) skip the modules; the weights must not change meanwhile
+        # decode steps (one new token per row) skip the modules; the decoder follows changes to the weights
         self.decoder = Decoder(model) if use_cache and Decoder.covers(model) else None
         self._finished_early: list[Update] = []
 
@@ -303,7 +303,7 @@ class Engine:
             assert self.cache is not None
             ids = torch.tensor([r.feed[0] for r in rows], device=self.device)
             self.forward_calls += 1
-            if self.decoder is not None:
+            if self.decoder is not None and not self.model.training:
                 logits = self.decoder(ids, self.cache)  # each row writes at its length
             else:
                 logits = self.model(ids[:, None], cache=self.cache, last_only=True)[:, 0]

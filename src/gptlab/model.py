@@ -54,9 +54,9 @@ class KVCache:
         if step.slot is not None:  # views and a plain copy: ~4 us less a layer than indexing with the slot
             k_all.narrow(2, step.slot, 1).copy_(k)
             v_all.narrow(2, step.slot, 1).copy_(v)
-        else:  # (B, t) rows and slots around the heads select (B, t, heads, dim)
-            self.k[layer][step.rows, :, step.slots] = k.transpose(1, 2)
-            self.v[layer][step.rows, :, step.slots] = v.transpose(1, 2)
+        else:  # (B, t) rows and slots around the heads select (B, t, heads, dim); indexing does not cast
+            self.k[layer][step.rows, :, step.slots] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[layer][step.rows, :, step.slots] = v.transpose(1, 2).to(self.v.dtype)
         return k_all, v_all
 
     def advance(self, counts: torch.Tensor | int) -> None:
@@ -237,6 +237,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         # train.activation_checkpointing: keep only each block's input in training, recompute the rest in backward
         self.checkpoint_blocks = False
+        self.train_calls = 0  # times training mode was entered (see `train`)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -318,6 +319,12 @@ class GPT(nn.Module):
         backward adds gradient rows with atomics, so compiled runs on several threads would not repeat exactly."""
         x = self.tok_emb(idx)
         return x + self.pos_emb(positions) if self.pos_emb is not None else x
+
+    def train(self, mode: bool = True) -> GPT:
+        """Switch training mode; entering it is counted in `train_calls`, which tells a `Decoder` that the weights it
+        copied may change (not every optimizer bumps the tensors' version counters: fused AdamW does not)."""
+        self.train_calls += mode
+        return super().train(mode)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; without the position embedding (and untied token embedding) by default."""

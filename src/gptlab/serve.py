@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -559,6 +558,14 @@ def listen(host: str, port: int) -> socket.socket:
         ) from e
 
 
+def _outcome(fn: Callable[[], Any]) -> Any:
+    """What fn returns, or the exception it raised."""
+    try:
+        return fn()
+    except BaseException as e:  # noqa: BLE001 - handed to the thread that waits for it
+        return e
+
+
 def serve(
     run_dir: str | Path,
     host: str = "127.0.0.1",
@@ -595,8 +602,13 @@ def serve(
         # loaded the model, the engine thread's matmuls would run ~6x slower (95 vs 16 us for a 384 x 1536
         # GEMV on 2 cores). So the loading (and the engine's set-up) runs in a thread that then exits, taking
         # its pool with it, and the engine thread holds the only one; this thread only serves HTTP.
-        with ThreadPoolExecutor(1, thread_name_prefix="gptlab-load") as loader:
-            app = loader.submit(build).result()
+        built: list = []
+        loader = threading.Thread(target=lambda: built.append(_outcome(build)), name="gptlab-load", daemon=True)
+        loader.start()
+        loader.join()  # Ctrl-C interrupts the wait; the daemon thread does not hold the process
+        if isinstance(built[0], BaseException):
+            raise built[0]
+        app = built[0]
     except BaseException:
         sock.close()
         raise

@@ -200,7 +200,7 @@ def sample_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, s: Sa
         try:
             return Generator(model, tokenizer).complete(prompt, s.max_new_tokens, params, stop=s.stop, truncate=True)
         finally:
-            model.train()  # also drops the q/k/v stacks the engine made: the next steps change the weights
+            model.train()
 
 
 class Sampler(Callback):
