@@ -1,5 +1,6 @@
 """The HTTP server: OpenAI-compatible errors and answers, the official client, real batching, the page in a browser."""
 
+import asyncio
 import json
 import re
 import shutil
@@ -21,7 +22,8 @@ import gptlab.serve
 import gptlab.train.checkpoint
 from gptlab.cli import main
 from gptlab.data.shards import prepare
-from gptlab.serve import create_app, listen, load_chat_template
+from gptlab.generate import Engine, SamplingParams, Update
+from gptlab.serve import APIError, EngineThread, _Job, create_app, listen, load_chat_template
 from gptlab.train.checkpoint import load_run
 from gptlab.train.trainer import Trainer
 
@@ -430,6 +432,32 @@ def test_serve_command_errors_are_one_line_exit_2(run_dir, capsys):
     assert capsys.readouterr().err == (
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use (pick another --port or --host, or stop what uses it)\n"
     )
+
+
+def test_updates_that_queued_up_come_out_merged_and_an_error_after_the_text(run_dir):
+    _, model, _ = load_run(run_dir, "latest")
+    worker = EngineThread(Engine(model))
+
+    async def drain(items: list) -> list:
+        job = _Job([1], 4, SamplingParams(), (), True, asyncio.get_running_loop(), asyncio.Queue())
+        for item in items:  # as if the consumer was busy while three steps went by
+            job.inbox.put_nowait(item)
+        got = []
+        try:
+            async for u in worker.updates(job):
+                got.append(u)
+        except APIError as e:
+            got.append(e)
+        return got
+
+    try:
+        steps = [Update(7, [1], "a"), Update(7, [2, 3], "bc"), Update(7, [4], "d", True, "length")]
+        assert asyncio.run(drain(steps)) == [Update(7, [1, 2, 3, 4], "abcd", True, "length")]
+        failed = asyncio.run(drain([*steps[:2], RuntimeError("out of memory")]))
+        assert failed[0] == Update(7, [1, 2, 3], "abc")
+        assert isinstance(failed[1], APIError) and failed[1].status == 500 and len(failed) == 2
+    finally:
+        worker.close()
 
 
 def test_serve_sets_the_model_up_in_a_thread_that_has_exited(run_dir, monkeypatch):

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -206,6 +206,12 @@ class _Job:
             pass
 
 
+def _deliver(items: list[tuple[_Job, Update]]) -> None:
+    """Hand a step's updates to their requests' queues (runs in the event loop)."""
+    for job, update in items:
+        job.inbox.put_nowait(update)
+
+
 class EngineThread:
     """Owns an `Engine` from one background thread; asyncio code submits and cancels requests through it."""
 
@@ -248,11 +254,22 @@ class EngineThread:
         self._commands.put(("cancel", job))
 
     async def updates(self, job: _Job) -> AsyncIterator[Update]:
-        """A started job's updates until it finishes; it is cancelled if the consumer stops early."""
+        """A started job's updates until it finishes; it is cancelled if the consumer stops early.
+
+        Updates that queued up while the consumer was busy come out merged into one: under load a stream
+        sends fewer, longer events (the same text) rather than falling behind one token at a time.
+        """
         finished = False
         try:
             while not finished:
                 item = await job.inbox.get()
+                while isinstance(item, Update) and not item.finished and not job.inbox.empty():
+                    later = job.inbox.get_nowait()
+                    if isinstance(later, BaseException):  # the text so far goes out before the error
+                        yield item
+                        item = later
+                        break
+                    item = replace(later, token_ids=item.token_ids + later.token_ids, text=item.text + later.text)
                 if isinstance(item, BaseException):
                     raise APIError(500, f"generation failed: {item!r}")
                 finished = item.finished
@@ -330,13 +347,19 @@ class EngineThread:
             self._jobs.clear()
             return
         self._publish()  # before the updates go out: a client that saw its text sees itself counted
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Update]]] = {}
         for update in updates:
             job = self._jobs.get(update.id)
             if job is None:  # cancelled while this step ran
                 continue
             if update.finished:
                 del self._jobs[update.id]
-            job.put(update)
+            deliveries.setdefault(job.loop, []).append((job, update))
+        for loop, items in deliveries.items():  # one wake-up of each event loop a step, not one per request
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                pass
 
 
 # ----- the app --------------------------------------------------------------------------------------------------
