@@ -150,7 +150,9 @@ class Decoder:
             self._stack()
         B, D = ids.shape[0], self.head_dim
         step = CacheStep.of(cache.lengths[:, None], cache)  # the step's one host sync
-        positions = cache.lengths.clamp(max=self.max_position)  # as GPT.forward: a spare slot past the context
+        positions = cache.lengths
+        if step.end > self.max_position + 1:  # as GPT.forward: a spare slot past the context takes the last position
+            positions = positions.clamp(max=self.max_position)
         x = self.tok_emb[ids]  # the residual stream (B, C), a new tensor: one token per row, so no time axis
         if self.pos_emb is not None:
             x = x + self.pos_emb[positions]

@@ -50,14 +50,19 @@ class KVCache:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, kv_heads, t, head_dim) keys/values into the step's slots; return (B, kv_heads, end, head_dim)."""
-        k_all, v_all = self.k[layer].narrow(2, 0, step.end), self.v[layer].narrow(2, 0, step.end)
-        if step.slot is not None:  # views and a plain copy: ~4 us less a layer than indexing with the slot
-            k_all.narrow(2, step.slot, 1).copy_(k)
-            v_all.narrow(2, step.slot, 1).copy_(v)
-        else:  # (B, t) rows and slots around the heads select (B, t, heads, dim); indexing does not cast
-            self.k[layer][step.rows, :, step.slots] = k.transpose(1, 2).to(self.k.dtype)
-            self.v[layer][step.rows, :, step.slots] = v.transpose(1, 2).to(self.v.dtype)
-        return k_all, v_all
+        if step.slot is not None:  # a plain copy into views made once for all layers: ~7 us less a layer
+            if step.views is None:
+                step.views = tuple(
+                    t.narrow(3, *span).unbind(0) for span in ((step.slot, 1), (0, step.end)) for t in (self.k, self.v)
+                )
+            k_at, v_at, k_all, v_all = step.views
+            k_at[layer].copy_(k)
+            v_at[layer].copy_(v)
+            return k_all[layer], v_all[layer]
+        # (B, t) rows and slots around the heads select (B, t, heads, dim); indexing does not cast
+        self.k[layer][step.rows, :, step.slots] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][step.rows, :, step.slots] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[layer].narrow(2, 0, step.end), self.v[layer].narrow(2, 0, step.end)
 
     def advance(self, counts: torch.Tensor | int) -> None:
         """Mark `counts` more tokens per row as filled."""
@@ -86,6 +91,9 @@ class CacheStep:
     end: int  # one past the highest slot written: attention reads slots [0, end)
     mask: torch.Tensor | None  # (B, 1, T, end): slot j is visible to a token in slot p when j <= p; None = all
     slot: int | None = None  # the one slot of every new token (one per row, all rows alike): a plain copy
+    views: tuple | None = (
+        None  # with `slot`: every layer's keys/values at the slot and up to end, made by the first store
+    )
 
     @classmethod
     def of(cls, slots: torch.Tensor, cache: KVCache) -> CacheStep:
