@@ -159,6 +159,9 @@ class Decoder:
         rope = self.pos_emb is None
         if rope:  # (B, 1, 1, D) against (B, heads, 1, D)
             cos, sin = self.model.rope_cos[positions][:, None, None], self.model.rope_sin[positions][:, None, None]
+        mask = step.mask  # rows at different lengths: made additive once, not converted by each attention call
+        if mask is not None:
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         heads = [self.n_head, self.n_kv_head, self.n_kv_head]
         for i, (norm1, qkv, q_norm, k_norm, out, norm2, up, down) in enumerate(self.layers):
             # with one token, (B, heads, 1, D) is attention's layout as it is: no transposes
@@ -170,7 +173,7 @@ class Decoder:
             k_all, v_all = cache.store(i, k, v, step)
             if k_all.dtype != q.dtype:  # a cache kept in another precision than the weights
                 k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=step.mask, enable_gqa=self.gqa)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.gqa)
             x += F.linear(y.view(B, -1), *out)
             h = norm2(x)
             if self.swiglu:

@@ -59,9 +59,12 @@ class KVCache:
             k_at[layer].copy_(k)
             v_at[layer].copy_(v)
             return k_all[layer], v_all[layer]
-        # (B, t) rows and slots around the heads select (B, t, heads, dim); indexing does not cast
-        self.k[layer][step.rows, :, step.slots] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][step.rows, :, step.slots] = v.transpose(1, 2).to(self.v.dtype)
+        if step.flat is None:  # (row, head, token) -> row of the layer seen as (B * heads * slots, head_dim)
+            _, B, H, S, _ = self.k.shape
+            rows_heads = torch.arange(B * H, device=step.slots.device).view(B, H, 1)
+            step.flat = (rows_heads * S + step.slots[:, None]).view(-1)
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):  # one index_copy_ each; it does not cast
+            cache.view(-1, cache.shape[-1]).index_copy_(0, step.flat, new.reshape(-1, new.shape[-1]).to(cache.dtype))
         return self.k[layer].narrow(2, 0, step.end), self.v[layer].narrow(2, 0, step.end)
 
     def advance(self, counts: torch.Tensor | int) -> None:
@@ -87,26 +90,26 @@ class CacheStep:
     """Where one forward's new tokens go in a KV cache, and which slots each may attend to."""
 
     slots: torch.Tensor  # (B, T) the slot of each new token
-    rows: torch.Tensor | None  # (B, 1) the row of each new token; None with `slot`
     end: int  # one past the highest slot written: attention reads slots [0, end)
     mask: torch.Tensor | None  # (B, 1, T, end): slot j is visible to a token in slot p when j <= p; None = all
     slot: int | None = None  # the one slot of every new token (one per row, all rows alike): a plain copy
-    views: tuple | None = (
-        None  # with `slot`: every layer's keys/values at the slot and up to end, made by the first store
-    )
+    # made by the first `KVCache.store` of the forward, for all layers: with `slot`, each layer's keys and values at
+    # the slot and up to end; without, where each new key and value goes in a layer seen as rows of head_dim
+    views: tuple | None = None
+    flat: torch.Tensor | None = None
 
     @classmethod
     def of(cls, slots: torch.Tensor, cache: KVCache) -> CacheStep:
         """The step for tokens in `slots`; the one host sync of a cached forward happens here."""
-        B, T = slots.shape
+        T = slots.shape[1]
         low, high = (int(v) for v in torch.aminmax(slots))
         end = high + 1
         if end > cache.max_len:
             raise ValueError(f"KV cache overflow: position {end - 1} >= {cache.max_len}")
         if T == 1 and low == high:  # one token per row, all in the same slot: every filled slot is visible
-            return cls(slots, None, end, None, high)
+            return cls(slots, end, None, high)
         visible = torch.arange(end, device=slots.device) <= slots[:, :, None]
-        return cls(slots, torch.arange(B, device=slots.device)[:, None], end, visible[:, None])
+        return cls(slots, end, visible[:, None])
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
