@@ -4,7 +4,7 @@ from conftest import scaled_model
 
 from gptlab.decode import Decoder
 from gptlab.generate import Engine, Generator, SamplingParams
-from gptlab.lora import add_lora
+from gptlab.lora import add_lora, merge_lora
 from gptlab.model import GPT
 
 SWITCHES = {
@@ -90,9 +90,10 @@ def test_models_the_decoder_does_not_cover_run_their_own_forward():
     adapted = scaled_model()
     add_lora(adapted, rank=2, alpha=4)
     adapted.eval()
-    training = scaled_model().train()
-    half_training = scaled_model()
+    training = scaled_model(dropout=0.1).train()
+    half_training = scaled_model(dropout=0.1)
     half_training.blocks[1].train()
+    assert Decoder.covers(scaled_model().train())  # without dropout, training mode computes the same
     patched = scaled_model()
     patched.blocks[0].mlp.forward = lambda x: 0 * x
     embedded = Embedded(plain.cfg).eval()
@@ -128,7 +129,7 @@ def greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
 
 
 def changes(model: GPT) -> dict:
-    """Ways the weights change under an engine built before; each returns nothing."""
+    """Ways the model changes under an engine built before; each returns nothing."""
     other = scaled_model(arch=model.cfg.arch)
     with torch.no_grad():
         for p in other.parameters():
@@ -141,25 +142,96 @@ def changes(model: GPT) -> dict:
         opt.step()
         model.eval()
 
+    def adapters(merge: bool) -> None:  # new LoRALinear modules, trained, then (maybe) plain nn.Linear ones again
+        add_lora(model, rank=2, alpha=16)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=5.0)
+        model.train()
+        model(torch.randint(0, 40, (2, 10))).sum().backward()
+        opt.step()
+        model.eval()
+        if merge:
+            merge_lora(model)
+
+    def new_parameter() -> None:
+        model.blocks[0].attn.q.weight = torch.nn.Parameter(-model.blocks[0].attn.q.weight.detach())
+
     return {
         "fused AdamW step in training mode": fused_adamw_step,
         "load_state_dict in eval mode": lambda: model.load_state_dict(other.state_dict()),
+        "load_state_dict(assign=True)": lambda: model.load_state_dict(other.state_dict(), assign=True),
+        "a parameter set anew": new_parameter,
+        "LoRA adapters trained, then merged": lambda: adapters(merge=True),
+        "LoRA adapters trained, not merged": lambda: adapters(merge=False),
         "to float64": lambda: model.to(torch.float64),
     }
 
 
+CHANGES = list(changes(scaled_model()))
+
+
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])
-@pytest.mark.parametrize("change", ["fused AdamW step in training mode", "load_state_dict in eval mode", "to float64"])
-def test_an_engine_held_while_the_weights_change_decodes_with_the_new_ones(arch, change):
+@pytest.mark.parametrize("change", CHANGES)
+def test_an_engine_held_while_the_model_changes_decodes_with_the_model_as_it_is(arch, change):
     model = scaled_model(arch=arch)
     held = Engine(model)
     before = greedy(held, [1, 2], 8)
     changes(model)[change]()
+    calls = held.forward_calls
     after = greedy(held, [1, 2], 8)
     assert after == greedy(Engine(model, use_cache=False), [1, 2], 8)
-    assert held.decoder.layers[0].qkv[0].dtype == model.lm_head.weight.dtype  # stacked again
     if change != "to float64":  # new values, not just a wider type
         assert after != before
+    uses_decoder = held.decoder.current()
+    assert uses_decoder == ("not merged" not in change)  # adapted layers run through the forward
+    if uses_decoder:
+        assert held.decoder.layers[0].qkv[0].dtype == model.lm_head.weight.dtype  # gathered again
+    assert held.forward_calls - calls == 8
+
+
+def test_the_decoder_steps_aside_in_training_mode_and_under_autocast_and_comes_back():
+    model = scaled_model(dropout=0.1)
+    engine = Engine(model)
+    assert engine.decoder.current()
+    model.train()
+    assert not engine.decoder.current()
+    model.eval()
+    assert engine.decoder.current()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not engine.decoder.current()
+        greedy(engine, [1, 2], 3)  # through the forward, which autocast knows how to run
+
+
+def test_a_model_made_in_inference_mode_decodes():
+    with torch.inference_mode():
+        model = scaled_model()
+        assert Generator(model).generate([[1, 2]], 6, temperature=0) == Generator(model).generate(
+            [[1, 2]], 6, temperature=0, use_cache=False
+        )
+
+
+def test_a_cached_forward_with_gradients_on_equals_one_without():
+    model = scaled_model()
+    prompts, ids = torch.randint(0, 40, (2, 5)), torch.tensor([[3], [4]])
+    caches, logits = [model.new_cache(2, 17) for _ in range(2)], []
+    for cache, grad in zip(caches, (False, True), strict=True):
+        with torch.set_grad_enabled(grad):
+            model(prompts, cache=cache)
+            cache.advance(5)
+            logits.append(model(ids, cache=cache))  # one token per row, all in one slot
+    assert logits[1].requires_grad and torch.equal(logits[0], logits[1].detach())
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+
+
+def test_a_cache_whose_tensors_are_not_contiguous_is_written_right():
+    model = scaled_model()
+    prompts = torch.randint(0, 40, (2, 5))
+    plain, strided = model.new_cache(2, 17), model.new_cache(2, 17)
+    strided.k = torch.zeros(strided.k.shape[::-1]).permute(4, 3, 2, 1, 0)  # same shape, other strides
+    assert not strided.k.is_contiguous()
+    with torch.inference_mode():
+        for cache in (plain, strided):
+            model(prompts, positions=torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 16, 16]]), cache=cache)
+    assert torch.equal(plain.k, strided.k) and torch.equal(plain.v, strided.v)
 
 
 def test_a_new_engine_decodes_with_the_weights_as_they_are_now():

@@ -5,9 +5,14 @@ its matmuls and, through `GPT.forward`, ~0.4 ms more in calling modules (`nn.Mod
 lookups, per-call checks). `Decoder` gathers each block's parameters once and runs the same math as
 `model.Block` for (B, 1) tokens as a flat sequence of tensor ops. It holds the model's own Parameter objects,
 so it computes with the weights as they are now, except for one copy: q/k/v (and SwiGLU's gate/up) stacked
-into one matrix each, which saves two matmul calls a layer (~3% of a step). Before each step it checks that
-the copied weights are the same tensors at the same version (PyTorch bumps `_version` on every in-place
-change) and that the model has not entered training mode since, and stacks them again if not.
+into one matrix each, which saves two matmul calls a layer (~3% of a step).
+
+Before each step `Decoder.current` checks, cheaply, whether the model may have changed since it gathered
+it: the copied tensors' versions (PyTorch bumps `_version` on every in-place change) and pointers, the
+model's mode switches (`GPT.mode_switches`: fused AdamW changes weights without bumping versions, inside a
+train()/eval() cycle), and any parameter or module registered anywhere (new objects, as
+`load_state_dict(assign=True)` or `merge_lora` make). On a change it checks `covers` again and gathers
+afresh. Not seen: writes through `.data`, and in-place changes that bump no version outside a mode switch.
 tests/test_decode.py checks its logits and cache writes against `GPT.forward` for every switch of the model.
 """
 
@@ -25,6 +30,15 @@ from torch.nn.modules import module as module_hooks
 from gptlab.model import GPT, MLP, Attention, Block, CacheStep, KVCache, rotate_half
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
+_registrations = [0]  # parameters and modules registered on any module in this process
+
+
+def _registered(*_: object) -> None:
+    _registrations[0] += 1
+
+
+module_hooks.register_module_parameter_registration_hook(_registered)
+module_hooks.register_module_module_registration_hook(_registered)
 Linear = tuple[nn.Parameter, nn.Parameter | None]  # an nn.Linear's weight and bias
 
 # the module types GPT.forward is made of: a model of only these, unmodified, is what the decoder computes
@@ -79,32 +93,32 @@ class Decoder:
     def __init__(self, model: GPT) -> None:
         if not self.covers(model):
             raise ValueError(
-                "this model needs its own forward (a GPT subclass or changed part, adapters, hooks or training mode)"
+                "this model needs its own forward (a subclass or changed part, adapters, hooks, or dropout in training)"
             )
         cfg = model.cfg
-        self.model = model  # its rotary tables are read at each step: `model.to` replaces buffers, not parameters
+        self.model = model
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.max_position = cfg.block_size - 1
         self.gqa = cfg.n_kv_head != cfg.n_head
         self.swiglu = cfg.mlp == "swiglu"
         self.approximate = "none" if cfg.mlp == "gelu_exact" else "tanh"
+        self.usable = True
+        self._gather()
+
+    def _gather(self) -> None:
+        """Take the model's parts as they are now: its parameters, and q/k/v and gate/up stacked afresh."""
+        model = self.model
         self.tok_emb = model.tok_emb.weight
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight
+        self.rope = None if model.pos_emb is not None else (model.rope_cos, model.rope_sin)
         self.norm_f, self.head = _norm(model.norm_f), model.lm_head.weight
-        self.stacked = [
-            ((b.attn.q, b.attn.k, b.attn.v), (b.mlp.gate, b.mlp.up) if self.swiglu else None) for b in model.blocks
-        ]
-        self.sources = [
-            p for groups in self.stacked for group in groups if group for m in group for p in m.parameters()
-        ]
-        self._stack()
-
-    def _stack(self) -> None:
-        """Gather the layers, stacking q/k/v and gate/up afresh; remember what the stacks were copied from."""
         self.layers = []
+        self.sources = []  # what the stacks are copied from
         with torch.no_grad():
-            for block, (qkv, gate_up) in zip(self.model.blocks, self.stacked, strict=True):
+            for block in model.blocks:
                 attn, mlp = block.attn, block.mlp
+                qkv, gate_up = (attn.q, attn.k, attn.v), (mlp.gate, mlp.up) if self.swiglu else ()
+                self.sources += [p for m in qkv + gate_up for p in m.parameters()]
                 self.layers.append(
                     _Layer(
                         _norm(block.norm1),
@@ -113,41 +127,57 @@ class Decoder:
                         _norm(attn.k_norm) if attn.qk_norm else None,
                         _linear(attn.out),
                         _norm(block.norm2),
-                        _stack(gate_up) if gate_up else _linear(mlp.fc),
+                        _stack(gate_up) if self.swiglu else _linear(mlp.fc),
                         _linear(mlp.down),
                     )
                 )
-        self.copied = self._fingerprint()
+        # inference tensors keep no version counter (and cannot be changed in place outside inference mode)
+        self.versioned = [p for p in self.sources if not p.is_inference()]
+        self.seen = self._fingerprint()
 
     def _fingerprint(self) -> list[int]:
-        """What the stacks depend on: each source tensor and its version, and how often training mode was entered."""
-        sources = self.sources
-        return [self.model.train_calls] + [p._version for p in sources] + [p.data_ptr() for p in sources]
+        """What a change of the model would change (see the module's docstring)."""
+        versions = [p._version for p in self.versioned]
+        return [_registrations[0], self.model.mode_switches, *versions, *(p.data_ptr() for p in self.sources)]
+
+    def current(self) -> bool:
+        """Whether the next step may run through the decoder; gathers the model afresh first if it changed.
+
+        False while the model is not one the decoder covers (e.g. in training mode with dropout), and under autocast.
+        """
+        if torch.is_autocast_enabled(self.head.device.type):  # the forward casts for it, the decoder does not
+            return False
+        if self._fingerprint() != self.seen:
+            self.usable = self.covers(self.model)
+            if self.usable:
+                self._gather()
+            else:
+                self.seen = self._fingerprint()
+        return self.usable
 
     @staticmethod
     def covers(model: nn.Module) -> bool:
-        """Whether the decoder computes what this model's forward does: an unmodified GPT in eval mode.
+        """Whether the decoder computes what this model's forward does: an unmodified GPT, without dropout.
 
         Every part must be of exactly its type in `model.py` (not a subclass: e.g. LoRA's adapted layers), with
-        no forward patched onto it, no hooks (its own or global ones) and not in training mode.
+        no forward patched onto it and no hooks (its own or global ones), and with dropout no part may be in
+        training mode.
         """
-        if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        if type(model) is not GPT or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
             return False
         for m in model.modules():
-            if type(m) not in PARTS or "forward" in m.__dict__ or m.training:
+            if type(m) not in PARTS or "forward" in m.__dict__ or (m.training and model.cfg.dropout):
                 return False
             if m._forward_hooks or m._forward_pre_hooks:
                 return False
-        return type(model) is GPT
+        return True
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Next-token logits (B, vocab) for token ids (B,), each written to its row's next cache slot.
 
-        The caller advances `cache.lengths` afterwards, as after `GPT.forward`.
+        The caller checks `current()` first and advances `cache.lengths` afterwards, as after `GPT.forward`.
         """
-        if self._fingerprint() != self.copied:  # the weights changed since the stacks were made
-            self._stack()
         B, D = ids.shape[0], self.head_dim
         step = CacheStep.of(cache.lengths[:, None], cache)  # the step's one host sync
         positions = cache.lengths
@@ -156,9 +186,8 @@ class Decoder:
         x = self.tok_emb[ids]  # the residual stream (B, C), a new tensor: one token per row, so no time axis
         if self.pos_emb is not None:
             x = x + self.pos_emb[positions]
-        rope = self.pos_emb is None
-        if rope:  # (B, 1, 1, D) against (B, heads, 1, D)
-            cos, sin = self.model.rope_cos[positions][:, None, None], self.model.rope_sin[positions][:, None, None]
+        if self.rope is not None:  # (B, 1, 1, D) against (B, heads, 1, D)
+            cos, sin = self.rope[0][positions][:, None, None], self.rope[1][positions][:, None, None]
         mask = step.mask  # rows at different lengths: made additive once, not converted by each attention call
         if mask is not None:
             mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
@@ -168,7 +197,7 @@ class Decoder:
             q, k, v = F.linear(norm1(x), *qkv).view(B, -1, 1, D).split_with_sizes(heads, dim=1)
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
-            if rope:
+            if self.rope is not None:
                 q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             k_all, v_all = cache.store(i, k, v, step)
             if k_all.dtype != q.dtype:  # a cache kept in another precision than the weights

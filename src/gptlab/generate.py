@@ -303,7 +303,7 @@ class Engine:
             assert self.cache is not None
             ids = torch.tensor([r.feed[0] for r in rows], device=self.device)
             self.forward_calls += 1
-            if self.decoder is not None and not self.model.training:
+            if self.decoder is not None and self.decoder.current():
                 logits = self.decoder(ids, self.cache)  # each row writes at its length
             else:
                 logits = self.model(ids[:, None], cache=self.cache, last_only=True)[:, 0]

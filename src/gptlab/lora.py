@@ -67,7 +67,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             parent, child = _parent(model, name)
-            setattr(parent, child, module.merged())
+            setattr(parent, child, module.merged().train(module.training))
     return model
 
 

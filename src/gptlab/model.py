@@ -51,15 +51,22 @@ class KVCache:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, kv_heads, t, head_dim) keys/values into the step's slots; return (B, kv_heads, end, head_dim)."""
         if step.slot is not None:  # a plain copy into views made once for all layers: ~7 us less a layer
-            if step.views is None:
+            if step.views is None:  # (autograd forbids writing into unbind's views while it records)
+                layers = (
+                    (lambda t: t.unbind(0))
+                    if not torch.is_grad_enabled()
+                    else (lambda t: [t[i] for i in range(len(t))])
+                )
                 step.views = tuple(
-                    t.narrow(3, *span).unbind(0) for span in ((step.slot, 1), (0, step.end)) for t in (self.k, self.v)
+                    layers(t.narrow(3, *span)) for span in ((step.slot, 1), (0, step.end)) for t in (self.k, self.v)
                 )
             k_at, v_at, k_all, v_all = step.views
             k_at[layer].copy_(k)
             v_at[layer].copy_(v)
             return k_all[layer], v_all[layer]
         if step.flat is None:  # (row, head, token) -> row of the layer seen as (B * heads * slots, head_dim)
+            if not (self.k.is_contiguous() and self.v.is_contiguous()):  # e.g. a cache a caller built itself
+                self.k, self.v = self.k.contiguous(), self.v.contiguous()
             _, B, H, S, _ = self.k.shape
             rows_heads = torch.arange(B * H, device=step.slots.device).view(B, H, 1)
             step.flat = (rows_heads * S + step.slots[:, None]).view(-1)
@@ -240,6 +247,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab)."""
 
+    mode_switches = 0  # calls of train() and eval() (see `train`)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cfg = cfg.resolved()
@@ -248,7 +257,6 @@ class GPT(nn.Module):
         self.cfg = cfg
         # train.activation_checkpointing: keep only each block's input in training, recompute the rest in backward
         self.checkpoint_blocks = False
-        self.train_calls = 0  # times training mode was entered (see `train`)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -332,10 +340,11 @@ class GPT(nn.Module):
         return x + self.pos_emb(positions) if self.pos_emb is not None else x
 
     def train(self, mode: bool = True) -> GPT:
-        """Switch training mode; entering it is counted in `train_calls`, which tells a `Decoder` that the weights it
-        copied may change (not every optimizer bumps the tensors' version counters: fused AdamW does not)."""
-        self.train_calls += mode
-        return super().train(mode)
+        """Switch training mode, counting the call in `mode_switches`: how a `Decoder` learns that the weights it
+        copied may have changed (not every optimizer bumps tensor versions: fused AdamW does not)."""
+        super().train(mode)
+        self.mode_switches += 1
+        return self
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; without the position embedding (and untied token embedding) by default."""
