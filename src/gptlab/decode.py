@@ -12,7 +12,8 @@ it: the copied tensors' versions (PyTorch bumps `_version` on every in-place cha
 model's mode switches (`GPT.mode_switches`: fused AdamW changes weights without bumping versions, inside a
 train()/eval() cycle), and any parameter or module registered anywhere (new objects, as
 `load_state_dict(assign=True)` or `merge_lora` make). On a change it checks `covers` again and gathers
-afresh. Not seen: writes through `.data`, and in-place changes that bump no version outside a mode switch.
+afresh. Not seen: writes through `.data`, in-place changes that bump no version outside a mode switch, and
+forward hooks added after the decoder was made.
 tests/test_decode.py checks its logits and cache writes against `GPT.forward` for every switch of the model.
 """
 
