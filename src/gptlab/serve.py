@@ -200,16 +200,20 @@ class _Job:
 
     def put(self, item: object) -> None:
         """Hand an item to the request's task (called from the engine thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.inbox.put_nowait, item)
-        except RuntimeError:  # the event loop has closed: nobody is listening any more
-            pass
+        _deliver(self.loop, [(self, item)])
 
 
-def _deliver(items: list[tuple[_Job, Update]]) -> None:
-    """Hand a step's updates to their requests' queues (runs in the event loop)."""
-    for job, update in items:
-        job.inbox.put_nowait(update)
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[_Job, object]]) -> None:
+    """Hand items to their requests' queues with one wake-up of their event loop (from the engine thread)."""
+
+    def put_all() -> None:
+        for job, item in items:
+            job.inbox.put_nowait(item)
+
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the event loop has closed: nobody is listening any more
+        pass
 
 
 class EngineThread:
@@ -347,7 +351,7 @@ class EngineThread:
             self._jobs.clear()
             return
         self._publish()  # before the updates go out: a client that saw its text sees itself counted
-        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Update]]] = {}
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Job, object]]] = {}
         for update in updates:
             job = self._jobs.get(update.id)
             if job is None:  # cancelled while this step ran
@@ -356,10 +360,7 @@ class EngineThread:
                 del self._jobs[update.id]
             deliveries.setdefault(job.loop, []).append((job, update))
         for loop, items in deliveries.items():  # one wake-up of each event loop a step, not one per request
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the event loop has closed: nobody is listening any more
-                pass
+            _deliver(loop, items)
 
 
 # ----- the app --------------------------------------------------------------------------------------------------
