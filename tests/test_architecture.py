@@ -8,7 +8,7 @@ from pathlib import Path
 SRC = Path(__file__).parent.parent / "src" / "gptlab"
 # lowest first; a module may import from its own layer and the ones below (the order of docs/architecture.md)
 LAYERS = [
-    ("errors", "progress"),
+    ("errors", "progress", "safe_pickle", "threads"),
     ("config",),
     ("tokenizers", "chat"),
     ("data",),
@@ -43,7 +43,7 @@ def gptlab_imports(path: Path) -> set[str]:
                 if (
                     SRC / node.module.removeprefix("gptlab").lstrip(".").replace(".", "/") / f"{alias.name}.py"
                 ).is_file():
-                    found.add(f"{node.module.removeprefix('gptlab.')}.{alias.name}")
+                    found.add(f"{node.module.removeprefix('gptlab').lstrip('.')}.{alias.name}".lstrip("."))
         elif isinstance(node, ast.Import):
             found |= {a.name.removeprefix("gptlab.") for a in node.names if a.name.startswith("gptlab.")}
     return {m for m in found if m}

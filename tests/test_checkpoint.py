@@ -1,34 +1,46 @@
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from gptlab.errors import GptlabError
 from gptlab.train import checkpoint as ckpt
 from gptlab.train.trainer import Trainer
 
+FULL_DISK = {  # how each writer reports a full disk
+    "save_file": SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    ),
+    "save": RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+    "os": OSError("disk full"),
+}
 
-def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(prepared, monkeypatch):
+
+@pytest.mark.parametrize("failure", ["os", "save_file", "save"])
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_loadable(prepared, monkeypatch, failure):
     from dataclasses import replace
 
     Trainer(replace(prepared, train=replace(prepared.train, max_iters=10)), quiet=True).fit()
     root = Path(prepared.train.out_dir) / "checkpoints"
     assert ckpt.read_pointer(root / "latest") == "step_10"
 
-    def crash(*args, **kwargs):  # the training state is already written when the weights' write dies
-        raise OSError("disk full")
+    def crash(*args, **kwargs):  # the training state is already written when the weights' (or state's) write dies
+        raise FULL_DISK[failure]
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(*((ckpt.torch, "save") if failure == "save" else (ckpt, "save_file")), crash)
     longer = replace(prepared, train=replace(prepared.train, max_iters=20))
     with pytest.raises(GptlabError) as e:
         Trainer(longer, resume=True, quiet=True).fit()
+    cause = f"{type(FULL_DISK[failure]).__name__}: {FULL_DISK[failure]}"
     assert str(e.value) == (
-        f"could not write checkpoint '{root / 'step_15'}' (OSError: disk full) (free disk space or fix the folder's "
+        f"could not write checkpoint '{root / 'step_15'}' ({cause}) (free disk space or fix the folder's "
         "permissions; the previous checkpoint is kept)"
     )
     monkeypatch.undo()
     assert ckpt.read_pointer(root / "latest") == "step_10"
-    assert not (root / "step_15").exists()  # only a temporary folder was left, under another name
+    assert not (root / "step_15").exists() and not list(root.glob(".*tmp*"))  # the half-built folder is gone
     cfg, model, tok = ckpt.load_run(prepared.train.out_dir, "latest")
     resumed = Trainer(longer, resume=True, quiet=True)
     assert resumed.step == 10
@@ -89,3 +101,56 @@ def test_a_stop_before_the_first_step_saves_nothing(prepared, capsys):
     trainer.fit()
     assert trainer.step == 0 and not (Path(prepared.train.out_dir) / "checkpoints").exists()
     assert "interrupted before the first step: nothing to save" in capsys.readouterr().err
+
+
+def test_a_kill_while_pruning_leaves_no_torn_step_folder(prepared, monkeypatch):
+    from dataclasses import replace
+
+    Trainer(replace(prepared, train=replace(prepared.train, keep_last=5)), quiet=True).fit()
+    root = Path(prepared.train.out_dir) / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_10", "step_15", "step_20", "step_5"]
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # deletes one file, then the process dies
+        if not Path(path).exists():
+            return
+        next(Path(path).rglob("*.safetensors")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.prune_checkpoints(root, keep_last=2)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    # the torn folder is hidden under a trash name; every step_N left is whole and loads
+    assert (root / ".trash-step_5").is_dir() and not (root / "step_5").exists()
+    for name in ("step_10", "step_15", "step_20"):
+        assert ckpt.load_weights(root / name)
+    ckpt.prune_checkpoints(root, keep_last=2)  # the next pruning finishes the job
+    assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "step_15", "step_20"]
+
+
+def test_a_resume_after_a_kill_before_latest_moved_writes_its_own_later_checkpoints(prepared):
+    """Killed after step_10 was renamed into place but before `latest` named it; resumed with a longer budget (so
+    another learning-rate schedule): the run's step_10 must be the resumed trajectory's, not the killed one's."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    short = replace(prepared, train=replace(prepared.train, max_iters=10, keep_last=10))
+    Trainer(short, quiet=True).fit()
+    run = Path(prepared.train.out_dir)
+    root = run / "checkpoints"
+    killed = load_file(root / "step_10" / "model.safetensors")
+    ckpt.write_pointer(root / "latest", "step_5")
+    ckpt.write_pointer(root / "best", "step_5")
+    clean = shutil.copytree(run, run.parent / "clean")  # the same, without the step_10 the kill left
+    shutil.rmtree(clean / "checkpoints" / "step_10")
+
+    for out in (run, clean):
+        Trainer(
+            replace(short, train=replace(short.train, max_iters=20, out_dir=str(out))), resume=True, quiet=True
+        ).fit()
+    resumed = load_file(root / "step_10" / "model.safetensors")
+    expected = load_file(clean / "checkpoints" / "step_10" / "model.safetensors")
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)  # the resumed trajectory, bit for bit
+    assert not all(torch.equal(resumed[k], killed[k]) for k in killed)  # not the killed run's schedule

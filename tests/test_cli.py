@@ -121,7 +121,7 @@ def test_sample_errors(workdir):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(workdir):
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(workdir):
     import json
     import signal
     import time
@@ -135,11 +135,11 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(workdir):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err  # not 0: a script must not take the run for a finished one
     assert "Traceback" not in err
     last_step = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     assert (workdir / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{last_step}"
-    assert out.startswith(f"trained {last_step} steps into run")
+    assert out == "" and err.splitlines()[-1].startswith(f"interrupted at step {last_step}: saved checkpoint")
 
 
 def test_bench_reports_time_throughput_and_mfu(workdir):
@@ -148,7 +148,7 @@ def test_bench_reports_time_throughput_and_mfu(workdir):
     )
     assert r.returncode == 0, r.stderr
     assert re.fullmatch(
-        r"0\.\d\dM params on cpu \(torch\.float32\): [\d.]+ ms/iter, [\d,]+ tokens/s, MFU [\d.]+% "
+        r"0\.\d\dM params on cpu \(torch\.float32, \d+ threads?\): [\d.]+ ms/iter, [\d,]+ tokens/s, MFU [\d.]+% "
         r"\(peak: measured fp32 matmul\)\n",
         r.stdout,
     ), r.stdout

@@ -366,3 +366,19 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_on_resume(runs, tmp_path):
         f"checkpoint '{step}' holds weights only, not the optimizer state a resume needs (it was imported, or written "
         f"by gptlab before format 2) (start a new run from its weights with model.init_from={run})"
     )
+
+
+@pytest.mark.parametrize("plant", ["metadata", "inside_metadata", "distcp", "state"])
+def test_a_resume_on_two_ranks_never_runs_code_planted_in_the_checkpoint(runs, tmp_path, plant):
+    """Each rank reads train_state/ itself: every one refuses the payload, and nothing of it runs."""
+    import test_security
+
+    run = resume_from_step_10(runs["ddp"], tmp_path / "run")
+    marker = tmp_path / "MARKER"
+    getattr(test_security, f"plant_{plant}")(run, marker)
+    r = gptlab("train", "--resume", str(run), "--nproc", "2", "--quiet")
+    assert not marker.exists()
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all("holds objects no checkpoint holds, such as code" in e for e in errors), r.stderr
+    assert "Traceback" not in r.stderr

@@ -504,3 +504,22 @@ def test_serve_command_serves_until_ctrl_c(run_dir):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0 and "Traceback" not in err
+
+
+def test_serve_says_which_checkpoint_it_serves(run_dir, tmp_path, monkeypatch, capsys):
+    """A fine-tune's best may be an early step: the start-up line and /v1/models name the folder and its step."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "checkpoints" / "best").write_text("step_5")  # an earlier evaluation was the best one
+    apps = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: apps.append(self.config.app))
+    for which, folder, step in (("best", "step_5", 5), ("latest", "step_10", 10)):
+        gptlab.serve.serve(run, port=0, checkpoint=which, model_name="tiny", log_level="warning")
+        try:
+            out = capsys.readouterr().out.splitlines()
+            assert out[1] == f"checkpoint {folder} of {run} ({which}, step {step} of 10 trained)"
+            with TestClient(apps[-1]) as c:
+                card = c.get("/v1/models").json()["data"][0]
+            assert (card["id"], card["checkpoint"], card["step"], card["latest_step"]) == ("tiny", folder, step, 10)
+        finally:
+            apps[-1].state.worker.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from gptlab.tokenizers import Tokenizer
 
 TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "tokenizer_config.json"  # transformers' file: the template's special-token names (bos_token, ...)
+# special tokens' text in messages is swapped for OPEN index CLOSE before rendering (private-use characters, which no
+# template writes), so that after rendering it is told apart from the specials the template itself writes
+OPEN, CLOSE = "\ue000", "\ue001"
+MARK = re.compile(f"{OPEN}(\\d+){CLOSE}")
 
 
 class ChatTemplate:
@@ -57,6 +62,51 @@ class ChatTemplate:
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
         )
 
+    def encode(
+        self,
+        messages: list[dict[str, Any]],
+        tokenizer: Tokenizer,
+        add_generation_prompt: bool = True,
+        allow_special: bool = False,
+    ) -> list[int]:
+        """Token ids of a conversation: the template's special tokens are special, those typed in messages are text.
+
+        With `allow_special`, special tokens' text in the messages gets their ids too (the rendered text encoded
+        whole, as data preparation does). A template that cuts or reverses message text may cut a swapped-in mark;
+        its characters are then text.
+        """
+        if allow_special:
+            return tokenizer.encode(self.render(messages, add_generation_prompt), allow_special=True)
+        # OPEN itself is swapped too, so a message holding the private-use characters still reads back exactly
+        literals = [*sorted(tokenizer.special_ids, key=len, reverse=True), OPEN]
+        index = {t: i for i, t in enumerate(literals)}
+        found = re.compile("|".join(map(re.escape, literals)))
+
+        def swap(value: Any) -> Any:
+            if isinstance(value, str):
+                return found.sub(lambda m: f"{OPEN}{index[m.group()]}{CLOSE}", value)
+            if isinstance(value, list):
+                return [swap(v) for v in value]
+            if isinstance(value, dict):
+                return {k: swap(v) for k, v in value.items()}
+            return value
+
+        rendered = self.render([swap(m) for m in messages], add_generation_prompt)
+        ids: list[int] = []
+        text: list[str] = []  # plain text since the last template special: encoded as one piece, as a whole text is
+        for i, piece in enumerate(MARK.split(rendered)):
+            if i % 2:  # a mark: the message's own text
+                text.append(literals[int(piece)])
+                continue
+            for j, part in enumerate(tokenizer.split_specials(piece)):
+                if j % 2:  # a special token the template wrote
+                    ids += tokenizer.encode("".join(text), allow_special=False)
+                    ids.append(tokenizer.special_ids[part])
+                    text = []
+                else:
+                    text.append(part)
+        return ids + tokenizer.encode("".join(text), allow_special=False)
+
 
 def _raise_template_error(message: str) -> None:
     raise jinja2.TemplateError(message)
@@ -68,14 +118,21 @@ def load_chat_template(run_dir: str | Path, tokenizer: Tokenizer) -> ChatTemplat
     config_path = run_dir / CONFIG_FILE
     try:
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    except ValueError as e:
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+    except ValueError as e:  # UnicodeDecodeError is a ValueError
         raise GptlabError(f"'{config_path}' is not valid JSON ({e})", "fix or remove the file") from e
     source = config.get("chat_template")
     if isinstance(source, list):  # transformers' named templates: [{"name": "default", "template": ...}, ...]
         source = next((t["template"] for t in source if t.get("name") == "default"), None)
     jinja_path = run_dir / TEMPLATE_FILE
     if jinja_path.is_file():
-        source = jinja_path.read_text(encoding="utf-8")
+        try:
+            source = jinja_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise GptlabError(
+                f"'{jinja_path}' is not UTF-8 text ({e.reason} at byte {e.start})", "fix or remove the file"
+            ) from e
     if not source:
         return None
     specials = {}

@@ -9,13 +9,20 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, Interrupted
 
 
 def _reject_extra(extra: list[str], command: str) -> None:
     """Arguments argparse left over are options this command does not have."""
     if extra:
         raise GptlabError(f"unknown option '{extra[0]}'", f"see `gptlab {command} --help`")
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    """`--threads N`, which `main` applies before the command runs (gptlab/threads.py)."""
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: all cores, fewer while timing shows that other work on the "
+                   "machine makes them slower)")  # fmt: skip
 
 
 def _split_config_and_overrides(items: list[str], extra: list[str]) -> tuple[str | None, list[str]]:
@@ -60,6 +67,19 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def _sigterm_interrupts() -> list:
+    """Make SIGTERM raise Interrupted as Ctrl-C raises KeyboardInterrupt; returns [the handler replaced], or []
+    off the main thread (where handlers cannot be set)."""
+    try:
+        return [signal.signal(signal.SIGTERM, _raise_interrupted)]
+    except ValueError:
+        return []
+
+
 def cmd_tokenizer_train(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.data.tokenizer_setup import train_tokenizer
 
@@ -88,7 +108,7 @@ def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from gptlab.config import load_config
+    from gptlab.config import load_config, read_run_config
     from gptlab.train.trainer import Trainer
 
     path, overrides = _split_config_and_overrides(args.args, extra)
@@ -98,6 +118,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         path = str(Path(args.resume) / "config.yaml")
         if not Path(path).is_file():
             raise GptlabError(f"no run to resume in '{args.resume}' (config.yaml missing)", "check the path")
+        read_run_config(path)  # a damaged config.yaml is named as the run's, not as a config file given
         overrides = [*overrides, f"train.out_dir={args.resume}"]
     cfg = load_config(path, overrides)
     if args.nproc is not None:  # start the ranks through torchrun; each runs this command without --nproc
@@ -108,17 +129,36 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         again = ["--resume", args.resume] if args.resume else []
         switches = (("--overwrite", args.overwrite), ("--quiet", args.quiet), ("--allow-dirty", args.allow_dirty))
         again += [flag for flag, on in switches if on]
+        again += ["--threads", str(args.threads)] if args.threads is not None else []
         return launch(args.nproc, [*(["--debug"] if args.debug else []), "train", *args.args, *extra, *again])
     if cfg.train.backend == "jax":
         from gptlab.jax.train import JaxTrainer as Trainer  # noqa: N814 - the same interface
     trainer = Trainer(
         cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet, allow_dirty=args.allow_dirty
     ).fit()
+    if trainer.interrupted is not None:
+        if not trainer.dist.is_main:  # rank 0 alone reports it: torchrun would stop the others at a rank's failure
+            return 0
+        return _report_interrupted(trainer.run_dir, trainer.step, trainer.dist.world, trainer.interrupted)
     if trainer.dist.is_main:
         last = trainer.history[-1] if trainer.history else None
         summary = f", val loss {last['val_loss']:.4f}" if last else ""
         print(f"trained {trainer.step} steps into {trainer.run_dir}{summary}")
     return 0
+
+
+def _report_interrupted(run_dir: Path, step: int, world: int, signum: int) -> int:
+    """The last line of a run Ctrl-C or SIGTERM stopped, and its exit code (128 + the signal), so scripts see it."""
+    from gptlab.train.checkpoint import read_pointer
+
+    latest = read_pointer(run_dir / "checkpoints" / "latest")
+    if latest is None:
+        sys.stderr.write(f"interrupted at step {step}: nothing saved yet (start it again with --overwrite)\n")
+    else:
+        nproc = f" --nproc {world}" if world > 1 else ""
+        sys.stderr.write(f"interrupted at step {step}: saved checkpoint {run_dir / 'checkpoints' / latest}; "
+                         f"resume with gptlab train --resume {run_dir}{nproc}\n")  # fmt: skip
+    return 128 + signum
 
 
 def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
@@ -139,7 +179,8 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
         gen = Generator(model.to(select_dtype(args.dtype, device)), tokenizer)
     s = cfg.sample
     start = prompt_text(args.start if args.start is not None else s.start)
-    ids = tokenizer.encode(start)
+    allow_special = args.allow_special if args.allow_special is not None else s.allow_special
+    ids = tokenizer.encode(start, allow_special=allow_special)  # by default a typed `<|endoftext|>` is just text
     if not ids:
         raise GptlabError("the prompt is empty", "give --start some text")
     if len(ids) > model.cfg.block_size and not args.truncate:
@@ -284,7 +325,8 @@ def add_tracking_commands(sub: argparse._SubParsersAction, with_config: Callable
     p.set_defaults(func=cmd_find_lr)
 
     p = sub.add_parser("plot", help="draw loss, evaluation metrics and learning rate of runs into a PNG")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.out_dir)")
+    # nargs="*": none given is plot_runs' one-line error, not argparse's two-line usage
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories (train.out_dir)")
     p.add_argument("--out", default="plot.png", help="the PNG to write (default plot.png)")
     p.set_defaults(func=cmd_plot)
 
@@ -342,11 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.add_argument("--allow-dirty", action="store_true", help="train even if train.require_clean_git finds changes")
     p.add_argument("--nproc", type=int, metavar="N", help="train on N local ranks (processes) through torchrun")
+    add_threads_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a trained run")
     p.add_argument("run_dir", help="the run directory (train.out_dir)")
     p.add_argument("--start", help="prompt text, or FILE:prompt.txt (default: the config's sample.start)")
+    p.add_argument(
+        "--allow-special", "--allow_special", action=argparse.BooleanOptionalAction, dest="allow_special",
+        help="special tokens' text in the prompt (<|endoftext|>) gets their ids (default: sample.allow_special, "
+        "false: plain text)",
+    )  # fmt: skip
     p.add_argument("--num-samples", "--num_samples", type=int, dest="num_samples")
     p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, dest="max_new_tokens")
     p.add_argument("--temperature", type=float, help="0 = greedy")
@@ -371,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bf16 on CUDA, fp32 elsewhere",
         choices=["auto", "float32", "bfloat16", "float16"],
     )
+    add_threads_flag(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="loss, perplexity, bits-per-byte and HellaSwag accuracy of a trained run")
@@ -387,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast precision (auto: bf16 on CUDA, fp32 elsewhere); losses are fp32")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_threads_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a run as a Hugging Face folder that from_pretrained loads")
@@ -428,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together; more wait in a queue")  # fmt: skip
     p.add_argument("--model-name", "--model_name", dest="model_name",
                    help="the model id clients send (default: the run directory's name)")  # fmt: skip
+    add_threads_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="time training steps on synthetic data and report MFU")
@@ -435,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--vocab-size", "--vocab_size", type=int, default=0, dest="vocab_size")
+    add_threads_flag(p)
     p.set_defaults(func=cmd_bench)
     add_tracking_commands(sub, with_config)
     return parser
@@ -444,7 +496,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gptlab` console script; returns the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    # prepare (its worker pool shut down) and train (while it starts; fit() saves a checkpoint) stop on SIGTERM as on
+    # Ctrl-C, exit code 143; torchrun's ranks keep dying of the SIGTERM it sends them when a rank failed
+    stoppable = args.func in (cmd_prepare, cmd_train) and "RANK" not in os.environ
+    replaced = _sigterm_interrupts() if stoppable else []
     try:
+        if hasattr(args, "threads"):  # the commands that run a model; torch is imported from here on
+            from gptlab import threads
+
+            # serve's main thread must not start an OpenMP pool (serve.py): its engine thread applies the count
+            threads.use(args.threads, here=args.command != "serve")
         return args.func(args, extra)
     except GptlabError as e:
         if args.debug:
@@ -454,9 +515,12 @@ def main(argv: list[str] | None = None) -> int:
         if "RANK" in os.environ:  # torchrun stops the others when one exits: finish exiting with this code
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return e.exit_code  # 2, or 3 for a rank that lost the others (train/distributed.py)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM outside fit() (or a second one in it): stopped at once
         print("interrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 128 + signal.SIGINT)
+    finally:
+        for handler in replaced:  # main() called from Python leaves the process's handler as it was
+            signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
     eval_interval: int = 250  # steps between evaluations (random mode)
     eval_iters: int = 20  # validation batches per evaluation
-    log_interval: int = 10  # steps between progress-bar updates
+    log_interval: int = 10  # steps between progress-bar updates (plain lines when stderr is not a terminal)
     keep_last: int = 2  # step checkpoints kept besides the best
     monitor: str = "val_loss"  # the metric that picks the best checkpoint
     monitor_mode: str = "min"  # "min" or "max"
@@ -192,6 +192,7 @@ class SampleConfig:
     """Defaults for `gptlab sample`."""
 
     start: str = "\n"  # prompt text, or FILE:path to read it from a file
+    allow_special: bool = False  # true: special tokens' text in `start` gets their ids (`--allow-special`)
     num_samples: int = 3
     max_new_tokens: int = 500
     temperature: float = 0.8
@@ -485,3 +486,26 @@ def from_dict(data: dict[str, Any], origin: str = "run directory") -> Config:
     """Rebuild a `Config` from a plain dict (e.g. a run's config.yaml)."""
     cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(data), origin)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def read_run_config(path: str | Path) -> Config:
+    """The `Config` in a run directory's config.yaml (`path`); damaged content is an error naming the file."""
+    path = Path(path)
+    fix = "restore the run's config.yaml from a backup, or train the run again"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"'{path}' is not UTF-8 text (byte {e.start})", fix) from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)  # where the parser gave up, when it knows
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise GptlabError(f"'{path}' is not valid YAML: {problem}{where}", fix) from e
+    except OSError as e:
+        raise GptlabError(f"cannot read '{path}' ({e.strerror or e})", fix) from e
+    if not isinstance(data, dict):
+        raise GptlabError(f"'{path}' holds no config mapping", fix)
+    try:
+        return from_dict(data, str(path))
+    except OmegaConfBaseException as e:  # a value OmegaConf cannot hold at all (from_dict reports the rest)
+        raise GptlabError(f"invalid config in '{path}': {str(e).splitlines()[0]}", fix) from e

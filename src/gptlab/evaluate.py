@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptlab import threads
 from gptlab.config import Config
 from gptlab.data.batches import PreparedData, load_prepared
 from gptlab.data.shards import read_meta
@@ -200,11 +201,12 @@ def score_stream(
     counter = _ByteCounter(tokenizer)
     device = _device_of(model)
     nats, tokens, nbytes = 0.0, 0, 0
+    cpu_threads = threads.governor(adaptive=device.type == "cpu")
 
     def run(batch: list[np.ndarray]) -> None:
         nonlocal nats, tokens, nbytes
         x = torch.from_numpy(np.stack(batch).astype(np.int64)).to(device)
-        with autocast(device, dtype):
+        with cpu_threads.unit(tuple(x.shape)), autocast(device, dtype):  # a probe is compared at one shape
             logits = model(x[:, :-1])
         losses = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
         nats += float(losses.double().sum())
@@ -267,7 +269,8 @@ def eval_tokens(
             raise GptlabError(f"data '{data}' not found", "give a UTF-8 text file or a prepared data folder")
         if folder.is_file():
             try:
-                ids = tokenizer.encode(folder.read_text(encoding="utf-8"))
+                # scored as `gptlab prepare` would have encoded it: special tokens' text gets their ids
+                ids = tokenizer.encode(folder.read_text(encoding="utf-8"), allow_special=True)
             except UnicodeDecodeError as e:
                 raise GptlabError(
                     f"'{folder}' is not UTF-8 text ({e.reason} at byte {e.start})", "convert it to UTF-8"
@@ -402,8 +405,9 @@ def _rows(tokenizer: Tokenizer, example: Choice, block_size: int, where: str) ->
     """(tokens, ending length) per ending: the context cut on the left so context + ending fits the model, which
     sees all but the last token; an ending longer than the context keeps its first block_size tokens."""
     try:
-        ctx = tokenizer.encode(example.ctx)
-        ends = [tokenizer.encode(" " + e)[:block_size] for e in example.endings]  # as GPT-2 and llm.c score them
+        # benchmark text is plain text, whatever it holds; endings get a leading space, as GPT-2 and llm.c score them
+        ctx = tokenizer.encode(example.ctx, allow_special=False)
+        ends = [tokenizer.encode(" " + e, allow_special=False)[:block_size] for e in example.endings]
     except GptlabError as e:
         raise GptlabError(f"{where}: {e.what}", UNCOVERED_FIX) from e
     return [(ctx[-(block_size + 1 - len(end)) :] + end, len(end)) for end in ends]
@@ -425,6 +429,7 @@ def ending_loglikelihoods(
         raise GptlabError("batch size must be at least 1", "e.g. --batch-size 8")
     device, T = _device_of(model), model.cfg.block_size
     out: list[tuple[list[float], list[int]]] = []
+    cpu_threads = threads.governor(adaptive=device.type == "cpu")
     model.eval()
     with progress_bar(transient=True) as bar, torch.inference_mode():
         task = bar.add_task("hellaswag", total=len(examples), info="", visible=not quiet)
@@ -446,7 +451,7 @@ def ending_loglikelihoods(
                 x[r, : len(toks) - 1] = torch.tensor(toks[:-1])
                 y[r, : len(toks) - 1] = torch.tensor(toks[1:])
                 mask[r, len(toks) - 1 - n_end : len(toks) - 1] = True  # the positions that predict the ending
-            with autocast(device, dtype):
+            with cpu_threads.unit(tuple(x.shape)), autocast(device, dtype):  # a probe is compared at one shape
                 logits = model(x.to(device))
             logp = logits.float().log_softmax(-1).gather(-1, y.to(device)[..., None])[..., 0].cpu()
             sums, counts = (logp.double() * mask).sum(1).tolist(), mask.sum(1).tolist()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from gptlab import threads
 from gptlab.config import sampling_problem
 from gptlab.decode import Decoder
 from gptlab.errors import GptlabError
@@ -215,6 +216,8 @@ class Engine:
         # decode steps (one new token per row) skip the modules; the decoder follows changes to the weights
         self.decoder = Decoder(model) if use_cache and Decoder.covers(model) else None
         self._finished_early: list[Update] = []
+        # torch's CPU threads in the thread that steps (serve's engine thread): --threads N, or timed (threads.py)
+        self.threads = threads.governor(adaptive=self.device.type == "cpu")
 
     @property
     def device(self) -> torch.device:
@@ -286,7 +289,9 @@ class Engine:
         self.running += joined
         if not self.running:
             return updates
-        logits = self._forward()
+        # timed by batch size, decode steps only: a probe must be compared with steps doing the same work
+        with self.threads.unit(None if joined else len(self.running)):
+            logits = self._forward()
         done: list[int] = []
         for b, (req, token) in enumerate(zip(self.running, self._pick(logits), strict=True)):
             update = self._advance(req, token)
@@ -399,12 +404,16 @@ def prompt_text(start: str) -> str:
     path = Path(start[5:])
     if not path.is_file():
         raise GptlabError(f"prompt file '{path}' not found", "check the path after FILE:")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"prompt file '{path}' is not UTF-8 text (byte {e.start})", "convert it to UTF-8") from e
 
 
 class TextGeneration:
     """The text side of a generator, shared by `Generator` and the JAX one: a streamed continuation of a prompt, or
-    a batch of them, from `_pieces`, which each generator implements."""
+    a batch of them, from `_pieces`, which each generator implements. A text prompt is plain text (special tokens'
+    text is not matched); a prompt with special tokens comes as ids, `tokenizer.encode(text, allow_special=True)`."""
 
     tokenizer: Tokenizer | None
 
@@ -462,7 +471,9 @@ class TextGeneration:
         return self.tokenizer
 
     def _ids(self, prompt: str | Sequence[int]) -> Sequence[int]:
-        return self._text_tokenizer().encode(prompt) if isinstance(prompt, str) else prompt
+        if isinstance(prompt, str):  # text a user typed: it cannot smuggle in special tokens (see the class)
+            return self._text_tokenizer().encode(prompt, allow_special=False)
+        return prompt
 
 
 class Generator(TextGeneration):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptlab.data.shards import write_atomic
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, write_error
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,10 +40,12 @@ def new_figure(nrows: int = 1, ncols: int = 1, width: float = 6.4, height: float
 
 
 def check_output(path: str | Path) -> Path:
-    """The path of a PNG to write, refused before any work when its folder does not exist."""
+    """The path of a PNG to write, refused before any work when its folder does not exist or it is a folder."""
     path = Path(path)
     if not path.parent.is_dir():
         raise GptlabError(f"cannot write '{path}': the folder '{path.parent}' does not exist", "create it first")
+    if path.is_dir():
+        raise GptlabError(f"cannot write '{path}': it is a folder", f"give a file name, e.g. '{path / 'plot.png'}'")
     return path
 
 
@@ -52,7 +54,10 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     path = check_output(path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    write_atomic(path, buf.getvalue())
+    try:
+        write_atomic(path, buf.getvalue())
+    except OSError as e:  # a read-only folder, a full disk
+        raise write_error(e, path) from e
     return path
 
 

@@ -28,7 +28,7 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StrictBool
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -118,6 +118,9 @@ class _Body(BaseModel):
     repetition_penalty: float | None = None  # 1.0
     truncate: Literal["left"] | None = None  # "left": drop a long prompt's oldest tokens instead of refusing it
     ignore_eos: bool | None = None  # true: generate past the end-of-text token (benchmarks want exact lengths)
+    # true: special tokens' text in the prompt (or messages) gets their ids; by default it is plain text, so a
+    # user cannot end a document or fake a chat turn by typing <|endoftext|>; strict: a string "false" is a 400
+    allow_special: StrictBool | None = None
 
 
 class CompletionBody(_Body):
@@ -377,8 +380,11 @@ def create_app(
     chat_template: ChatTemplate | str | None = None,
     max_batch: int = 32,
     max_tokens_cap: int = MAX_TOKENS_CAP,
+    checkpoint: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving one model: /v1/completions, /v1/chat/completions, /v1/models, /health and /.
+
+    `checkpoint` (what `served_checkpoint` gives) is added to the model's card in /v1/models.
 
     On CPU, call it (and load the model) from a thread that exits before serving starts, as `serve` does:
     the engine thread's matmuls run several times slower while another live thread owns an OpenMP pool.
@@ -410,8 +416,11 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}").response()
 
-    def job_for(body: _Body, text: str, what: str, param: str, default_max_tokens: int) -> _Job:
-        """Check a body and its prompt text (`what`, from the field `param`) and make them a job for the engine."""
+    def job_for(
+        body: _Body, encode: Callable[[bool], list[int]], what: str, param: str, default_max_tokens: int
+    ) -> _Job:
+        """Check a body and its prompt (`what`, from the field `param`, `encode(allow_special)` its token ids) and
+        make them a job for the engine."""
         if body.model is not None and body.model != model_name:
             raise APIError(
                 404, f"the model '{body.model}' does not exist (this server serves '{model_name}')", "model",
@@ -424,12 +433,12 @@ def create_app(
         if not 1 <= max_tokens <= max_tokens_cap:
             raise APIError(400, f"max_tokens must be between 1 and {max_tokens_cap}, got {max_tokens}", "max_tokens")
         params, stop = _sampling(body), _stop_strings(body.stop)
-        if not text:
-            raise APIError(400, f"the {what} is empty (give some text to continue)", param)
         try:
-            ids = tokenizer.encode(text)
+            ids = encode(bool(body.allow_special))
         except GptlabError as e:  # e.g. characters a char vocabulary lacks
             raise APIError(400, str(e), param) from e
+        if not ids:
+            raise APIError(400, f"the {what} is empty (give some text to continue)", param)
         context = engine.block_size
         if len(ids) > context:
             if body.truncate != "left":
@@ -507,7 +516,7 @@ def create_app(
                     "(send one request per prompt)", "prompt",
                 )  # fmt: skip
             prompt = prompt[0]
-        job = job_for(body, prompt, "prompt", "prompt", 16)
+        job = job_for(body, lambda allow: tokenizer.encode(prompt, allow_special=allow), "prompt", "prompt", 16)
         await worker.start(job)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}  # fmt: skip
@@ -530,11 +539,16 @@ def create_app(
                 400, f"the model '{model_name}' has no chat template (use /v1/completions with a plain prompt, or add "
                 "a chat_template.jinja to the run directory)", "messages",
             )  # fmt: skip
-        try:
-            text = chat_template.render(_chat_messages(body.messages))
-        except jinja2.TemplateError as e:
-            raise APIError(400, f"the chat template refused the messages: {e}", "messages") from e
-        job = job_for(body, text, "conversation", "messages", CHAT_MAX_TOKENS)
+        messages = _chat_messages(body.messages)
+
+        def encode(allow_special: bool) -> list[int]:
+            # the template's own special tokens stay special; those typed in messages are text unless allowed
+            try:
+                return chat_template.encode(messages, tokenizer, allow_special=allow_special)
+            except jinja2.TemplateError as e:
+                raise APIError(400, f"the chat template refused the messages: {e}", "messages") from e
+
+        job = job_for(body, encode, "conversation", "messages", CHAT_MAX_TOKENS)
         await worker.start(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
@@ -555,7 +569,8 @@ def create_app(
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "gptlab"}
-        return {"object": "list", "data": [{**card, "context_length": engine.block_size}]}
+        # extra fields say which weights answer (a fine-tune's best may be an early step); OpenAI clients ignore them
+        return {"object": "list", "data": [{**card, "context_length": engine.block_size, **(checkpoint or {})}]}
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -590,6 +605,39 @@ def _outcome(fn: Callable[[], Any]) -> Any:
         return e
 
 
+def served_checkpoint(run_dir: str | Path, which: str) -> tuple[str, dict[str, Any]]:
+    """The pointer `which` resolves as `load_run` does ('best' falls back to 'latest') and the checkpoint it names:
+    {"checkpoint": folder, "step": its step, "latest_step": the run's latest}, or {} when there is none."""
+    from gptlab.train.checkpoint import find_checkpoint, read_meta, read_pointer
+
+    if which == "best" and read_pointer(Path(run_dir) / "checkpoints" / "best") is None:
+        which = "latest"
+    try:
+        path = find_checkpoint(run_dir, which)
+        meta = read_meta(path)
+    except GptlabError:  # load_run says what is wrong
+        return which, {}
+    try:
+        latest = read_meta(find_checkpoint(run_dir, "latest")).get("step")
+    except GptlabError:  # a damaged `latest` does not stop serving `best`
+        latest = None
+    card = {"checkpoint": path.name, "step": meta.get("step"), "latest_step": latest}
+    if "imported_from" in meta:  # not trained here (gptlab import): its step 0 says nothing
+        card["imported_from"] = meta["imported_from"]
+    return which, card
+
+
+def _describe(run_dir: str | Path, which: str, card: dict[str, Any]) -> str:
+    """The start-up line naming the served checkpoint."""
+    if "imported_from" in card:
+        how = f"imported from {card['imported_from']}"
+    elif card.get("latest_step") is not None:
+        how = f"step {card.get('step')} of {card['latest_step']} trained"
+    else:
+        how = f"step {card.get('step')}"
+    return f"checkpoint {card.get('checkpoint', which)} of {run_dir} ({which}, {how})"
+
+
 def serve(
     run_dir: str | Path,
     host: str = "127.0.0.1",
@@ -612,12 +660,17 @@ def serve(
         raise GptlabError(f"--max-batch must be at least 1, got {max_batch}", "e.g. --max-batch 32")
     name = model_name or Path(run_dir).resolve().name
 
+    served: list = []
+
     def build() -> FastAPI:
+        # resolved once: the pointer a running training moves meanwhile cannot make the label and weights differ
+        which, card = served_checkpoint(run_dir, checkpoint)
+        served.extend([which, card])
         torch_device = select_device(device)
-        _, model, tokenizer = load_run(run_dir, checkpoint, torch_device)
+        _, model, tokenizer = load_run(run_dir, card.get("checkpoint", checkpoint), torch_device)
         model = model.to(select_dtype(dtype, torch_device))
         template = load_chat_template(run_dir, tokenizer)
-        return create_app(model, tokenizer, name, chat_template=template, max_batch=max_batch)
+        return create_app(model, tokenizer, name, chat_template=template, max_batch=max_batch, checkpoint=card)
 
     sock = listen(host, port)  # before loading: a taken port fails fast
     try:
@@ -639,6 +692,7 @@ def serve(
     bound_host, bound_port = sock.getsockname()[:2]
     url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
     print(f"serving '{name}' at {url} (web page at /, OpenAI API at /v1; Ctrl-C stops)", flush=True)
+    print(_describe(run_dir, *served), flush=True)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then raises it again: the normal way out

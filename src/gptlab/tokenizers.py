@@ -103,6 +103,7 @@ class Tokenizer:
         self._enc = _tiktoken_encoding(text, spec, added)
         self.engine = "hf" if self._enc is None else "tiktoken"
         self._valid_ids: frozenset[int] | None = None
+        self._plain: HFTokenizer | None = None  # built on first use (see `_plain_hf`)
         decoder = (spec.get("decoder") or {}).get("type")
         # the bytes of each token, where decoding is just joining them (byte-level files and characters)
         self._bytes_known = decoder == "ByteLevel" or (is_char and decoder in (None, "Fuse"))
@@ -206,23 +207,30 @@ class Tokenizer:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     # ----- encoding and decoding --------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, special tokens included; characters a char vocabulary lacks are an error."""
+    def encode(self, text: str, *, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens' text gets their ids with `allow_special`, else is ordinary text."""
         if self._alphabet is not None:
-            self._check_alphabet(text)
+            self._check_alphabet(text, allow_special)
         if self._enc is not None:
-            return self._encode_tiktoken(text)
-        return self.hf.encode(text, add_special_tokens=False).ids
+            return self._encode_tiktoken(text) if allow_special else self._enc.encode_ordinary(text)
+        hf = self.hf if allow_special else self._plain_hf()
+        return hf.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], *, allow_special: bool = True) -> list[list[int]]:
         """Token ids of many texts: one thread with tiktoken (callers parallelize by process), Rust threads with HF."""
         if self._alphabet is not None:
             for text in texts:
-                self._check_alphabet(text)
+                self._check_alphabet(text, allow_special)
         if self._enc is not None:
-            return [self._encode_tiktoken(text) for text in texts]
-        encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # _fast skips offsets (tokenizers>=0.21)
+            encode_one = self._encode_tiktoken if allow_special else self._enc.encode_ordinary
+            return [encode_one(text) for text in texts]
+        hf = self.hf if allow_special else self._plain_hf()
+        encode = getattr(hf, "encode_batch_fast", hf.encode_batch)  # _fast skips offsets (tokenizers>=0.21)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def split_specials(self, text: str) -> list[str]:
+        """`text` cut at its special tokens, as encoding matches them: text, special, text, ..., text."""
+        return [text] if self._special_re is None else self._special_re.split(text)
 
     def token_bytes(self) -> list[bytes] | None:
         """The bytes each id decodes to (b"" for unused ids), when decoding is joining them; else None."""
@@ -263,12 +271,38 @@ class Tokenizer:
                 ids.extend(self._enc.encode_ordinary(piece))
         return ids
 
-    def _check_alphabet(self, text: str) -> None:
+    def _plain_hf(self) -> HFTokenizer:
+        """The HF tokenizer with special tokens' text as ordinary text (like tiktoken's `encode_ordinary`)."""
+        if self._plain is None:
+            spec = json.loads(self.hf.to_str())
+            model = spec["model"]
+            if model["type"] in ("WordPiece", "WordLevel") and isinstance(model.get("vocab"), dict):
+                # their trainers put the specials in the vocabulary, where a plain word could still find them
+                # ("EOS" as a special): without them the text gets the pieces it would have had
+                keep = model.get("unk_token")  # BERT's [UNK] is special, and the model needs it
+                model["vocab"] = {t: i for t, i in model["vocab"].items() if t not in self.special_ids or t == keep}
+            # without the special added tokens (HF's `encode_special_tokens` switch would do, but is lost in pickling)
+            spec["added_tokens"] = [t for t in spec.get("added_tokens") or [] if not t.get("special")]
+            self._plain = HFTokenizer.from_str(json.dumps(spec))
+        return self._plain
+
+    def _check_alphabet(self, text: str, allow_special: bool = True) -> None:
         unknown = set(text) - self._alphabet
-        if unknown and self._special_re is not None:  # characters inside special tokens are fine
-            unknown = set(self._special_re.sub("", text)) - self._alphabet
+        if not unknown:
+            return
+        outside = set(self._special_re.sub("", text)) - self._alphabet if self._special_re is not None else unknown
+        if allow_special:  # characters inside special tokens are fine
+            unknown = outside
         if unknown:
             shown = ", ".join(repr(c) for c in sorted(unknown)[:5])
+            if not outside:  # only a special token's own characters: allowing specials is the likely fix
+                special = next(s for s in self._special_re.findall(text) if set(s) - self._alphabet)
+                raise GptlabError(
+                    f"{special!r} is read as plain text here, and the tokenizer's vocabulary lacks its characters "
+                    f"{shown}",
+                    'allow special tokens (gptlab sample --allow-special, "allow_special": true in a request), '
+                    "or remove it",
+                )
             raise GptlabError(
                 f"text has characters outside the tokenizer's vocabulary: {shown}",
                 "remove them from the prompt, or prepare data that contains them",

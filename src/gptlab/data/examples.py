@@ -54,7 +54,9 @@ def example_ids(tokenizer: Tokenizer, template: ChatTemplate | None, prompt: str
                 "use a template whose add_generation_prompt output is a prefix of the whole conversation",
             )
         response_text = whole[len(prompt_text) :]
-    prompt_ids, response_ids = tokenizer.encode(prompt_text), tokenizer.encode(response_text)
+    # training data: special tokens' text (the template's, or the data's own) gets their ids, as in plain text data
+    prompt_ids = tokenizer.encode(prompt_text, allow_special=True)
+    response_ids = tokenizer.encode(response_text, allow_special=True)
     eos = tokenizer.eos_id
     if eos is not None and response_ids[-1:] != [eos]:
         response_ids.append(eos)

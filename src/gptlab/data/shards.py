@@ -11,10 +11,14 @@ without an entry is never read. Memory is bounded by the chunks in flight, not b
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -31,11 +35,12 @@ from gptlab.data.batches import file_sha256, load_prepared
 from gptlab.data.chunking import Chunk, chunk_stream
 from gptlab.data.sources import Source, open_source
 from gptlab.data.tokenizer_setup import build_tokenizer
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, is_write_failure, write_error
 from gptlab.progress import bytes_bar
 from gptlab.tokenizers import Tokenizer, hf_threads
 
 FORMAT_VERSION = 2
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
 TASK_CHARS = 1 << 18  # text per task sent to a worker: process hops cost little, and work spreads evenly
 SPLITS = ("train", "val")
 # settings that decide the bytes of the shards (and where a resumed prepare continues); not `workers`
@@ -59,13 +64,20 @@ def token_dtype(vocab_size: int, forced: str = "auto") -> np.dtype:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary name, fsync, then rename over `path`."""
+    """Write bytes to a temporary name, fsync, then rename over `path`; a failed write removes the temporary file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException as e:  # a failed write, or Ctrl-C in the middle of one
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno:  # named as the file meant (OSError picks the subclass for the errno)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def shard_name(split: str, index: int) -> str:
@@ -133,14 +145,40 @@ class ShardWriter:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer_path: str, parent: int) -> None:
     global _worker_tokenizer
+    _die_with_parent(parent)
+    # Ctrl-C reaches the whole process group: the parent alone handles it (then shuts the pool down); SIGTERM
+    # kills, whatever handler a forked worker inherited from the CLI
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if _worker_tokenizer is None:  # a forked worker already has the parent's
         _worker_tokenizer = Tokenizer.load(tokenizer_path)
 
 
+def _die_with_parent(parent: int) -> None:
+    """End this worker when process `parent` dies, even by SIGKILL: an orphan would wait on its queue forever."""
+    if sys.platform == "linux":
+        try:
+            if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
+                if os.getppid() != parent:  # the parent died before the kernel was told to watch it
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):  # no prctl in this libc: watch from a thread instead
+            pass
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
+
+
+def _watch_parent(parent: int) -> None:
+    """Elsewhere: poll, since an orphan is adopted by another process and its parent id changes."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _encode(texts: list[str], dtype: str) -> list[np.ndarray]:
-    return [np.asarray(ids, dtype=dtype) for ids in _worker_tokenizer.encode_batch(texts)]
+    # prepared text is trusted: special tokens' text (say, <|endoftext|> between documents) gets their ids
+    return [np.asarray(ids, dtype=dtype) for ids in _worker_tokenizer.encode_batch(texts, allow_special=True)]
 
 
 class _InProcess(Executor):
@@ -163,7 +201,8 @@ def _executor(workers: int, tokenizer: Tokenizer, tokenizer_path: Path) -> Execu
         return _InProcess()
     # fork starts workers in milliseconds, each inheriting the loaded tokenizer
     context = multiprocessing.get_context("fork" if fork else "spawn")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(str(tokenizer_path),))
+    args = (str(tokenizer_path), os.getpid())
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=args)
 
 
 def _tasks(chunks: Iterator[tuple[int, Chunk]]) -> Iterator[list[tuple[int, Chunk]]]:
@@ -215,6 +254,21 @@ def clear_prepared(out: Path) -> None:
     (out / CONFIG_FILE).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """A full disk or a read-only folder as the user's error, with the unfinished shards' temporary files removed."""
+    try:
+        yield
+    except Exception as e:  # the tokenizers library reports its OSErrors as plain Exceptions
+        if not is_write_failure(e):
+            raise
+        for p in out.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        err = write_error(e, getattr(e, "filename", None) or out)
+        raise GptlabError(err.what, f"{err.fix}; the same prepare then resumes") from e
+
+
 def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> PrepareResult:
     """Tokenize `data.source` into shards in `data.dir`; skip when done, resume when interrupted."""
     out = Path(data.dir)
@@ -257,13 +311,15 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
             raise GptlabError(
                 f"cannot create data.dir '{out}': {e.strerror}", "set data.dir to a writable folder"
             ) from e
-        clear_prepared(out)
-        tokenizer.save(out / "tokenizer.json")
-        meta = _new_meta(data, settings, source, fingerprint, tokenizer, out)
-        write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+        with _writing(out):
+            clear_prepared(out)
+            tokenizer.save(out / "tokenizer.json")
+            meta = _new_meta(data, settings, source, fingerprint, tokenizer, out)
+            write_atomic(meta_path, json.dumps(meta, indent=2).encode())
     for p in out.glob(".*.tmp*"):  # shards an interrupted run left unfinished
         p.unlink()
-    _write_shards(data, source, tokenizer, out, meta, quiet)
+    with _writing(out):
+        _write_shards(data, source, tokenizer, out, meta, quiet)
     return PrepareResult(out, meta, skipped=False)
 
 

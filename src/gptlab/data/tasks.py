@@ -9,6 +9,7 @@ that is 1 on the answer and `<EOS>`, offsets), so the loss is taken on the answe
 
 from __future__ import annotations
 
+import functools
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +132,9 @@ def prepare_task(cfg: TaskConfig, data_dir: str | Path, overwrite: bool = False)
     task = make_task(cfg)
     tokenizer = task.tokenizer()
     bos = tokenizer.special_ids[BOS]
+    encode = functools.partial(tokenizer.encode, allow_special=True)  # the answer ends with the EOS special
     splits = {
-        name: [([bos, *tokenizer.encode(prompt)], tokenizer.encode(answer + EOS)) for prompt, answer in pairs]
+        name: [([bos, *encode(prompt)], encode(answer + EOS)) for prompt, answer in pairs]
         for name, pairs in task_examples(cfg).items()
     }
     if not all(splits.values()):

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from gptlab.chat import ChatTemplate
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
+from gptlab.safe_pickle import weights_only_refusal
 from gptlab.tokenizers import Tokenizer
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")  # the special-token names templates use
@@ -254,6 +256,12 @@ def _loading(source: str, use_folder: str) -> Iterator[Any]:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars (downloads keep the hub's own)
     try:
         yield transformers
+    except pickle.UnpicklingError as e:  # pickled weights (pytorch_model.bin): torch.load(weights_only=True) refused
+        raise GptlabError(
+            f"could not load '{source}': its pickled weights hold objects that are not tensors, such as code "
+            f"({weights_only_refusal(e) or str(e).splitlines()[0]}); nothing of them was run",
+            "load only models from a source you trust, or ask for a safetensors copy",
+        ) from e
     except (OSError, ValueError) as e:  # transformers' own words on a missing file, a download, a model type
         if Path(source).is_dir():
             fix = "the folder needs config.json of a GPT-2 or Llama model, its weights and tokenizer.json"

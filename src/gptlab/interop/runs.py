@@ -15,7 +15,7 @@ from pathlib import Path
 from gptlab.chat import load_chat_template
 from gptlab.config import Config, to_yaml
 from gptlab.data.shards import write_atomic
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, is_write_failure, write_error
 from gptlab.interop import hf
 from gptlab.train.checkpoint import load_run, model_tensors, save_checkpoint
 
@@ -36,26 +36,36 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -
     hf_model.generation_config = transformers.GenerationConfig(
         eos_token_id=eos, pad_token_id=eos, bos_token_id=None, max_length=model.cfg.block_size
     )
-    with building(out) as tmp:  # a folder that is whole, or not there
-        hf_model.save_pretrained(tmp)  # config.json, model.safetensors, generation_config.json
-        hf.hf_tokenizer(tokenizer, template).save_pretrained(tmp)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bar would sit above an error line
+    try:
+        with building(out) as tmp:  # a folder that is whole, or not there
+            hf_model.save_pretrained(tmp)  # config.json, model.safetensors, generation_config.json
+            hf.hf_tokenizer(tokenizer, template).save_pretrained(tmp)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     return out
 
 
 @contextlib.contextmanager
 def building(out: Path) -> Iterator[Path]:
     """A sibling temporary folder to fill, renamed onto `out` at the end (whatever `out` held goes: check first)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         yield tmp
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.is_dir():
             out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:  # safetensors reports a full disk as a SafetensorError, transformers as an OSError
+        if is_write_failure(e):
+            raise write_error(e, out) from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -347,9 +347,7 @@ def load_params(run_dir: str | Path, checkpoint: str = "best") -> tuple[Config, 
 def save_params(params: Params, run_dir: str | Path, step: int) -> Path:
     """Write `params` into an existing run directory as the weights-only checkpoint `step_N`, which `latest` (and
     `gptlab sample`, `serve`, `export`) then use; returns its folder. The run's config.yaml gives the shape."""
-    import yaml
-
-    from gptlab.config import from_dict
+    from gptlab.config import read_run_config
     from gptlab.train.checkpoint import load_model_tensors, model_tensors, save_checkpoint
 
     run_dir = Path(run_dir)
@@ -358,7 +356,7 @@ def save_params(params: Params, run_dir: str | Path, step: int) -> Path:
         raise ValueError(f"'{run_dir}' is not a run directory (config.yaml missing)")
     if (run_dir / "checkpoints" / f"step_{step}").exists():
         raise ValueError(f"'{run_dir}' already has a checkpoint step_{step}: give another step")
-    cfg = from_dict(yaml.safe_load(config_path.read_text()), str(config_path)).model.resolved()
+    cfg = read_run_config(config_path).model.resolved()
     model = GPT(cfg)
     state = to_torch(params, cfg)
     if cfg.tie_embeddings:  # stored once, as the embedding

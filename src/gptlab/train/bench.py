@@ -54,11 +54,13 @@ class BenchResult:
     params: int
     device: str
     dtype: str
+    threads: int  # torch's CPU threads at the end (--threads N, or the count timing chose: gptlab/threads.py)
 
     def __str__(self) -> str:
         mfu = f"{100 * self.mfu:.1f}%" if self.mfu is not None else "n/a"
+        cpu = f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.device == "cpu" else ""
         return (
-            f"{self.params / 1e6:.2f}M params on {self.device} ({self.dtype}): {self.ms_per_iter:.1f} ms/iter, "
+            f"{self.params / 1e6:.2f}M params on {self.device} ({self.dtype}{cpu}): {self.ms_per_iter:.1f} ms/iter, "
             f"{self.tokens_per_s:,.0f} tokens/s, MFU {mfu} (peak: {self.peak_source})"
         )
 
@@ -93,4 +95,6 @@ def bench(cfg: Config, steps: int = 20, warmup: int = 5, vocab_size: int = 0) ->
     tokens_per_s = shape[0] * shape[1] / dt
     peak, source = device_peak(device, step.dtype)
     mfu = model.flops_per_token(model_cfg.block_size) * tokens_per_s / peak if peak else None
-    return BenchResult(1000 * dt, tokens_per_s, mfu, source, model.num_params(), str(device), str(step.dtype))
+    return BenchResult(
+        1000 * dt, tokens_per_s, mfu, source, model.num_params(), str(device), str(step.dtype), step.threads.current
+    )

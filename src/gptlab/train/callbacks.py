@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +58,19 @@ class Callback:
     def on_train_end(self, trainer: Trainer) -> None: ...
 
 
+def metrics_lines(path: Path) -> list[str]:
+    """The lines of a run's metrics.jsonl ([] when there is none); bytes that are not UTF-8 are an error."""
+    if not path.is_file():
+        return []
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:  # json.dumps writes ASCII: such bytes are damage, not a line cut by a crash
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise GptlabError(
+            f"'{path}' is not UTF-8 text (byte {e.start}, line {line})", "repair or delete that line, then resume again"
+        ) from e
+
+
 class MetricsLogger(Callback):
     """Appends one JSON line per step, per evaluation and per sample to metrics.jsonl."""
 
@@ -65,12 +81,12 @@ class MetricsLogger(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         if self.path.exists():  # on resume, drop what the lost steps after the checkpoint had logged
             kept = []
-            for line in self.path.read_text().splitlines():
+            for line in metrics_lines(self.path):
                 try:
                     record = json.loads(line)
                 except ValueError:  # a line half-written by a crash
                     continue
-                if record.get("step", 0) <= trainer.step:
+                if isinstance(record, dict) and record.get("step", 0) <= trainer.step:
                     kept.append(line)
             write_atomic(self.path, "".join(line + "\n" for line in kept).encode())
         self.file = open(self.path, "a", buffering=1)
@@ -96,11 +112,13 @@ class MetricsLogger(Callback):
 
 
 class ProgressCallback(Callback):
-    """A rich progress bar with the latest loss and throughput."""
+    """A rich progress bar with the latest loss and throughput; on a stderr that is not a terminal (a log file under
+    SLURM, nohup or CI), a plain line every `log_interval` steps instead."""
 
     def __init__(self, log_interval: int, enabled: bool = True) -> None:
         self.log_interval, self.enabled = log_interval, enabled
         self.bar = None
+        self.plain = not console.is_terminal  # the bar is not drawn there (progress.py)
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.bar = progress_bar()
@@ -109,11 +127,28 @@ class ProgressCallback(Callback):
         )
         self.bar.start()
         self.val = ""
+        self.start = self.last = (time.monotonic(), trainer.step)  # this session's first, and the last line's
 
     def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if metrics["step"] % self.log_interval == 0 or metrics["step"] == trainer.total_steps:
             info = f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s{self.val}"
             self.bar.update(self.task, completed=metrics["step"], info=info)
+            if self.plain and self.enabled:
+                self._line(trainer, metrics)
+
+    def _line(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        """`step 250/2000 | loss 1.8734 | lr 9.1e-04 | 21,000 tok/s | 2 threads | 0:01:23 elapsed, 0:09:40 left`."""
+        now, step = time.monotonic(), metrics["step"]
+        rate = (step - self.last[1]) * trainer.tokens_per_step / max(now - self.last[0], 1e-9)  # since the last line
+        elapsed = now - self.start[0]
+        left = elapsed / max(step - self.start[1], 1) * (trainer.total_steps - step)  # evaluations included
+        governor = getattr(trainer.stepper, "threads", None)  # the torch backend's (gptlab/threads.py)
+        n = f" | {governor.current} thread{'s' if governor.current != 1 else ''}" if governor else ""
+        clock = f"{timedelta(seconds=round(elapsed))} elapsed, {timedelta(seconds=round(left))} left"
+        sys.stderr.write(f"step {step}/{trainer.total_steps} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.1e} | "
+                         f"{rate:,.0f} tok/s{n} | {clock}\n")  # fmt: skip
+        sys.stderr.flush()
+        self.last = (now, step)
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.val = f" val {metrics['val_loss']:.4f}"
@@ -123,7 +158,8 @@ class ProgressCallback(Callback):
             self.bar.console.print(f"{step}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}")
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self.bar.stop()
+        if self.bar is not None:  # None when the fit failed before on_train_start reached this callback
+            self.bar.stop()
 
 
 def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -239,6 +275,8 @@ class HistoryPrinter(Callback):
             console.print(f"{metrics['checkpoint']} (best by {trainer.cfg.train.monitor}): {scores}")
 
     def on_train_end(self, trainer: Trainer) -> None:
+        if trainer.failed:  # history.json stays as last written; a resume takes the history from its checkpoint
+            return
         write_atomic(self.path, json.dumps(trainer.history, indent=2).encode())
         if not self.enabled or not trainer.history:
             return

@@ -4,9 +4,13 @@ Layout: checkpoints/step_N/{model.safetensors, meta.json, state.pt, train_state/
 `latest` and `best`, each holding a folder name. model.safetensors holds the whole weights that sample, serve
 and export read; train_state/ holds what a resume needs of the model and optimizers, written by
 `torch.distributed.checkpoint` (each rank its own shards under FSDP) and readable by any number of ranks;
-state.pt holds the step, the RNG state of every rank and the history. A checkpoint is built in a temporary
-folder, each file fsynced, then renamed into place; the pointers are replaced last. A crash at any moment leaves
-the previous checkpoint and pointers intact. A LoRA run's checkpoints hold only its adapters; `load_run` rebuilds
+state.pt holds the step, the RNG state of every rank and the history. Run directories are shared, so nothing read
+from one may run code: weights are safetensors, state.pt is read with `torch.load(weights_only=True)` and
+train_state/ through `gptlab.safe_pickle` (torch's own reader would unpickle it whole).
+A checkpoint is built in a temporary folder, each file fsynced, then renamed into place; the pointers are replaced
+last. A crash at any moment leaves the previous checkpoint and pointers intact; pruning renames a folder to a trash
+name before deleting it, and a resume discards step folders newer than `latest` (renamed in, never pointed at).
+A LoRA run's checkpoints hold only its adapters; `load_run` rebuilds
 its base from `model.init_from` and merges them in.
 """
 
@@ -25,17 +29,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from gptlab.chat import ChatTemplate, load_chat_template
-from gptlab.config import Config, ModelConfig, from_dict
+from gptlab.config import Config, ModelConfig, read_run_config
 from gptlab.errors import GptlabError
 from gptlab.interop.hf import load_pretrained, pretrained_config
 from gptlab.lora import add_lora, is_adapter, merge_lora
 from gptlab.model import GPT
+from gptlab.safe_pickle import (
+    RefusedPickle,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    read_dcp_metadata,
+    weights_only_refusal,
+)
 from gptlab.tokenizers import Tokenizer
 from gptlab.train.distributed import SINGLE, Dist, is_sharded, load_full_state, lost_peer
 
@@ -69,7 +79,16 @@ def write_pointer(path: Path, target: str) -> None:
 
 
 def read_pointer(path: Path) -> str | None:
-    return path.read_text().strip() if path.is_file() else None
+    """The folder name a pointer file (`latest`, `best`) holds, or None when there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptlabError(
+            f"the pointer file '{path}' is unreadable ({type(e).__name__})",
+            f"write the name of one of its checkpoint folders into it, e.g. `echo step_500 > {path}`",
+        ) from e
 
 
 def _stored(model: GPT, state: dict[str, Any]) -> dict[str, Any]:
@@ -161,15 +180,22 @@ def save_checkpoint(
     try:
         if not exists:
             _write(final, tmp, weights, state, {"step": step, **(meta or {})}, train_state, d)
-    except (OSError, CheckpointException) as e:
+        if d.is_main:
+            write_pointer(ckpt_root / "latest", name)
+            if best:
+                write_pointer(ckpt_root / "best", name)
+    # safetensors and torch.save report a failed write as SafetensorError and RuntimeError ("... failed writing")
+    except (OSError, CheckpointException, SafetensorError, RuntimeError) as e:
+        if d.world > 1 and isinstance(e, RuntimeError) and lost_peer(e):
+            raise  # another rank is gone: the trainer says so
+        if d.is_main:  # the half-built folder goes; a pointer never names it
+            shutil.rmtree(tmp, ignore_errors=True)
+            for pointer in ("latest", "best"):
+                (ckpt_root / f".{pointer}.tmp").unlink(missing_ok=True)
         raise GptlabError(
             f"could not write checkpoint '{final}' ({_cause(e)})",
             "free disk space or fix the folder's permissions; the previous checkpoint is kept",
         ) from e
-    if d.is_main:
-        write_pointer(ckpt_root / "latest", name)
-        if best:
-            write_pointer(ckpt_root / "best", name)
     d.barrier()  # no rank reads the pointers before they are written
     return final
 
@@ -217,6 +243,15 @@ def _cause(e: BaseException) -> str:
     return text[:300]
 
 
+def _refused(path: Path, file: str, reason: str) -> GptlabError:
+    """The error for a checkpoint file that asked to build objects no checkpoint holds (see gptlab.safe_pickle)."""
+    return GptlabError(
+        f"checkpoint '{path}' was refused: {file} holds objects no checkpoint holds, such as code ({reason}); "
+        "nothing of it was run",
+        "resume only checkpoints from a source you trust, or pick another checkpoint",
+    )
+
+
 def training_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
     """What a resume needs of the model and optimizers, keyed by parameter name (not by rank or position), so any
     number of ranks, with DDP or FSDP, can read it; a LoRA run's frozen base is left out."""
@@ -242,10 +277,15 @@ def load_training_state(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=path / TRAIN_STATE, no_dist=d.world == 1)
+            # read on its own first: dcp.load logs two tracebacks for a damaged one before it fails
+            read_dcp_metadata(path / TRAIN_STATE)
+            reader = SafeFileSystemReader(path / TRAIN_STATE)  # torch's own reader would unpickle planted code
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=d.world == 1)
     except (Exception, CheckpointException) as e:  # dcp gathers every rank's failure into one BaseException
         if d.world > 1 and lost_peer(_inner(e)):
             raise  # another rank is gone: the trainer says so
+        if isinstance(_inner(e), RefusedPickle):
+            raise _refused(path, TRAIN_STATE, str(_inner(e))) from e
         raise GptlabError(
             f"checkpoint '{path}' does not match this run or is damaged: {TRAIN_STATE} unreadable ({_cause(e)})",
             "resume with the config of the run that wrote it, or pick an older checkpoint",
@@ -262,9 +302,29 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
     )
     for p in steps[:-keep_last]:
         if p.name not in keep:
-            shutil.rmtree(p, ignore_errors=True)
-    for p in ckpt_root.glob(".tmp-step_*"):  # leftovers of a crashed write
+            discard(p)
+    for p in [*ckpt_root.glob(".tmp-step_*"), *ckpt_root.glob(".trash-step_*")]:  # leftovers of a crash
         shutil.rmtree(p, ignore_errors=True)
+
+
+def discard(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed to a hidden trash name first, so a kill midway leaves no torn step_N."""
+    trash = folder.with_name(f".trash-{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    folder.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def drop_after(ckpt_root: Path, step: int) -> list[str]:
+    """Discard the step folders newer than `step` (the one a resume starts from); returns their names.
+
+    They were renamed into place by a run killed before it pointed `latest` at them: the resumed run's own
+    trajectory (with a changed budget, another one) must write those steps afresh, not find them already there.
+    """
+    newer = [p for p in ckpt_root.glob("step_*") if p.name[5:].isdigit() and int(p.name[5:]) > step and p.is_dir()]
+    for p in sorted(newer):
+        discard(p)
+    return sorted(p.name for p in newer)
 
 
 def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
@@ -284,8 +344,10 @@ def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
 def read_meta(path: Path) -> dict[str, Any]:
     """A checkpoint's meta.json, checked for a format this version reads."""
     try:
-        meta = json.loads((path / META).read_text())
-    except (OSError, ValueError) as e:
+        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise GptlabError(f"checkpoint '{path}' is corrupted: meta.json unreadable", "pick an older checkpoint") from e
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise GptlabError(
@@ -310,6 +372,9 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path / STATE, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... on damaged files
+        refusal = weights_only_refusal(e)  # torch's restricted unpickler refused an object: nothing was built
+        if refusal is not None:
+            raise _refused(path, STATE, refusal) from e
         raise GptlabError(f"checkpoint '{path}' is corrupted: {STATE} unreadable", "pick an older checkpoint") from e
 
 
@@ -342,7 +407,7 @@ def init_source_config(init_from: str) -> ModelConfig:
     """The model config of what `model.init_from` names, read without its weights."""
     path = Path(init_from).expanduser()
     if (path / "config.yaml").is_file():
-        return from_dict(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml")).model.resolved()
+        return read_run_config(path / "config.yaml").model.resolved()
     return pretrained_config(init_from, "model.init_from={folder}")
 
 
@@ -410,7 +475,7 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
         raise GptlabError(
             f"'{run_dir}' is not a run directory (config.yaml missing)", "pass the train.out_dir of a run"
         )
-    cfg = from_dict(yaml.safe_load(config_path.read_text()), str(config_path))
+    cfg = read_run_config(config_path)
     if which == "best" and read_pointer(run_dir / "checkpoints" / "best") is None:
         which = "latest"
     path = find_checkpoint(run_dir, which)

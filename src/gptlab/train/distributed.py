@@ -286,6 +286,9 @@ def _report(failures: dict[int, Any]) -> int:
     causes = {rank: f for rank, f in failures.items() if f.exitcode not in (LostRanks.exit_code, -signal.SIGTERM)}
     if any(f.exitcode == 2 for f in causes.values()):
         return 2  # a rank blocked in a collective meanwhile may have been killed by torchrun: not a cause
+    stopped = {128 + signal.SIGINT, 128 + signal.SIGTERM}  # a rank was signalled, not the launcher
+    if causes and all(f.exitcode in stopped for f in causes.values()):
+        return max(f.exitcode for f in causes.values())  # the ranks agreed on a step; rank 0 said where it stopped
     rank, first = min((causes or failures).items(), key=lambda item: (item[1].timestamp, item[0]))
     sys.stderr.write(f"error: rank {rank} {_ended(first.exitcode)} and the run stopped (see its output above; "
                      "continue with gptlab train --resume RUN_DIR --nproc N from the last checkpoint)\n")  # fmt: skip

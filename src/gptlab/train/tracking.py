@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import gptlab
+from gptlab import threads
 from gptlab.config import Config, SampleConfig
 from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError
@@ -110,6 +111,21 @@ def check_git(require_clean: bool, cwd: str | Path | None = None) -> GitState | 
     return state
 
 
+def read_sessions(path: Path) -> list[Any]:
+    """The sessions a run.json lists ([] when there is none); a damaged file is an error naming it."""
+    if not path.is_file():
+        return []
+    fix = "repair it, or move it away and resume again: it only records the sessions"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise GptlabError(f"'{path}' is damaged ({str(e).splitlines()[0]})", fix) from e
+    sessions = data.get("sessions") if isinstance(data, dict) else None
+    if not isinstance(sessions, list):
+        raise GptlabError(f"'{path}' is damaged (no list of sessions)", fix)
+    return sessions
+
+
 def start_session(
     run_dir: Path,
     git: GitState | None,
@@ -136,10 +152,11 @@ def start_session(
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "ranks": ranks,
         "parallel": parallel,
+        "threads": threads.describe(),  # --threads N, or "auto" (chosen by timing the steps: gptlab/threads.py)
         **(extra or {}),
     }
     path = run_dir / "run.json"
-    sessions = json.loads(path.read_text())["sessions"] if path.is_file() else []  # a resume adds to the first
+    sessions = read_sessions(path)  # a resume adds to the first
     write_atomic(path, json.dumps({"sessions": [*sessions, session]}, indent=2).encode())
     if not quiet:
         console.print(f"git: {git.describe() if git else 'none'}", markup=False, highlight=False)
@@ -165,7 +182,7 @@ def check_tracking(cfg: Config, data: PreparedData) -> None:
         return
     prompt = prompt_text(cfg.sample.start)
     try:
-        ids = data.tokenizer().encode(prompt)
+        ids = data.tokenizer().encode(prompt, allow_special=cfg.sample.allow_special)
     except GptlabError as e:  # e.g. a character the data's vocabulary lacks
         raise GptlabError(f"sample.start: {e.what}", "set sample.start to text the data's tokenizer has") from e
     if not ids:
@@ -198,7 +215,8 @@ def sample_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, s: Sa
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model.eval()
         try:
-            return Generator(model, tokenizer).complete(prompt, s.max_new_tokens, params, stop=s.stop, truncate=True)
+            ids = tokenizer.encode(prompt, allow_special=s.allow_special)
+            return Generator(model, tokenizer).complete(ids, s.max_new_tokens, params, stop=s.stop, truncate=True)
         finally:
             model.train()
 

@@ -25,15 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.profiler import record_function
 
+from gptlab import threads
 from gptlab.chat import load_chat_template
-from gptlab.config import Config, TaskConfig, TrainConfig, from_dict, to_yaml
+from gptlab.config import Config, TaskConfig, TrainConfig, read_run_config, to_yaml
 from gptlab.data.batches import IGNORE_INDEX, Batches, ExampleBatches, load_prepared, prefetch
 from gptlab.data.shards import write_atomic
 from gptlab.data.tasks import TASK_SETTINGS, changed_settings
-from gptlab.errors import GptlabError
+from gptlab.errors import GptlabError, Interrupted, is_write_failure, write_error
 from gptlab.model import GPT
 from gptlab.progress import console
 from gptlab.train import checkpoint as ckpt
@@ -46,6 +46,7 @@ from gptlab.train.callbacks import (
     HistoryPrinter,
     MetricsLogger,
     ProgressCallback,
+    metrics_lines,
 )
 from gptlab.train.optim import build_optimizers, set_lr
 from gptlab.train.schedules import lr_factor
@@ -186,8 +187,13 @@ class TrainStep:
         self.sharded = distributed.is_sharded(model)
         # FSDP2 casts the parameters for compute itself (its mixed-precision policy); the rest use autocast
         self.compute_dtype = torch.float32 if self.sharded else self.dtype
+        # torch's CPU threads: --threads N, or on one CPU process a count chosen by timing the steps (threads.py)
+        self.threads = threads.governor(adaptive=device.type == "cpu" and dist.world == 1)
         use_compile = t.compile if t.compile is not None else compile_pays(device, total_steps)
-        self.forward = torch.compile(self.module) if use_compile else self.module
+        # inductor's C++ kernels otherwise fix their team size at compile time (unless it is the CPU count): the
+        # governor's count must reach them
+        options = {"cpp.dynamic_threads": True} if self.threads.adaptive and device.type == "cpu" else None
+        self.forward = torch.compile(self.module, options=options) if use_compile else self.module
         self.optimizers = build_optimizers(model, t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
@@ -213,6 +219,11 @@ class TrainStep:
     def __call__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's rows, split into micro-batches; returns (this rank's share of the
         mean loss, grad norm). Only the last micro-batch all-reduces gradients."""
+        with self.threads.unit():
+            return self._step(x, y)  # governed on CPU only, where ops finish before they return
+
+    def _step(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The optimizer step `__call__` runs at the governed thread count."""
         n_valid = int((y != IGNORE_INDEX).sum())
         if self.dist.world > 1:  # sft rows hold different numbers of targets: count the whole batch's
             n_valid = int(self.dist.all_sum(torch.tensor([n_valid], dtype=torch.int64, device=self.device)))
@@ -334,9 +345,14 @@ class Trainer:
         self.best_metric: float | None = None
         self._epoch_loss, self._epoch_steps = 0.0, 0
         self._stop_requested = False  # Ctrl-C or SIGTERM: save a checkpoint and stop
+        self._stop_signal: int = signal.SIGINT  # which of them this rank received first
         self._stop_agreed = False  # with several ranks: some rank was asked to stop (all stop at the same step)
+        self._agreed_signal: int = signal.SIGINT  # ... and the signal they stop for (SIGTERM if any rank got it)
+        # the signal (SIGINT, SIGTERM) that stopped fit() after saving a checkpoint; None when the run finished
+        self.interrupted: int | None = None
         self.stop_reason: str | None = None  # set by a callback (early stopping): stop after this step
         self.results: dict[str, Any] = {}  # what the end of a finished run measured (a task's test score)
+        self.failed = False  # fit ended in an error: on_train_end callbacks keep the files of the last good state
         # the run directory is written only once everything is checked and a resumed checkpoint has loaded
         self.git: tracking.GitState | None = None
         if not ephemeral:
@@ -347,6 +363,16 @@ class Trainer:
                 self._load_latest()
             self.dist.barrier()  # every rank has checked the run directory before rank 0 writes it
             if self.dist.is_main:
+                if resume:  # a run killed between renaming a checkpoint into place and pointing `latest` at it
+                    try:
+                        dropped = ckpt.drop_after(self.run_dir / "checkpoints", self.step)
+                    except OSError as e:
+                        if not is_write_failure(e):
+                            raise
+                        raise write_error(e) from e
+                    if dropped and not quiet:
+                        console.print(f"dropped {', '.join(dropped)}: written after step {self.step}, which "
+                                      "`latest` names, by a run that was killed before it pointed there")  # fmt: skip
                 self._write_run_dir(overwrite)
                 parallel = t.parallel if self.dist.world > 1 else "none"
                 tracking.start_session(
@@ -457,6 +483,11 @@ class Trainer:
                 raise GptlabError(
                     f"no run to resume in '{self.run_dir}' (config.yaml missing)", "train it first without --resume"
                 )
+            if ckpt.read_pointer(self.run_dir / "checkpoints" / "latest") is None:
+                raise GptlabError(
+                    f"run '{self.run_dir}' has no checkpoint to resume: it stopped before its first one",
+                    "start it again with --overwrite",
+                )
             ckpt.find_checkpoint(self.run_dir, "latest")
             same = run_tokenizer.is_file() and run_tokenizer.read_bytes() == self.data.tokenizer_path.read_bytes()
             if not same:
@@ -465,7 +496,10 @@ class Trainer:
                     "than this run",
                     "resume with the data the run was trained on, or start a new run",
                 )
-            saved = from_dict(yaml.safe_load(config_path.read_text()), str(config_path))
+            saved = read_run_config(config_path)
+            # damaged files the resume would read only after it has written to the run: refused now
+            tracking.read_sessions(self.run_dir / "run.json")
+            metrics_lines(self.run_dir / "metrics.jsonl")
             old = asdict(replace(saved, model=saved.model.resolved()))
             changed = [k for k in _diff_keys(old, asdict(self.cfg)) if k.startswith(FROZEN_ON_RESUME)]
             if changed:
@@ -643,16 +677,18 @@ class Trainer:
         return s / n
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        if not self._stop_requested:
+            self._stop_signal = signum
         if self.dist.world > 1:  # torchrun passes the terminal's Ctrl-C on again: only its own timeout aborts
             self._stop_requested = True  # the ranks agree on the step to stop at, then rank 0 says so
             return
         if self._stop_requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self._stop_requested = True
         console.print("[yellow]interrupted: saving a checkpoint after this step (Ctrl-C again to abort)[/]")
 
     def fit(self) -> Trainer:
-        """Train until the budget (or Ctrl-C, which saves a checkpoint first); returns self."""
+        """Train until the budget, or Ctrl-C/SIGTERM (a checkpoint saved, `interrupted` set); returns self."""
         t = self.cfg.train
         self.model.train()
         # Ctrl-C and SIGTERM (a scheduler's preemption) both save a checkpoint after the current step
@@ -664,7 +700,9 @@ class Trainer:
         try:
             self.fire("on_train_start")
             self._loop(t)
-            if not self._stopping():  # the budget was spent or a callback stopped it: not an interruption
+            if self._stopping():  # also after the last step: the run's end (on_fit_end) is left to a resume
+                self.interrupted = self._agreed_signal if self.dist.world > 1 else self._stop_signal
+            else:  # the budget was spent or a callback stopped it: not an interruption
                 self.fire("on_fit_end")
             clean = True
         except torch.OutOfMemoryError as e:
@@ -673,20 +711,44 @@ class Trainer:
             if self.dist.world > 1 and distributed.lost_peer(e):
                 raise distributed.peer_error(e, t.dist_timeout) from e
             raise
+        except OSError as e:  # metrics.jsonl, history.json, results.json on a full disk or a read-only folder
+            if is_write_failure(e):
+                raise write_error(e, e.filename or self.run_dir) from e
+            raise
         finally:
             # a rank that failed keeps ignoring torchrun's SIGTERM, which would end it before it reports why
             if clean or self.dist.world == 1:
                 for sig, handler in old_handlers.items():
                     signal.signal(sig, handler)
-            self.fire("on_train_end")
-            if self._owns_group:  # the group this trainer joined is left with it
-                self._owns_group = False
-                # DDP's C++ reducer holds the group and frees it holding the GIL, which deadlocks against gloo's
-                # worker thread (seen: a hang after the last step, 1 run in 30): drop it while the group lives
-                self.stepper.module = self.stepper.forward = self.forward = None
-                gc.collect()
-                distributed.shutdown(clean)
+            try:
+                self._fire_end(clean)
+            finally:  # also when a callback's last write failed
+                if self._owns_group:  # the group this trainer joined is left with it
+                    self._owns_group = False
+                    # DDP's C++ reducer holds the group and frees it holding the GIL, which deadlocks against gloo's
+                    # worker thread (seen: a hang after the last step, 1 run in 30): drop it while the group lives
+                    self.stepper.module = self.stepper.forward = self.forward = None
+                    gc.collect()
+                    distributed.shutdown(clean)
         return self
+
+    def _fire_end(self, clean: bool) -> None:
+        """on_train_end for every callback, even after one fails (files closed, progress bar stopped).
+
+        After a failed fit, a failure here is dropped: it must not mask the error that ended the fit. After a clean
+        one the first is raised, a failed write as the user's error."""
+        self.failed = not clean
+        first: Exception | None = None
+        for cb in self.callbacks:
+            if self.dist.is_main or cb.all_ranks:
+                try:
+                    cb.on_train_end(self)
+                except Exception as e:  # noqa: BLE001 - the others still clean up; raised below
+                    first = first or e
+        if first is not None and clean:
+            if is_write_failure(first):
+                raise write_error(first, getattr(first, "filename", None) or self.run_dir) from first
+            raise first
 
     def out_of_memory(self) -> GptlabError:
         """The error for a step that ran out of device memory, naming the settings that would fit it."""
@@ -703,9 +765,12 @@ class Trainer:
         """The whole batch's loss from the ranks' shares, and whether any rank was asked to stop, in one all-reduce."""
         if self.dist.world == 1:
             return loss
-        packed = torch.stack([loss.float(), torch.tensor(float(self._stop_requested), device=loss.device)])
+        # one count per stop signal, so every rank also learns which one (SIGTERM, a preemption, wins)
+        flags = [float(self._stop_requested and self._stop_signal == s) for s in (signal.SIGINT, signal.SIGTERM)]
+        packed = torch.cat([loss.float().reshape(1), torch.tensor(flags, device=loss.device)])
         self.dist.all_sum(packed)
-        self._stop_agreed = bool(packed[1] > 0)
+        self._stop_agreed = bool(packed[1:].sum() > 0)
+        self._agreed_signal = signal.SIGTERM if packed[2] > 0 else signal.SIGINT
         return packed[0]
 
     def _pin(self, a: np.ndarray) -> np.ndarray | torch.Tensor:
