@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.config import DataConfig, load_config
+from gptlab.data.batches import load_prepared
 from gptlab.data.shards import prepare
 from gptlab.train.checkpoint import load_run
 from gptlab.train.trainer import Trainer
@@ -66,6 +67,11 @@ def prepare_data(source: Path, out: Path) -> Path:
     """`gptlab prepare` of `source`: sorted-character vocabulary, first int(0.9 n) characters train."""
     prepare(DataConfig(source=str(source), dir=str(out), val_fraction=0.1), overwrite=True, quiet=True)
     return out
+
+
+def val_tokens(data_dir: Path) -> torch.Tensor:
+    """The prepared folder's val split, its shards joined, as int64."""
+    return torch.from_numpy(np.concatenate(load_prepared(data_dir).val).astype(np.int64))
 
 
 @torch.no_grad()
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         source = Path(args.data).resolve()
         data_dir = prepare_data(source, work / "data")
         meta = json.loads((data_dir / "meta.json").read_text())
-        val = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=meta["dtype"]).astype(np.int64))
+        val = val_tokens(data_dir)
         print(
             f"data: {source}: vocab {meta['vocab_size']}, train {meta['train_tokens']} / val {meta['val_tokens']} "
             f"tokens; torch {torch.__version__}, {torch.get_num_threads()} threads",

@@ -13,8 +13,14 @@ Ratios from interleaved rounds survive a shared, noisy machine better than absol
 make it likely that both halves of a round see the same load. "best rounds" (fastest HF round / fastest
 gptlab round) is a cross-check that bursts of other work, which only add time, barely move.
 
+The default recipe's step (configs/shakespeare-char.yaml: Muon on hidden matrices) is also timed against the
+same model with AdamW (`optimizer_ratio`, goal: Muon's step at most 2x AdamW's). Muon's Newton-Schulz runs in bf16
+where the CPU has native bf16 matmuls and in fp32 elsewhere (train/muon.py); to measure a CPU without them
+(AVX2) on an AVX-512 machine, limit oneDNN and MKL to AVX2 at start-up (NO_BF16_ENV), as the last line shows.
+
     python benchmarks/train_speed.py                      # full run, as recorded in RESULTS.md
     python benchmarks/train_speed.py --rounds 3 --steps 3 --warmup 2 --shapes small   # a quick look
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/train_speed.py --shapes none
 """
 
 from __future__ import annotations
@@ -35,9 +41,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from gptlab.config import ModelConfig, TrainConfig, load_config
 from gptlab.model import GPT
+from gptlab.train.muon import muon_dtype
 from gptlab.train.trainer import TrainStep
 
 VOCAB = 65  # tiny-shakespeare characters
+# a CPU without native bf16 matmuls (AVX2), emulated on an AVX-512 one: oneDNN and MKL limited at start-up
+NO_BF16_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -190,16 +199,53 @@ def default_recipe(args: argparse.Namespace) -> dict:
             "first_step_s": first, **info}  # fmt: skip
 
 
+def cpu_class() -> dict:
+    """The CPU's name, its vector extensions, and the start-up limits put on oneDNN and MKL."""
+    caps = torch._C._cpu._get_cpu_capability()
+    exts = [e for e in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16") if caps.get(e)]
+    limits = {k: os.environ[k] for k in NO_BF16_ENV if k in os.environ}
+    return {"cpu": caps.get("cpu_name", "?"), "extensions": exts, "limits": limits}
+
+
+def optimizer_ratio(rounds: int, steps: int, warmup: int = 10, precision: str = "auto") -> dict:
+    """The default recipe's step (Muon) against the same model with AdamW: median Muon / AdamW time over
+    interleaved rounds, each compiled as the trainer compiles a 2000-step run."""
+    cfg = load_config(ROOT / "configs" / "shakespeare-char.yaml")
+    model_cfg = replace(cfg.model, vocab_size=VOCAB)
+    shape = Shape("default recipe", model_cfg.n_layer, model_cfg.n_head, model_cfg.n_embd,
+                  model_cfg.block_size, cfg.train.batch_size, goal=0.0)  # fmt: skip
+    train = replace(cfg.train, max_iters=2000, muon_precision=precision)
+    runs = {opt: gptlab_step(shape, None, replace(train, optimizer=opt), model_cfg)[0] for opt in ("adamw", "muon")}
+    batches = {name: Batches(shape) for name in runs}
+    for name, run in runs.items():
+        warm_up(run, batches[name], warmup)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in ("adamw", "muon") if r % 2 == 0 else ("muon", "adamw"):
+            times[name].append(timed(runs[name], batches[name], steps) / steps)
+    ratios = [m / a for m, a in zip(times["muon"], times["adamw"])]
+    return {"ratio": statistics.median(ratios), "range": (min(ratios), max(ratios)),
+            "adamw_ms": 1000 * statistics.median(times["adamw"]), "muon_ms": 1000 * statistics.median(times["muon"]),
+            "threads": torch.get_num_threads(), **cpu_class(),
+            "muon_precision": str(muon_dtype(precision, torch.device("cpu"))).removeprefix("torch.")}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=11, help="interleaved timing rounds per shape (>= 3)")
     p.add_argument("--steps", type=int, default=12, help="steps per side per round (the larger shape uses steps/4)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps per side, compilation included")
-    p.add_argument("--shapes", default="small,larger", help="comma-separated: small, larger")
+    p.add_argument("--shapes", default="small,larger", help="comma-separated: small, larger (or none)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="gptlab's train.compile: auto = TrainStep's default for the device")  # fmt: skip
-    p.add_argument("--no-recipe", action="store_true", help="skip the default recipe's tokens/s")
+    p.add_argument("--no-recipe", action="store_true", help="skip the default recipe's tokens/s and Muon / AdamW")
+    p.add_argument(
+        "--muon-precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="train.muon_precision for Muon / AdamW (bfloat16: in torch.optim.Muon's precision)",
+    )
     args = p.parse_args()
     if args.rounds < 3:
         p.error("--rounds must be at least 3 for a median of per-round ratios")
@@ -216,11 +262,12 @@ def main() -> None:
     )
 
     results = []
-    for name in args.shapes.split(","):
+    for name in [n for n in args.shapes.split(",") if n.strip() != "none"]:
         shape = SHAPES[name.strip()]
         steps = args.steps if shape.name == "small" else max(1, args.steps // 4)
         results.append(compare(shape, argparse.Namespace(**{**vars(args), "steps": steps})))
     recipe = None if args.no_recipe else default_recipe(args)
+    optimizers = None if args.no_recipe else optimizer_ratio(args.rounds, args.steps, precision=args.muon_precision)
 
     print()
     print(
@@ -252,6 +299,15 @@ def main() -> None:
             f"default recipe (configs/shakespeare-char.yaml: modern, muon; small shape): "
             f"{recipe['tokens_per_s']:,.0f} tokens/s ({recipe['ms']:.1f} ms/step), compiled={recipe['compiled']}, "
             f"first step {recipe['first_step_s']:.1f} s"
+        )
+    if optimizers:
+        o = optimizers
+        ok = "met" if o["ratio"] <= 2.0 else "NOT met"
+        print(
+            f"default recipe's step with Muon / with AdamW: **{o['ratio']:.2f}x** ({o['range'][0]:.2f}-"
+            f"{o['range'][1]:.2f}; {o['muon_ms']:.1f} / {o['adamw_ms']:.1f} ms), goal <= 2x ({ok}); CPU "
+            f"{o['cpu']}, {'/'.join(o['extensions'])}, Muon's Newton-Schulz in {o['muon_precision']}"
+            + (f", limited by {o['limits']}" if o["limits"] else "")
         )
 
 

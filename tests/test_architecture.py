@@ -9,7 +9,7 @@ SRC = Path(__file__).parent.parent / "src" / "gptlab"
 # lowest first; a module may import from its own layer and the ones below (the order of docs/architecture.md)
 LAYERS = [
     ("errors", "progress", "safe_pickle", "threads"),
-    ("config",),
+    ("config", "config_names"),
     ("tokenizers", "chat"),
     ("data",),
     ("model", "lora", "decode"),

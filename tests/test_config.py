@@ -24,7 +24,7 @@ def test_nanogpt_style_flat_overrides():
     "override, message",
     [
         ("model.n_layers=4", "unknown config key 'model.n_layers' in overrides (did you mean 'model.n_layer'?)"),
-        ("trian.lr=1", "unknown config key 'trian' in overrides (did you mean 'train.lr'?)"),
+        ("trian.lr=1", "unknown config key 'trian.lr' in overrides (did you mean 'train.lr'?)"),
         ("n_layers=4", "unknown config key 'n_layers' (did you mean 'model.n_layer'?)"),
         ("seed=3", "override 'seed' is ambiguous (prefix it with its section: train.seed or sample.seed or task.seed)"),
         ("train.optimizer=adam", "train.optimizer has no option 'adam' (did you mean 'adamw'?)"),

@@ -14,6 +14,8 @@ SWITCHES = {
     "gpt2+qk_norm+rope": dict(arch="gpt2", qk_norm=True, position="rope"),
     "gelu_exact+untied+bias": dict(mlp="gelu_exact", tie_embeddings=False, bias=True),
     "swiglu+learned+layernorm": dict(position="learned", norm="layernorm"),
+    "parallel": dict(parallel_block=True),
+    "gpt2+parallel+gqa": dict(arch="gpt2", parallel_block=True, n_head=4, n_kv_head=2),
 }
 
 

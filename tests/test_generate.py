@@ -13,9 +13,10 @@ def tiny(arch: str = "modern", vocab_size: int = 40, block_size: int = 16) -> GP
     return scaled_model(vocab_size, block_size, arch=arch)
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
 @pytest.mark.parametrize("arch", ["modern", "gpt2"])
-def test_cached_greedy_equals_uncached_greedy_also_past_the_context(arch):
-    gen = Generator(tiny(arch))
+def test_cached_greedy_equals_uncached_greedy_also_past_the_context(arch, parallel):
+    gen = Generator(scaled_model(40, 16, arch=arch, parallel_block=parallel))
     prompts = [[1, 2, 3, 4, 5]]
     # 40 new tokens on a 16-token context: the window slides and is prefilled again several times
     cached = gen.generate(prompts, 40, temperature=0, use_cache=True)

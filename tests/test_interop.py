@@ -46,15 +46,66 @@ def test_random_models_convert_with_equal_logits_and_greedy_tokens(arch, extra):
     assert from_hf(hf).cfg == model.cfg
 
 
-@pytest.fixture(scope="module", params=["gpt2", "modern", "gpt2+lora", "modern+lora"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"arch": "gpt2", "position": "rope"},  # biases, a tied head
+        {"arch": "modern", "norm": "layernorm", "mlp": "gelu_exact", "n_kv_head": 1, "rope_theta": 500.0},  # untied
+    ],
+    ids=["gpt2+rope", "modern+layernorm+gelu_exact+gqa"],
+)
+def test_parallel_blocks_export_as_phi_with_equal_logits_and_greedy_tokens(extra):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, block_size=48, n_layer=2, n_head=2, n_embd=32, parallel_block=True, **extra)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # larger weights, so the greedy tokens depend on the whole context
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    hf = to_hf(model)
+    assert type(hf).__name__ == "PhiForCausalLM"
+    x = torch.randint(0, 50, (3, 24))
+    with torch.no_grad():
+        assert torch.allclose(model(x), hf(x).logits, atol=1e-5, rtol=0)
+    prompt = [3, 1, 4, 1, 5]
+    assert greedy_hf(hf, prompt, 20) == Generator(model).generate([prompt], 20, temperature=0)[0]
+
+
+def test_parallel_blocks_without_a_hugging_face_form_are_user_errors():
+    from gptlab.errors import GptlabError
+    from gptlab.interop.hf import hf_architecture
+
+    cases = {
+        "modern": "error: model.norm=rmsnorm has no Hugging Face architecture with model.parallel_block=true "
+        "(PhiForCausalLM needs model.norm=layernorm; export parallel blocks with RoPE, LayerNorm and GELU, "
+        "or train with model.parallel_block=false)",
+        "gpt2": "error: model.position=learned has no Hugging Face architecture with model.parallel_block=true "
+        "(PhiForCausalLM needs model.position=rope; export parallel blocks with RoPE, LayerNorm and GELU, "
+        "or train with model.parallel_block=false)",
+    }
+    for arch, message in cases.items():
+        with pytest.raises(GptlabError) as e:
+            hf_architecture(ModelConfig(arch=arch, vocab_size=10, n_head=2, n_embd=16, parallel_block=True))
+        assert "error: " + str(e.value) == message
+
+
+# model.parallel_block exports as Phi (PhiForCausalLM), whose block has RoPE, LayerNorm and GELU
+PARALLEL = ("model.arch=gpt2", "model.position=rope", "model.parallel_block=true")
+
+
+@pytest.fixture(scope="module", params=["gpt2", "modern", "gpt2+lora", "modern+lora", "parallel"])
 def trained(request, tmp_path_factory) -> Path:
     """A run of each block trained a few steps by gptlab (+lora: LoRA-tuned from such a run), exported."""
     arch, _, lora = request.param.partition("+")
     tmp = tmp_path_factory.mktemp(request.param)
     (tmp / "corpus.txt").write_text(make_text())
-    cfg = tiny_config(tmp / "base" if lora else tmp, tmp / "corpus.txt", f"model.arch={arch}", "model.block_size=64")
+    switches = PARALLEL if arch == "parallel" else (f"model.arch={arch}",)
+    cfg = tiny_config(tmp / "base" if lora else tmp, tmp / "corpus.txt", *switches, "model.block_size=64")
     prepare(cfg.data, quiet=True)
     Trainer(cfg, quiet=True).fit()
+    if arch == "parallel":  # the switch is saved with the run and comes back with its checkpoint
+        saved, model, _ = load_run(cfg.train.out_dir)
+        assert saved.model.parallel_block and model.cfg.parallel_block and not hasattr(model.blocks[0], "norm2")
     if lora:  # adapters on the run above, merged by export
         base = Path(cfg.train.out_dir)
         cfg = tiny_config(tmp, tmp / "corpus.txt", f"model.init_from={base}", f"data.tokenizer={base / 'tokenizer.json'}",

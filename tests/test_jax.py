@@ -31,6 +31,7 @@ from gptlab.tokenizers import Tokenizer  # noqa: E402
 from gptlab.train.bench import bench  # noqa: E402
 from gptlab.train.checkpoint import load_run  # noqa: E402
 from gptlab.train.lr_finder import find_lr  # noqa: E402
+from gptlab.train.muon import Muon as GptlabMuon  # noqa: E402
 from gptlab.train.trainer import Trainer, check_world  # noqa: E402
 
 VARIANTS = {
@@ -39,6 +40,8 @@ VARIANTS = {
     "gqa+qk_norm": {"arch": "modern", "n_kv_head": 1, "qk_norm": True},
     "gelu_exact+untied": {"arch": "gpt2", "mlp": "gelu_exact", "tie_embeddings": False},
     "gpt2+qk_norm": {"arch": "gpt2", "qk_norm": True},  # qk_norm is an RMSNorm under LayerNorm blocks too
+    "parallel": {"arch": "modern", "parallel_block": True},
+    "gpt2+parallel+gqa": {"arch": "gpt2", "parallel_block": True, "n_kv_head": 1},
 }
 
 
@@ -114,6 +117,18 @@ def test_greedy_generations_are_pytorch_s_token_for_token(arch):
     )
     penalised = Generator(model).generate(prompts, 12, temperature=0, repetition_penalty=1.5)
     assert gen.generate(prompts, 12, temperature=0, repetition_penalty=1.5) == penalised != expected
+
+
+def test_parallel_blocks_generate_pytorch_s_tokens_and_convert_both_ways():
+    model = torch_model(block_size=16, arch="gpt2", parallel_block=True)
+    params = from_torch(model)
+    assert "norm2.weight" not in params["blocks"]  # one norm shared by attention and MLP
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [5]]
+    expected = Generator(model).generate(prompts, 40, temperature=0)
+    assert JaxGenerator(params, model.cfg).generate(prompts, 40, temperature=0) == expected
+    fresh = init_params(jax.random.key(0), model.cfg)
+    assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)
+    GPT(model.cfg).load_state_dict(to_torch(fresh, model.cfg))
 
 
 def count_backend_compiles() -> list[str]:
@@ -224,14 +239,18 @@ def test_training_steps_track_pytorch(prepared, tmp_path, arch, optimizer):
     )
 
 
-def test_a_muon_step_is_torch_s(  # Newton-Schulz in bf16: equal to its rounding
-):
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+def test_a_muon_step_is_torch_s(precision):  # Newton-Schulz in bf16 (torch.optim.Muon) or fp32 (gptlab's Muon)
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(96, 32) * 0.1)  # (out, in) as nn.Linear: taller than wide
-    opt = torch.optim.Muon([weight], lr=0.02, weight_decay=0.1)
+    if precision == "bfloat16":
+        opt = torch.optim.Muon([weight], lr=0.02, weight_decay=0.1)
+    else:
+        opt = GptlabMuon([weight], lr=0.02, weight_decay=0.1, ns_dtype=torch.float32)
     grads = [torch.randn(96, 32) * 0.01 for _ in range(3)]
     muon = Optimizer(
-        TrainConfig(optimizer="muon", muon_lr=0.02, weight_decay=0.1), {"blocks": {"w": jnp.zeros((1, 32, 96))}}
+        TrainConfig(optimizer="muon", muon_lr=0.02, weight_decay=0.1, muon_precision=precision),
+        {"blocks": {"w": jnp.zeros((1, 32, 96))}},
     )
     params = {"blocks": {"w": jnp.asarray(weight.detach().numpy().T[None])}}  # stacked, (in, out)
     state = muon.init(params)
@@ -241,8 +260,10 @@ def test_a_muon_step_is_torch_s(  # Newton-Schulz in bf16: equal to its rounding
         params, state = muon.update({"blocks": {"w": jnp.asarray(g.numpy().T[None])}}, state, params, 1.0)
         buffer = opt.state[weight]["momentum_buffer"].numpy().T
         assert np.abs(np.asarray(state[1].momentum["blocks"]["w"][0]) - buffer).max() < 1e-8
-        # an update is lr * sqrt(3) * O with |O| < 0.5 in bf16 (8 bits): its rounding is below 0.02 * 1.8 * 2^-9
-        assert np.abs(np.asarray(params["blocks"]["w"][0]) - weight.detach().numpy().T).max() < 1e-4
+        # an update is lr * sqrt(3) * O with |O| < 0.5 in bf16 (8 bits): its rounding is below 0.02 * 1.8 * 2^-9;
+        # in fp32 only the order of sums differs
+        bound = 1e-4 if precision == "bfloat16" else 1e-6
+        assert np.abs(np.asarray(params["blocks"]["w"][0]) - weight.detach().numpy().T).max() < bound
 
 
 def test_jax_runs_resume_exactly_and_on_pytorch(prepared, tmp_path):
@@ -424,3 +445,25 @@ def test_devices_and_dtypes_are_checked():
         jax_device("cudax")
     with pytest.raises(GptlabError, match=r"float16 is not supported by the JAX backend \(use bfloat16 or float32\)"):
         jax_dtype("float16", cpu)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_decay_groups_decay_what_pytorch_decays(optimizer):
+    # one step on zero gradients: AdamW's and Muon's updates are zero, so only weight decay moves a parameter
+    from test_trainer_options import decayed_names
+
+    from gptlab.jax.optim import decay_mask
+
+    switches = {"arch": "gpt2", "tie_embeddings": False}  # biases, norm shifts and an untied head
+    for groups in ("matrices,embeddings,head", "norms,biases", "embeddings,head", "none"):
+        t = TrainConfig(optimizer=optimizer, decay_groups=groups, lr=0.1, weight_decay=0.5)
+        model = torch_model(**switches)
+        expected = decayed_names(model, t)  # after it, every parameter is non-zero: decay moves each it applies to
+        params = from_torch(model)
+        opt = Optimizer(t, params)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        stepped, _ = opt.update(zeros, opt.init(params), params, np.float32(1.0))
+        before, after = to_torch(params, model.cfg), to_torch(stepped, model.cfg)
+        assert sorted(n for n in before if not torch.equal(before[n], after[n])) == sorted(expected), groups
+    mask = decay_mask(from_torch(torch_model(**switches)), "matrices,embeddings,head")
+    assert mask["lm_head.weight"] and mask["blocks"]["attn.q.weight"] and not mask["blocks"]["attn.q.bias"]

@@ -8,6 +8,8 @@ ARCHES = [
     dict(arch="modern"),
     dict(arch="gpt2"),
     dict(arch="modern", n_kv_head=1, qk_norm=True),
+    dict(arch="modern", parallel_block=True),
+    dict(arch="gpt2", parallel_block=True),
 ]
 
 
@@ -69,6 +71,26 @@ def test_gpt2_ties_head_and_scales_residual_init():
     assert modern.lm_head.weight is not modern.tok_emb.weight and modern.blocks[0].attn.q.bias is None
     std = modern.blocks[0].attn.out.weight.std().item()
     assert std == pytest.approx(0.02 / 4, rel=0.15)  # 0.02 / sqrt(2 * 8)
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_a_parallel_block_adds_attention_and_mlp_of_one_shared_norm(arch):
+    model = tiny(arch=arch, parallel_block=True)
+    block = model.blocks[0]
+    assert not hasattr(block, "norm2") and not any("norm2" in name for name in model.state_dict())
+    x = torch.randn(2, 5, 32)
+    rope = None if model.pos_emb is not None else (model.rope_cos[:5, None], model.rope_sin[:5, None])
+    with torch.no_grad():
+        h = block.norm1(x)
+        expected = x + block.attn(h, rope, None, None, 0) + block.mlp(h)
+        assert torch.equal(block(x, rope, None, None, 0), expected)
+        # the same weights in a sequential block (norm2 = norm1) compute something else
+        sequential = tiny(arch=arch)
+        sequential.load_state_dict(
+            {**model.state_dict(), **{k.replace("norm1", "norm2"): v for k, v in model.state_dict().items()}}
+        )
+        idx = torch.randint(0, 50, (2, 12))
+        assert not torch.allclose(model(idx), sequential(idx))
 
 
 def test_too_long_input_is_refused():

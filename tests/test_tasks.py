@@ -214,8 +214,8 @@ def test_task_settings_must_match_the_prepared_examples(tmp_path):
 
 
 def test_task_sizes_are_checked():
-    with pytest.raises(GptlabError, match=r"task.values=63 is out of range \(use a value in \[2, 62\]\)"):
-        load_config(None, ["task.name=sort", "task.values=63"])
+    with pytest.raises(GptlabError, match=r"task.values=253 is out of range \(use a value in \[2, 252\]\)"):
+        load_config(None, ["task.name=sort", "task.values=253"])
     with pytest.raises(GptlabError, match="task.name has no option 'add'"):
         load_config(None, ["task.name=add"])
 

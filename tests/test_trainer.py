@@ -73,8 +73,8 @@ def test_resume_can_extend_max_iters_but_not_change_the_model(prepared, tmp_path
         Trainer(wider, resume=True, quiet=True)
     assert str(e.value) == (
         "cannot resume with changed model.d_ff, model.n_embd "
-        "(resume keeps the model, data, task, seed, batch size, data mode, monitored metric and LoRA settings; start a "
-        "new run to change them)"
+        "(resume keeps the model, data, task, seed, batch size, data mode, monitored metric, weight-decay groups and "
+        "LoRA settings; start a new run to change them)"
     )
 
 
@@ -226,9 +226,9 @@ def test_monitor_must_be_an_evaluated_metric(prepared):
 
     cfg = replace(prepared, train=replace(prepared.train, monitor="accuracy"))
     with pytest.raises(GptlabError) as e:
-        Trainer(cfg, quiet=True).fit()
+        Trainer(cfg, quiet=True)  # at set-up, before the first step (tests/test_epochs.py)
     assert str(e.value) == (
-        "train.monitor 'accuracy' is not an evaluated metric (choose one of lr, train_loss, train_ppl, val_loss, val_ppl)"
+        "train.monitor 'accuracy' is not an evaluated metric (choose one of val_loss, val_ppl, train_loss, train_ppl)"
     )
 
 

@@ -12,6 +12,26 @@ from pathlib import Path
 from gptlab.errors import GptlabError, Interrupted
 
 
+def _close_option(args: argparse.Namespace, extra: list[str]) -> None:
+    """An unknown `--flag` near one the command has is a typo (`--dirty`: `--allow-dirty`); a config key written
+    `--key value` is nanoGPT's `--key=value` missing its `=`."""
+    import difflib
+
+    from gptlab.config import all_keys
+    from gptlab.config_names import NANOGPT_TRANSLATED
+
+    names = {k.split(".")[1] for k in all_keys()} | set(NANOGPT_TRANSLATED)
+    for item in extra:
+        if not item.startswith("--") or "=" in item:
+            continue
+        name = item[2:].replace("-", "_")
+        if hasattr(args, "args") and (name in names or name in all_keys()):  # a command that takes overrides
+            raise GptlabError(f"unknown option '{item}'", f"overrides are written with '=': {item}=VALUE")
+        close = difflib.get_close_matches(item, getattr(args, "options", ()), n=1, cutoff=0.6)
+        if close and len(name) > 3:  # shorter ones match anything
+            raise GptlabError(f"unknown option '{item}'", f"did you mean '{close[0]}'?")
+
+
 def _reject_extra(extra: list[str], command: str) -> None:
     """Arguments argparse left over are options this command does not have."""
     if extra:
@@ -26,15 +46,18 @@ def add_threads_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _split_config_and_overrides(items: list[str], extra: list[str]) -> tuple[str | None, list[str]]:
-    """First positional ending in .yaml/.yml is the config; `key=value` and `--key=value` are overrides."""
+    """First positional ending in .yaml/.yml (or a nanoGPT config .py) is the config; `key=value` and
+    `--key=value` are overrides."""
     config, overrides = None, []
     for item in items:
-        if "=" not in item and item.endswith((".yaml", ".yml")) and config is None:
+        if "=" not in item and item.endswith((".yaml", ".yml", ".py")) and config is None:
             config = item
         elif "=" in item:
             overrides.append(item)
         else:
-            raise GptlabError(f"unexpected argument '{item}'", "give a .yaml config and key=value overrides")
+            raise GptlabError(
+                f"unexpected argument '{item}'", "give a .yaml (or nanoGPT .py) config and key=value overrides"
+            )
     for item in extra:  # argparse leaves --key=value here, and any key=value that follows one
         if "=" not in item:
             raise GptlabError(f"unknown option '{item}'", "see `gptlab --help`; overrides are written key=value")
@@ -111,7 +134,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.config import load_config, read_run_config
     from gptlab.train.trainer import Trainer
 
+    if args.help_config:
+        return cmd_config_keys(argparse.Namespace(prefix=None), [])
     path, overrides = _split_config_and_overrides(args.args, extra)
+    if args.checkpoint != "latest" and not args.resume:
+        raise GptlabError(f"--checkpoint {args.checkpoint} is given without --resume", "add --resume RUN_DIR")
     if args.resume:
         if path is not None:
             raise GptlabError("--resume takes its config from the run directory", "drop the .yaml argument")
@@ -126,7 +153,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         from gptlab.train.trainer import check_world
 
         check_world(cfg.train, args.nproc)  # a batch the ranks cannot share is refused before any starts
-        again = ["--resume", args.resume] if args.resume else []
+        again = ["--resume", args.resume, "--checkpoint", args.checkpoint] if args.resume else []
         switches = (("--overwrite", args.overwrite), ("--quiet", args.quiet), ("--allow-dirty", args.allow_dirty))
         again += [flag for flag, on in switches if on]
         again += ["--threads", str(args.threads)] if args.threads is not None else []
@@ -134,8 +161,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if cfg.train.backend == "jax":
         from gptlab.jax.train import JaxTrainer as Trainer  # noqa: N814 - the same interface
     trainer = Trainer(
-        cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet, allow_dirty=args.allow_dirty
-    ).fit()
+        cfg, resume=bool(args.resume), overwrite=args.overwrite, quiet=args.quiet, allow_dirty=args.allow_dirty,
+        checkpoint=args.checkpoint,
+    ).fit()  # fmt: skip
     if trainer.interrupted is not None:
         if not trainer.dist.is_main:  # rank 0 alone reports it: torchrun would stop the others at a rank's failure
             return 0
@@ -167,7 +195,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     from gptlab.train.checkpoint import load_run
     from gptlab.train.trainer import select_device, select_dtype
 
-    _reject_extra(extra, "sample")
+    _nanogpt_sample_flags(args, extra)
     if args.backend == "jax":  # the weights go to JAX from the CPU
         from gptlab.jax.generate import JaxGenerator
 
@@ -210,6 +238,49 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
         if i:
             print("-" * 40)
         print(start + text)
+    return 0
+
+
+def _nanogpt_sample_flags(args: argparse.Namespace, extra: list[str]) -> None:
+    """nanoGPT's sample.py flags, `--flag=value` or `flag=value` (`--out_dir=RUN`, `--init_from=resume`), set as
+    `gptlab sample`'s own options on `args`, or refused naming the gptlab way."""
+    from gptlab.config_names import NANOGPT_SAMPLE, nanogpt_sample
+
+    items, run_dirs, flags = [*extra], [], {}
+    if args.run_dir is not None:  # argparse takes the first `flag=value` for the run directory
+        items.insert(0, args.run_dir)
+    for item in items:
+        name, sep, value = item.removeprefix("--").partition("=")
+        name = name.replace("-", "_")
+        if sep and name in NANOGPT_SAMPLE:
+            translated = nanogpt_sample(name, value, item)
+            run_dirs += [translated.pop("run_dir")] if "run_dir" in translated else []
+            flags.update(translated)
+        elif not item.startswith("-") and (item is args.run_dir or not sep):
+            run_dirs.append(item)
+        else:
+            _reject_extra([item], "sample")
+    if len(run_dirs) != 1:
+        raise GptlabError(
+            "give one run directory" if run_dirs else "no run directory given",
+            "write gptlab sample RUN_DIR, or nanoGPT's --out_dir=RUN_DIR",
+        )
+    args.run_dir = run_dirs[0]
+    if flags:  # argparse converts and checks the values as if they had been typed as gptlab's flags
+        typed = build_parser().parse_args(["sample", "RUN", *(f"--{k}={v}" for k, v in flags.items())])
+        for dest in flags:
+            setattr(args, dest, getattr(typed, dest))
+
+
+def cmd_config_keys(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.config import SECTION_CLASSES
+    from gptlab.config_names import describe_keys
+
+    _reject_extra(extra, "config keys")
+    try:
+        print(describe_keys(SECTION_CLASSES, args.prefix))
+    except BrokenPipeError:  # `gptlab config keys | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -337,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="a YAML preset, then dotted overrides")
+        p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="a YAML preset (or a nanoGPT "
+                       "config/*.py), then dotted overrides; the keys: gptlab config keys")  # fmt: skip
         p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
 
     p = sub.add_parser("prepare", help="tokenize data.source into token shards in data.dir (resumes when cut short)")
@@ -380,15 +452,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model: gptlab train configs/shakespeare-char.yaml train.max_iters=100")
     with_config(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run exactly from a checkpoint (--checkpoint)")
+    p.add_argument(
+        "--checkpoint", default="latest", metavar="NAME",
+        help="with --resume: latest (default), best or step_N; the run's later checkpoints and metrics are moved to "
+        "RUN_DIR/set_aside/after_step_N, never deleted",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.add_argument("--allow-dirty", action="store_true", help="train even if train.require_clean_git finds changes")
     p.add_argument("--nproc", type=int, metavar="N", help="train on N local ranks (processes) through torchrun")
+    p.add_argument("--help-config", action="store_true", help="list every config key: type, default, doc")
     add_threads_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a trained run")
-    p.add_argument("run_dir", help="the run directory (train.out_dir)")
+    # nargs="?": nanoGPT's --out_dir=RUN names it too; no run is _nanogpt_sample_flags' one-line error
+    p.add_argument("run_dir", nargs="?", help="the run directory (train.out_dir)")
     p.add_argument("--start", help="prompt text, or FILE:prompt.txt (default: the config's sample.start)")
     p.add_argument(
         "--allow-special", "--allow_special", action=argparse.BooleanOptionalAction, dest="allow_special",
@@ -489,7 +568,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_flag(p)
     p.set_defaults(func=cmd_bench)
     add_tracking_commands(sub, with_config)
+
+    p = sub.add_parser("config", help="config tools")
+    config = p.add_subparsers(dest="config_command", required=True)
+    p = config.add_parser("keys", help="every config key with its type, default and doc")
+    p.add_argument("prefix", nargs="?", metavar="SECTION|KEY", help="only this section (train, model, ...) or key")
+    p.set_defaults(func=cmd_config_keys)
+    for leaf in _leaf_parsers(parser):  # each command's own flags, for "did you mean" on a misspelt one
+        leaf.set_defaults(options=[o for a in leaf._actions for o in a.option_strings if o.startswith("--")])
     return parser
+
+
+def _leaf_parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that run a command (those without subcommands of their own)."""
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    return [leaf for a in subs for child in a.choices.values() for leaf in _leaf_parsers(child)] if subs else [p]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -506,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # serve's main thread must not start an OpenMP pool (serve.py): its engine thread applies the count
             threads.use(args.threads, here=args.command != "serve")
+        _close_option(args, extra)
         return args.func(args, extra)
     except GptlabError as e:
         if args.debug:

@@ -17,9 +17,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from gptlab.config_names import NanoGPTPending, literal_or_text, nanogpt_train, read_nanogpt_config, suggest
 from gptlab.errors import GptlabError
 
 ARCHES = ("modern", "gpt2")
+DECAY_KINDS = ("matrices", "embeddings", "head", "norms", "biases")  # what train.decay_groups may name
+MAX_SORT_VALUES = 252  # the sort task's symbols (gptlab.data.tasks.SYMBOLS)
 
 
 @dataclass
@@ -33,20 +36,23 @@ class ModelConfig:
     init_from: str = "scratch"
     vocab_size: int = 0  # 0 = take it from the prepared data's meta.json
     block_size: int = 256  # context length in tokens
-    n_layer: int = 6
-    n_head: int = 6
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads (query heads under grouped-query attention)
     n_kv_head: int | None = None  # key/value heads for grouped-query attention; null = n_head
-    n_embd: int = 384
+    n_embd: int = 384  # width of the residual stream (d_model)
     d_ff: int | None = None  # MLP hidden size; null = 4*n_embd (gelu) or ~8/3*n_embd (swiglu)
-    dropout: float = 0.0
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches while training
     position: str | None = None  # "rope" or "learned"
     norm: str | None = None  # "rmsnorm" or "layernorm"
     mlp: str | None = None  # "swiglu", "gelu" (tanh approximation: GPT-2) or "gelu_exact" (erf: nanoGPT)
     bias: bool | None = None  # biases in linear layers and norms
     tie_embeddings: bool | None = None  # share the token embedding with the output head
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    # attention and MLP side by side, GPT-J style: x + attn(norm(x)) + mlp(norm(x)); one norm shared by both as in
+    # GPT-J, PaLM and Phi (GPT-NeoX's two norms are the rarer form); false: x + attn(norm1(x)), then + mlp(norm2(.))
+    parallel_block: bool = False
+    rope_theta: float = 10000.0  # rotary base frequency
+    norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
 
     def resolved(self) -> ModelConfig:
         """Return a copy with every null switch filled from `arch` and checked."""
@@ -124,9 +130,16 @@ class DataConfig:
     gpt2_files: str | None = None  # gpt2: a folder with vocab.json + merges.txt to build it offline
     text_field: str = "text"  # the field holding the text in .jsonl/.parquet/hub rows
     hub_split: str = "train"  # the split of a Hugging Face dataset to read
+    # the validation text, read whole (any form `source` takes: valid.txt, a folder, hf:owner/name, tinystories);
+    # set, it is the val split and `split`/`val_fraction` are not used; null: val is carved out of `source`
+    val_source: str | None = None
+    val_hub_split: str = "validation"  # the split read when val_source is a Hugging Face dataset or simplebooks-92
+    # in plain-text files, the string between documents (TinyStories' .txt); it and the whitespace next to it are
+    # dropped, each document then ends with the end-of-text token; null: each file is one document
+    doc_separator: str | None = "<|endoftext|>"
     errors: str = "strict"  # non-UTF-8 bytes: "strict" (an error naming the byte) or "replace"
     split: str = "tail"  # "tail": the last val_fraction of the text (nanoGPT); "document": whole documents
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # the share of `source` carved out for val (not used with val_source; 0 allowed then)
     shard_tokens: int = 100_000_000  # tokens per shard file
     chunk_chars: int = 1 << 16  # text per encoding task; memory is bounded by this, not the corpus
     workers: int = 0  # encoding processes; 0 = one per CPU core
@@ -143,7 +156,7 @@ class TrainConfig:
     """The optimisation loop, its budget, precision, evaluation and checkpoints."""
 
     out_dir: str = "runs/shakespeare-char"  # the run directory
-    seed: int = 1337
+    seed: int = 1337  # model init, batches and dropout
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16
     compile: bool | None = None  # torch.compile the model; null = where it pays (CUDA; CPU runs of 1000+ steps)
@@ -156,18 +169,32 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw", or "muon" (Muon on hidden matrices, AdamW for the rest)
     lr: float = 1e-3  # peak AdamW learning rate
     muon_lr: float = 0.02  # peak Muon learning rate for hidden matrices
+    # Muon's Newton-Schulz iteration: "auto" = bf16 where the device has native bf16 matmuls (CUDA, CPUs with
+    # AVX512_BF16 or AMX), fp32 elsewhere (bf16 is emulated there: 12.8x slower steps); float32, bfloat16
+    muon_precision: str = "auto"
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    weight_decay: float = 0.1  # on matmul and embedding weights only
-    beta1: float = 0.9
-    beta2: float = 0.99
+    weight_decay: float = 0.1  # AdamW's (and Muon's) decoupled weight decay, on the kinds train.decay_groups names
+    # the parameter kinds weight decay applies to, comma-separated: matrices (the blocks' linear weights), embeddings
+    # (token and position tables), head (an untied output layer), norms (norm gains and shifts), biases; or none
+    decay_groups: str = "matrices,embeddings,head"
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.99  # AdamW's second-moment decay
     schedule: str = "cosine"  # cosine, linear, constant, onecycle, wsd (all with linear warmup)
-    warmup_iters: int = 100
+    warmup_iters: int = 100  # steps of linear warmup to the peak rate (counted in steps in either schedule_unit)
+    # "step": the schedule moves every optimizer step; "epoch": the rate is constant within each epoch and moves at
+    # its boundaries, as Keras/Lightning's per-epoch schedulers (epoch mode, or max_epochs); the warmup ramps per step
+    schedule_unit: str = "step"
     decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
-    eval_interval: int = 250  # steps between evaluations (random mode)
+    # steps between evaluations, each followed by a checkpoint; null: 250 in random mode (where an epoch is this
+    # many steps), only at each epoch's end in epoch mode; set in epoch mode: every N steps into each epoch too
+    eval_interval: int | None = None
     eval_iters: int = 20  # validation batches per evaluation
     log_interval: int = 10  # steps between progress-bar updates (plain lines when stderr is not a terminal)
-    keep_last: int = 2  # step checkpoints kept besides the best
+    keep_last: int = 2  # train.save=all: the newest step checkpoints kept (the latest among them) besides the best
+    # which checkpoints stay: "all" (the newest train.keep_last and the best), or "best" (save best only: the best
+    # and the latest, which a resume needs; keep_last is not used)
+    save: str = "all"
     monitor: str = "val_loss"  # the metric that picks the best checkpoint
     monitor_mode: str = "min"  # "min" or "max"
     lora_rank: int = 0  # > 0: train low-rank adapters on attention and MLP projections, the base frozen
@@ -193,15 +220,15 @@ class SampleConfig:
 
     start: str = "\n"  # prompt text, or FILE:path to read it from a file
     allow_special: bool = False  # true: special tokens' text in `start` gets their ids (`--allow-special`)
-    num_samples: int = 3
-    max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
+    num_samples: int = 3  # completions drawn
+    max_new_tokens: int = 500  # tokens generated per completion
+    temperature: float = 0.8  # 0 = greedy; below 1 sharper, above 1 more random
+    top_k: int | None = 200  # sample among the k likeliest tokens; null = all
+    top_p: float | None = None  # sample within the smallest set of probability top_p; null = off
     min_p: float | None = None  # drop tokens below min_p times the top token's probability
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
     stop: list[str] = field(default_factory=list)  # stop strings, cut from the output
-    seed: int = 1337
+    seed: int = 1337  # seeds the sampling
 
 
 @dataclass
@@ -211,7 +238,7 @@ class TaskConfig:
     name: str = "none"  # "none", "adder" (a+b=c) or "sort" (a list of symbols, sorted)
     digits: int = 2  # adder: digits of each operand (the sum is written with digits + 1)
     length: int = 6  # sort: symbols per list
-    values: int = 10  # sort: distinct symbols (0-9, then a-z, A-Z: at most 62)
+    values: int = 10  # sort: distinct symbols (0-9, a-z, A-Z, then accented Latin letters: at most 252)
     examples: int = 10_000  # distinct examples drawn (all there are, when fewer), split 70/20/10 train/valid/test
     seed: int = 1337  # shuffles and draws the examples
     eval_examples: int = 0  # valid examples scored at each evaluation; 0 = all
@@ -232,9 +259,6 @@ SECTION_CLASSES = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sample": SampleConfig, "task": TaskConfig,
 }  # fmt: skip
 
-# nanoGPT's flat names that differ from ours, so `--learning_rate=1e-3` keeps working
-NANOGPT_ALIASES = {"learning_rate": "train.lr", "dataset": "data.dir"}
-
 
 def _choice_error(key: str, value: Any, choices: tuple[str, ...]) -> GptlabError:
     close = difflib.get_close_matches(str(value), choices, n=1)
@@ -248,41 +272,94 @@ def all_keys() -> list[str]:
 
 
 def _suggest(key: str) -> str:
+    return suggest(key, all_keys())  # other tools' names by meaning first, then the closest spelling
+
+
+def _field(key: str) -> Any:
+    """The dataclass field behind a dotted key, or None."""
     section, _, leaf = key.partition(".")
-    near_section = difflib.get_close_matches(section, list(SECTION_CLASSES), n=1, cutoff=0.5)
-    if section not in SECTION_CLASSES and near_section and f"{near_section[0]}.{leaf}" in all_keys():
-        return f"did you mean '{near_section[0]}.{leaf}'?"  # a misspelt section before a valid leaf
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    if not close:  # a misspelt leaf under the right section still deserves a hint
-        leaf = key.rsplit(".", 1)[-1]
-        leaves = {k.rsplit(".", 1)[-1]: k for k in all_keys()}
-        near = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.5)
-        close = [leaves[near[0]]] if near else []
-    return f"did you mean '{close[0]}'?" if close else "see `gptlab train --help` for the keys"
+    cls = SECTION_CLASSES.get(section)
+    return next((f for f in fields(cls) if f.name == leaf), None) if cls else None
+
+
+def _flat_key(key: str) -> str:
+    """The dotted key of a flat name such as `n_layer`: the one section that has it."""
+    owners = [s for s, cls in SECTION_CLASSES.items() if key in {f.name for f in fields(cls)}]
+    if len(owners) > 1:
+        raise GptlabError(
+            f"override '{key}' is ambiguous", "prefix it with its section: " + " or ".join(f"{o}.{key}" for o in owners)
+        )
+    if not owners:
+        raise GptlabError(f"unknown config key '{key}'", _suggest(key))
+    return f"{owners[0]}.{key}"
+
+
+def _none(key: str, origin: str) -> Any:
+    """Python's `None` typed as a value: null where the key takes null (`int | None`: no other reading), the text
+    'None' for a plain text key, else an error that says so."""
+    f = _field(key)
+    if f is None or f.type == "str":
+        return "None"
+    if str(f.type).endswith("| None"):
+        return None
+    raise GptlabError(
+        f"config key '{key}' in {origin} cannot be None",
+        f"it takes {f.type}; only keys typed '... | None' take null, see `gptlab config keys {key.split('.')[0]}`",
+    )
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'train.lr': 1} -> {'train': {'lr': 1}}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, _, leaf = key.partition(".")
+        out.setdefault(section, {})[leaf] = value
+    return out
 
 
 def normalize_override(arg: str) -> str:
-    """Turn `--key=value`, `--n_layer=4` or `model.n_layer=4` into a dotted `section.key=value`."""
+    """Turn `--key=value`, `--n_layer=4` or `model.n_layer=4` into a dotted `section.key=value` (nanoGPT's flags
+    that gptlab spells differently are translated by `load_config`)."""
     text = arg[2:] if arg.startswith("--") else arg
     if "=" not in text:
         raise GptlabError(f"override '{arg}' has no value", "write it as key=value, e.g. train.max_iters=100")
     key, value = text.split("=", 1)
     key = key.replace("-", "_")
-    if "." not in key:  # a flat nanoGPT-style key: find the one section that has it
-        if NANOGPT_ALIASES.get(key):
-            key = NANOGPT_ALIASES[key]
-        else:
-            owners = [s for s, cls in SECTION_CLASSES.items() if key in {f.name for f in fields(cls)}]
-            if len(owners) == 1:
-                key = f"{owners[0]}.{key}"
-            elif len(owners) > 1:
-                raise GptlabError(
-                    f"override '{key}' is ambiguous",
-                    "prefix it with its section: " + " or ".join(f"{o}.{key}" for o in owners),
-                )
-            else:
-                raise GptlabError(f"unknown config key '{key}'", _suggest(key))
-    return f"{key}={value}"
+    return f"{key if '.' in key else _flat_key(key)}={value}"
+
+
+def _override(cfg: Any, arg: str, pending: NanoGPTPending) -> Any:
+    """Merge one command-line override into `cfg`."""
+    text = arg[2:] if arg.startswith("--") else arg
+    name, sep, raw = text.partition("=")
+    name = name.replace("-", "_")
+    if sep and "." not in name:  # nanoGPT's flag, as its configurator reads the value
+        mapped = nanogpt_train(name, literal_or_text(raw), arg, pending)
+        if mapped is not None:
+            return _merge(cfg, OmegaConf.create(_nested(mapped)), "overrides")
+    key, raw = normalize_override(arg).split("=", 1)
+    if raw == "None":
+        value = _none(key, "overrides")
+        return _merge(cfg, OmegaConf.create(_nested({key: value})), "overrides")
+    try:
+        other = OmegaConf.from_dotlist([f"{key}={raw}"])
+    except OmegaConfBaseException as e:
+        raise GptlabError(f"cannot parse override '{arg}': {str(e).splitlines()[0]}", "write it as key=value") from e
+    return _merge(cfg, other, "overrides")
+
+
+def _merge_nanogpt_file(cfg: Any, path: Path, pending: NanoGPTPending) -> Any:
+    """A nanoGPT config/*.py: its assignments (parsed, never run) as flat overrides through nanoGPT's names."""
+    for name, value, line in read_nanogpt_config(path):
+        origin = f"{path} line {line}"
+        mapped = nanogpt_train(name, value, f"{name} = {value!r} ({origin})", pending)
+        if mapped is None:
+            try:
+                mapped = {_flat_key(name): value}
+            except GptlabError as e:
+                raise GptlabError(f"{e.what} in {origin}", e.fix) from None
+        cfg = _merge(cfg, OmegaConf.create(_nested(mapped)), origin)
+    return cfg
 
 
 def _merge(base: Any, other: Any, origin: str) -> Any:
@@ -291,46 +368,55 @@ def _merge(base: Any, other: Any, origin: str) -> Any:
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
         inner = other.get(key) if "." not in key and isinstance(other, DictConfig) else None
-        leaf = f"{key}.{next(iter(inner))}" if isinstance(inner, DictConfig) and len(inner) else key
-        raise GptlabError(f"unknown config key '{key}' in {origin}", _suggest(leaf)) from e
+        while isinstance(inner, DictConfig) and len(inner):  # name the whole key: 'trainer.max_epochs'
+            first = next(iter(inner))
+            key, inner = f"{key}.{first}", inner.get(first)
+        raise GptlabError(f"unknown config key '{key}' in {origin}", _suggest(key)) from e
     except ValidationError as e:
         key = e.full_key or (str(e.key) if e.key is not None else "a section")
+        f = _field(key)
         raise GptlabError(
             f"config key '{key}' in {origin} has a wrong type: {str(e).splitlines()[0]}",
-            "give a value of the declared type, see configs/ for examples",
+            f"it takes {f.type}, see `gptlab config keys {key.split('.')[0]}`" if f else "see `gptlab config keys`",
         ) from e
     except OmegaConfBaseException as e:
         raise GptlabError(f"invalid config in {origin}: {str(e).splitlines()[0]}", "check the YAML syntax") from e
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Merge defaults <- YAML file <- dotted overrides into a checked `Config`."""
+    """Merge defaults <- YAML file (or a nanoGPT config/*.py) <- dotted overrides into a checked `Config`."""
     cfg = OmegaConf.structured(Config)
+    pending = NanoGPTPending()  # nanoGPT flags applied once the rest is merged
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise GptlabError(f"config file '{path}' not found", "pass a YAML file, e.g. configs/shakespeare-char.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except UnicodeDecodeError as e:
-            raise GptlabError(f"config file '{path}' is not UTF-8 text", "give a YAML file") from e
-        except yaml.YAMLError as e:
-            raise GptlabError(
-                f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}", "fix the YAML"
-            ) from e
-        if not isinstance(data, dict):
-            raise GptlabError(f"config file '{path}' is not a mapping", "write sections model:, data:, train:, sample:")
-        cfg = _merge(cfg, OmegaConf.create(data), str(path))
-    dotlist = [normalize_override(o) for o in overrides or []]
-    if dotlist:
-        try:
-            other = OmegaConf.from_dotlist(dotlist)
-        except OmegaConfBaseException as e:
-            raise GptlabError(f"cannot parse overrides: {str(e).splitlines()[0]}", "write them as key=value") from e
-        cfg = _merge(cfg, other, "overrides")
+        if path.suffix == ".py":
+            cfg = _merge_nanogpt_file(cfg, path, pending)
+        else:
+            cfg = _merge(cfg, OmegaConf.create(_read_yaml(path)), str(path))
+    for arg in overrides or []:
+        cfg = _override(cfg, arg, pending)
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    pending.finish(config.train)
     validate(config)
     return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as e:
+        raise GptlabError(f"config file '{path}' is not UTF-8 text", "give a YAML file") from e
+    except yaml.YAMLError as e:
+        raise GptlabError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}", "fix the YAML") from e
+    if not isinstance(data, dict):
+        raise GptlabError(f"config file '{path}' is not a mapping", "write sections model:, data:, train:, sample:")
+    for section, values in data.items():  # `max_iters: None`, written as Python would
+        for leaf, value in values.items() if isinstance(values, dict) else ():
+            if value == "None":
+                values[leaf] = _none(f"{section}.{leaf}", str(path))
+    return data
 
 
 def validate(cfg: Config) -> None:
@@ -339,9 +425,12 @@ def validate(cfg: Config) -> None:
     choices = {
         "train.data_mode": (t.data_mode, ("random", "epoch")),
         "train.optimizer": (t.optimizer, ("adamw", "muon")),
+        "train.muon_precision": (t.muon_precision, ("auto", "float32", "bfloat16")),
         "train.schedule": (t.schedule, ("cosine", "linear", "constant", "onecycle", "wsd")),
         "train.dtype": (t.dtype, ("auto", "float32", "bfloat16", "float16")),
         "train.monitor_mode": (t.monitor_mode, ("min", "max")),
+        "train.schedule_unit": (t.schedule_unit, ("step", "epoch")),
+        "train.save": (t.save, ("all", "best")),
         "data.split": (cfg.data.split, ("tail", "document")),
         "data.errors": (cfg.data.errors, ("strict", "replace")),
         "data.dtype": (cfg.data.dtype, ("auto", "uint16", "uint32")),
@@ -363,11 +452,13 @@ def validate(cfg: Config) -> None:
     for key in ("max_iters", "max_tokens", "max_epochs"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             raise GptlabError(f"train.{key} must be at least 1, got {getattr(t, key)}", "or null to leave it unset")
-    if t.eval_interval < 1 or t.eval_iters < 1 or t.log_interval < 1:
+    if (t.eval_interval is not None and t.eval_interval < 1) or t.eval_iters < 1 or t.log_interval < 1:
         raise GptlabError("train.eval_interval, eval_iters and log_interval must be at least 1", "raise them")
     validate_data(cfg.data)
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise GptlabError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}", "e.g. 0.1")
+    if not 0.0 < cfg.data.val_fraction < 1.0 and not (cfg.data.val_source and cfg.data.val_fraction == 0.0):
+        raise GptlabError(
+            f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}", "e.g. 0.1, or 0 with data.val_source"
+        )
     ranges = {
         "train.lr": (t.lr, 0.0, math.inf), "train.muon_lr": (t.muon_lr, 0.0, math.inf),
         "train.beta1": (t.beta1, 0.0, 0.999999), "train.beta2": (t.beta2, 0.0, 0.999999),
@@ -392,6 +483,12 @@ def validate(cfg: Config) -> None:
         raise GptlabError(f"train.dist_timeout must be positive, got {t.dist_timeout}", "e.g. train.dist_timeout=600")
     if t.keep_last < 1:
         raise GptlabError("train.keep_last must be at least 1", "keep at least the latest checkpoint")
+    decay_kinds(t.decay_groups)
+    if t.schedule_unit == "epoch" and t.data_mode == "random" and t.max_epochs is None:
+        raise GptlabError(
+            "train.schedule_unit=epoch needs epochs, but random mode without train.max_epochs has none",
+            "set train.data_mode=epoch (passes over the data), or train.max_epochs (epochs of eval_interval steps)",
+        )
     if t.early_stop_patience < 0 or t.early_stop_min_delta < 0 or t.sample_interval < 0:
         raise GptlabError(
             "train.early_stop_patience, early_stop_min_delta and sample_interval must be 0 (off) or more", "raise them"
@@ -417,15 +514,32 @@ def validate_data(d: DataConfig) -> None:
         raise GptlabError(
             f"data.special_tokens has an empty or repeated token: {list(d.special_tokens)}", "list each special once"
         )
+    if d.doc_separator == "":
+        raise GptlabError("data.doc_separator is empty", "use e.g. '<|endoftext|>', or null for one document per file")
 
 
 def validate_task(task: TaskConfig) -> None:
     """Check a synthetic task's sizes."""
-    limits = {"digits": (task.digits, 1, 18), "length": (task.length, 1, 1000), "values": (task.values, 2, 62),
-              "examples": (task.examples, 10, 10**8), "eval_examples": (task.eval_examples, 0, 10**8)}  # fmt: skip
+    limits = {"digits": (task.digits, 1, 18), "length": (task.length, 1, 1000),
+              "values": (task.values, 2, MAX_SORT_VALUES), "examples": (task.examples, 10, 10**8),
+              "eval_examples": (task.eval_examples, 0, 10**8)}  # fmt: skip
     for key, (value, low, high) in limits.items():
         if not low <= value <= high:
             raise GptlabError(f"task.{key}={value} is out of range", f"use a value in [{low}, {high}]")
+
+
+def decay_kinds(text: str) -> frozenset[str]:
+    """The parameter kinds a train.decay_groups value names ("none": no kind); an unknown one is an error."""
+    names = [n.strip() for n in text.split(",")]
+    if names == ["none"]:
+        return frozenset()
+    wrong = [n for n in names if n not in DECAY_KINDS]
+    if wrong:
+        raise GptlabError(
+            f"train.decay_groups has no kind '{wrong[0]}'",
+            "list some of " + ", ".join(DECAY_KINDS) + " separated by commas, or none",
+        )
+    return frozenset(names)
 
 
 def sampling_problem(

@@ -54,7 +54,7 @@ class _Layer(NamedTuple):
     q_norm: Norm | None
     k_norm: Norm | None
     out: Linear
-    norm2: Norm
+    norm2: Norm | None  # None: a parallel block, whose MLP reads norm1's output as attention does
     up: Linear  # SwiGLU's gate and up stacked (a copy), or the GELU MLP's fc
     down: Linear
 
@@ -127,7 +127,7 @@ class Decoder:
                         _norm(attn.q_norm) if attn.qk_norm else None,
                         _norm(attn.k_norm) if attn.qk_norm else None,
                         _linear(attn.out),
-                        _norm(block.norm2),
+                        None if block.parallel else _norm(block.norm2),
                         _stack(gate_up) if self.swiglu else _linear(mlp.fc),
                         _linear(mlp.down),
                     )
@@ -195,7 +195,8 @@ class Decoder:
         heads = [self.n_head, self.n_kv_head, self.n_kv_head]
         for i, (norm1, qkv, q_norm, k_norm, out, norm2, up, down) in enumerate(self.layers):
             # with one token, (B, heads, 1, D) is attention's layout as it is: no transposes
-            q, k, v = F.linear(norm1(x), *qkv).view(B, -1, 1, D).split_with_sizes(heads, dim=1)
+            h = norm1(x)
+            q, k, v = F.linear(h, *qkv).view(B, -1, 1, D).split_with_sizes(heads, dim=1)
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
             if self.rope is not None:
@@ -204,8 +205,9 @@ class Decoder:
             if k_all.dtype != q.dtype:  # a cache kept in another precision than the weights
                 k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.gqa)
-            x += F.linear(y.view(B, -1), *out)
-            h = norm2(x)
+            x += F.linear(y.view(B, -1), *out)  # a parallel block adds the MLP of the same h next: x + attn + mlp
+            if norm2 is not None:
+                h = norm2(x)
             if self.swiglu:
                 gate, h = F.linear(h, *up).chunk(2, dim=-1)
                 h = F.silu(gate) * h

@@ -4,8 +4,9 @@ Two blocks share this code, chosen by `ModelConfig.arch`:
 - "modern" (the default, measured best at a fixed budget): rotary positions in the rotate-half
   layout of Hugging Face Llama, RMSNorm, SwiGLU, no biases, an untied output head.
 - "gpt2": learned positions, LayerNorm, GELU, biases, tied embeddings, as GPT-2 and nanoGPT.
-Every switch can also be set on its own. The model returns logits; the loss and the optimizer live in
-the trainer, so the same module serves training, generation and export unchanged.
+Every switch can also be set on its own, and either block can run attention and MLP side by side (GPT-J).
+The model returns logits; the loss and the optimizer live in the trainer, so the same module serves training,
+generation and export unchanged.
 """
 
 from __future__ import annotations
@@ -230,16 +231,25 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); pre-norm is what trains."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); pre-norm is what trains.
+
+    With `parallel_block` (GPT-J, PaLM) both branches read one norm of the same input: x + attn(h) + mlp(h),
+    h = norm1(x); there is no norm2.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.parallel = cfg.parallel_block
         self.norm1 = make_norm(cfg, cfg.n_embd)
         self.attn = Attention(cfg)
-        self.norm2 = make_norm(cfg, cfg.n_embd)
+        if not self.parallel:
+            self.norm2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, step, cache, layer):  # noqa: ANN001, ANN201 - internal
+        if self.parallel:
+            h = self.norm1(x)
+            return x + self.attn(h, rope, step, cache, layer) + self.mlp(h)
         x = x + self.attn(self.norm1(x), rope, step, cache, layer)
         return x + self.mlp(self.norm2(x))
 

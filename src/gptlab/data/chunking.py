@@ -113,10 +113,22 @@ def is_val_document(index: int, val_fraction: float) -> bool:
 
 
 def chunk_stream(
-    source: Source, tokenizer: Tokenizer, chunk_chars: int, split: str, val_fraction: float
+    source: Source,
+    tokenizer: Tokenizer,
+    chunk_chars: int,
+    split: str,
+    val_fraction: float,
+    val_source: Source | None = None,
 ) -> Iterator[Chunk]:
-    """The source as train/val chunks in a fixed order: `split` is "tail" (by bytes) or "document"."""
+    """The source as train/val chunks in a fixed order: `split` is "tail" (by bytes) or "document"; with a
+    `val_source`, all of `source` is train and all of `val_source` val, in that order."""
     chunkers = {"train": Chunker(chunk_chars, tokenizer), "val": Chunker(chunk_chars, tokenizer)}
+    if val_source is not None:
+        for name, src in (("train", source), ("val", val_source)):
+            for piece in src.pieces():
+                yield from chunkers[name].feed(piece.text, piece.nbytes, piece.doc_end, piece.doc_end, name)
+            yield from chunkers[name].feed("", 0, True, False, name)  # a source may end without closing a document
+        return
     pieces = iter(source.pieces())
     first = next(pieces, None)  # a download source knows its size once it has started
     train_bytes = None

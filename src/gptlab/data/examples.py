@@ -31,7 +31,7 @@ from gptlab.tokenizers import Tokenizer
 # settings that decide the bytes written (the text ones about training a tokenizer, shards and chunks do not)
 SFT_SETTINGS = (
     "source", "tokenizer", "special_tokens", "gpt2_files", "errors", "split", "val_fraction", "dtype", "format",
-    "prompt_field", "response_field",
+    "prompt_field", "response_field", "val_source",
 )  # fmt: skip
 
 
@@ -66,11 +66,15 @@ def example_ids(tokenizer: Tokenizer, template: ChatTemplate | None, prompt: str
 def prepare_examples(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> PrepareResult:
     """Tokenize a prompt/response .jsonl into `data.dir` (skipped when already done with the same settings)."""
     out, path = Path(data.dir), Path(data.source)
-    if path.suffix != ".jsonl" or not path.is_file():
-        raise GptlabError(
-            f"data.format=sft reads a .jsonl file of prompt/response objects; '{path}' is not one",
-            f"set data.source to a .jsonl file with fields '{data.prompt_field}' and '{data.response_field}'",
-        )
+    val_path = Path(data.val_source) if data.val_source else None
+    for key, p in (("source", path), ("val_source", val_path)):
+        if p is not None and (p.suffix != ".jsonl" or not p.is_file()):
+            raise GptlabError(
+                f"data.format=sft reads a .jsonl file of prompt/response objects; '{p}' is not one",
+                f"set data.{key} to a .jsonl file with fields '{data.prompt_field}' and '{data.response_field}'",
+            )
+    if val_path is not None and val_path.resolve() == path.resolve():
+        raise GptlabError(f"'{path}' is both data.source and data.val_source", "give a separate validation file")
     if data.tokenizer not in ("gpt2",) and not data.tokenizer.endswith(".json"):
         raise GptlabError(
             f"data.format=sft needs the tokenizer of the model being fine-tuned, not a new '{data.tokenizer}' one",
@@ -80,10 +84,13 @@ def prepare_examples(data: DataConfig, overwrite: bool = False, quiet: bool = Fa
     tokenizer = make_tokenizer(data.tokenizer, [], data.vocab_size, data.special_tokens, data.gpt2_files, quiet)
     template = load_chat_template(Path(data.tokenizer).parent, tokenizer) if data.tokenizer != "gpt2" else None
     fingerprint = file_sha256(path) + (":" + file_sha256(Path(data.tokenizer)) if data.tokenizer != "gpt2" else "")
+    fingerprint += ":" + file_sha256(val_path) if val_path is not None else ""
     fingerprint += ":" + template.fingerprint() if template is not None else ""  # an edited template renders anew
     meta = None if overwrite else shards.read_meta(out / "meta.json")
     if meta is not None:
-        if meta.get("settings") != settings or meta.get("source_fingerprint") != fingerprint:
+        old = meta.get("settings")  # prepared before val_source existed: it was null
+        old = {"val_source": None, **old} if isinstance(old, dict) else old
+        if old != settings or meta.get("source_fingerprint") != fingerprint:
             raise GptlabError(
                 f"'{out}' already holds data prepared from another source or setting",
                 "pass --overwrite, or set data.dir to a new folder",
@@ -93,12 +100,17 @@ def prepare_examples(data: DataConfig, overwrite: bool = False, quiet: bool = Fa
             return PrepareResult(out, meta, skipped=True)
     dtype = token_dtype(tokenizer.vocab_size, data.dtype)
     splits: dict[str, list[tuple[list, list]]] = {"train": [], "val": []}
-    rows = [(n, r) for n, r, _ in jsonl_objects(path, data.errors) if r is not None]
+    rows = [(path, n, r) for n, r, _ in jsonl_objects(path, data.errors) if r is not None]
+    n_train = len(rows)
+    if val_path is not None:  # every example of data.source is train, every one of data.val_source val
+        rows += [(val_path, n, r) for n, r, _ in jsonl_objects(val_path, data.errors) if r is not None]
     n_val = max(1, round(len(rows) * data.val_fraction))
-    for i, (lineno, row) in enumerate(rows):
-        prompt = string_field(row, data.prompt_field, path, lineno, "data.prompt_field")
-        response = string_field(row, data.response_field, path, lineno, "data.response_field")
-        if data.split == "tail":  # the last examples, as nanoGPT's tail of the text
+    for i, (file, lineno, row) in enumerate(rows):
+        prompt = string_field(row, data.prompt_field, file, lineno, "data.prompt_field")
+        response = string_field(row, data.response_field, file, lineno, "data.response_field")
+        if val_path is not None:
+            split = "val" if i >= n_train else "train"
+        elif data.split == "tail":  # the last examples, as nanoGPT's tail of the text
             split = "val" if i >= len(rows) - n_val else "train"
         else:  # by a hash of the example: stable when examples are added or reordered
             in_val = zlib.crc32(f"{prompt}\0{response}".encode()) % 10_000 < data.val_fraction * 10_000
@@ -106,12 +118,15 @@ def prepare_examples(data: DataConfig, overwrite: bool = False, quiet: bool = Fa
         try:
             splits[split].append(example_ids(tokenizer, template, prompt, response))
         except jinja2.TemplateError as e:
-            where = f"the chat template fails on '{path}' line {lineno}: {e}"
+            where = f"the chat template fails on '{file}' line {lineno}: {e}"
             raise GptlabError(where, "fix the template or the line") from e
     if len(splits["train"]) < 1 or len(splits["val"]) < 1:
+        n_tr, n_va = len(splits["train"]), len(splits["val"])
+        if val_path is not None:
+            what = f"'{path}' gives {n_tr} train examples and '{val_path}' {n_va} val examples"
+            raise GptlabError(what, "give more examples")
         raise GptlabError(
-            f"'{path}' gives {len(splits['train'])} train and {len(splits['val'])} val examples",
-            "give more examples or another data.val_fraction",
+            f"'{path}' gives {n_tr} train and {n_va} val examples", "give more examples or another data.val_fraction"
         )
     meta = {
         "format_version": shards.FORMAT_VERSION, "format": "sft", "complete": True, "settings": settings,

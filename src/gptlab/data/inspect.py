@@ -29,6 +29,8 @@ def inspect_data(data_dir: str | Path, windows: int = 3, window_tokens: int = 64
     ]
     if meta.get("format") == "task":  # drawn examples, split 70/20/10
         lines.append("task: " + ", ".join(f"{k}={v}" for k, v in meta["settings"].items()))
+    elif meta["settings"].get("val_source"):  # a validation text of its own
+        lines.append(f"split: val from {meta['settings']['val_source']}")
     else:
         lines.append(f"split: {meta['settings']['split']} (val fraction {meta['settings']['val_fraction']})")
     lines.append("")

@@ -33,10 +33,10 @@ from gptlab.chat import CONFIG_FILE, TEMPLATE_FILE
 from gptlab.config import DataConfig
 from gptlab.data.batches import file_sha256, load_prepared
 from gptlab.data.chunking import Chunk, chunk_stream
-from gptlab.data.sources import Source, open_source
+from gptlab.data.sources import FileSource, HubSource, SimpleBooksSource, Source, open_source
 from gptlab.data.tokenizer_setup import build_tokenizer
 from gptlab.errors import GptlabError, is_write_failure, write_error
-from gptlab.progress import bytes_bar
+from gptlab.progress import bytes_bar, console
 from gptlab.tokenizers import Tokenizer, hf_threads
 
 FORMAT_VERSION = 2
@@ -46,8 +46,13 @@ SPLITS = ("train", "val")
 # settings that decide the bytes of the shards (and where a resumed prepare continues); not `workers`
 SHARD_SETTINGS = (
     "source", "tokenizer", "vocab_size", "max_words", "special_tokens", "gpt2_files", "text_field", "hub_split",
-    "errors", "split", "val_fraction", "shard_tokens", "chunk_chars", "dtype",
+    "errors", "split", "val_fraction", "shard_tokens", "chunk_chars", "dtype", "val_source", "val_hub_split",
+    "doc_separator",
 )  # fmt: skip
+DEFAULTS = asdict(DataConfig())
+# settings added after data was prepared without them: such data was prepared as their defaults say (a .txt with
+# separators in it was one document then; it stays as prepared until --overwrite)
+LATER_SETTINGS = ("val_source", "val_hub_split", "doc_separator")
 
 
 def token_dtype(vocab_size: int, forced: str = "auto") -> np.dtype:
@@ -228,7 +233,49 @@ def _same_settings(old: Any, new: dict[str, Any], tokenizer: str) -> bool:
     """Whether shards made with `old` settings are the ones `new` asks for."""
     if isinstance(old, dict) and tokenizer not in ("bpe", "wordpiece"):  # max_words trains nothing here (and
         old = {**old, "max_words": new["max_words"]}  # data prepared before it existed does not list it)
+    if isinstance(old, dict):
+        old = {**{k: DEFAULTS[k] for k in LATER_SETTINGS}, **old}
     return old == new
+
+
+def open_sources(data: DataConfig, quiet: bool = True) -> tuple[Source, Source | None]:
+    """The train source and, with data.val_source, the validation one, refused where they share text."""
+    source = open_source(data.source, data.text_field, data.errors, data.hub_split, data.doc_separator)
+    if not data.val_source:
+        return source, None
+    next(iter(source.pieces()), None)  # offline or empty: said now, not after the validation source's check
+    try:
+        val = open_source(data.val_source, data.text_field, data.errors, data.val_hub_split, data.doc_separator)
+    except GptlabError as e:
+        raise _val_error(e) from e
+    apart = "give data.val_source a text apart from the training text, or unset it to carve val out of data.source"
+    if isinstance(source, FileSource) and isinstance(val, FileSource):
+        train_files = {p.resolve() for p in source.paths()}
+        shared = next((p for p in val.paths() if p.resolve() in train_files), None)
+        if shared is not None:
+            raise GptlabError(f"'{shared}' is in both data.source and data.val_source", apart)
+    same_split = (isinstance(source, HubSource) and isinstance(val, HubSource)
+                  and (source.name, source.config, source.split) == (val.name, val.config, val.split))  # fmt: skip
+    same_split |= (isinstance(source, SimpleBooksSource) and isinstance(val, SimpleBooksSource)
+                   and source.path == val.path)  # fmt: skip
+    if same_split:
+        raise GptlabError(
+            f"data.source and data.val_source read the same split '{data.hub_split}' of {data.source}",
+            "set data.val_hub_split to its validation split (e.g. validation)",
+        )
+    if data.val_fraction not in (0.0, DEFAULTS["val_fraction"]) and not quiet:
+        console.print(f"note: data.val_fraction={data.val_fraction} is not used: data.val_source is the val split")
+    try:  # its first piece now, before a tokenizer is trained or a folder written: empty, missing or offline
+        next(iter(val.pieces()), None)
+    except GptlabError as e:
+        raise _val_error(e) from e
+    return source, val
+
+
+def _val_error(e: GptlabError) -> GptlabError:
+    """A source's error as the validation source's: its fix names data.val_source, and the way back."""
+    fix = e.fix.replace("data.source", "data.val_source") + ", or data.val_source=null to carve val out of data.source"
+    return GptlabError(f"data.val_source: {e.what}", fix)
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
@@ -278,12 +325,15 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
         from gptlab.data.examples import prepare_examples
 
         return prepare_examples(data, overwrite, quiet)
-    source = open_source(data.source, text_field=data.text_field, errors=data.errors, split=data.hub_split)
+    source, val = open_sources(data, quiet)
     settings, fingerprint = _settings(data), source.fingerprint()
+    if val is not None:
+        fingerprint += ":" + val.fingerprint()
     if data.tokenizer.endswith(".json") and Path(data.tokenizer).is_file():  # a changed file is another setting
         fingerprint += ":" + file_sha256(Path(data.tokenizer))
     meta_path = out / "meta.json"
     meta = None if overwrite else read_meta(meta_path)
+    created = not out.exists()  # a prepare that ends with too little text removes what it wrote
     if meta is not None:
         same = (
             _same_settings(meta.get("settings"), settings, data.tokenizer)
@@ -303,7 +353,7 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
     else:
         if data.tokenizer in ("bpe", "wordpiece") and data.dtype == "uint16":
             token_dtype(data.vocab_size, data.dtype)  # before training: refuse a vocabulary that cannot fit
-        tokenizer = build_tokenizer(data, source, quiet=quiet)  # before clearing: it may live in `out`
+        tokenizer = build_tokenizer(data, source, quiet=quiet, val_source=val)  # before clearing: it may live in `out`
         token_dtype(tokenizer.vocab_size, data.dtype)  # refuse before anything is deleted
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -314,17 +364,67 @@ def prepare(data: DataConfig, overwrite: bool = False, quiet: bool = False) -> P
         with _writing(out):
             clear_prepared(out)
             tokenizer.save(out / "tokenizer.json")
-            meta = _new_meta(data, settings, source, fingerprint, tokenizer, out)
+            meta = _new_meta(data, settings, source, val, fingerprint, tokenizer, out)
             write_atomic(meta_path, json.dumps(meta, indent=2).encode())
     for p in out.glob(".*.tmp*"):  # shards an interrupted run left unfinished
         p.unlink()
     with _writing(out):
-        _write_shards(data, source, tokenizer, out, meta, quiet)
+        docs = _write_shards(data, source, val, tokenizer, out, meta, quiet)
+        counts = {s: sum(e["tokens"] for e in meta["shards"][s]) for s in SPLITS}
+        if min(counts.values()) < 2:
+            # a folder of this text would only need --overwrite for the next try: leave none behind
+            clear_prepared(out)
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise _too_little(data, counts, docs)
+        meta.update(
+            complete=True,
+            train_tokens=counts["train"],
+            val_tokens=counts["val"],
+            documents=sum(e["documents"] for s in SPLITS for e in meta["shards"][s]),
+        )
+        write_atomic(meta_path, json.dumps(meta, indent=2).encode())
     return PrepareResult(out, meta, skipped=False)
 
 
+def _too_little(data: DataConfig, counts: dict[str, int], docs: dict[str, int]) -> GptlabError:
+    """The error for a split of fewer than 2 tokens (a window needs an input and a target), with a fix that works."""
+    train, val = counts["train"], counts["val"]
+    if data.val_source:
+        if train < 2:
+            return GptlabError(f"data.source '{data.source}' gives {train} train tokens", "give it more text")
+        return GptlabError(f"data.val_source '{data.val_source}' gives {val} val tokens", "give it more text")
+    if data.split == "document" and val < 2:
+        n = docs["train"] + docs["val"]
+        one = ""
+        if n == 1 and data.doc_separator:
+            one = f"; a text file is one document unless data.doc_separator ('{data.doc_separator}') occurs in it"
+        elif n == 1:
+            one = "; data.doc_separator=null reads a text file as one document"
+        return GptlabError(
+            f"data.split=document drew {docs['val']} of the {n:,} document(s) of '{data.source}' for validation at "
+            f"data.val_fraction={data.val_fraction}, {val} val tokens{one}",
+            "set data.val_source to a validation file, or data.split=tail",
+        )
+    if val < 2:
+        return GptlabError(
+            f"the last {data.val_fraction} of '{data.source}' gives {val} val tokens",
+            "set data.val_source to a validation file, or give more text or a larger data.val_fraction",
+        )
+    return GptlabError(
+        f"'{data.source}' gives {train} train and {val} val tokens", "give more text or a smaller data.val_fraction"
+    )
+
+
 def _new_meta(
-    data: DataConfig, settings: dict, source: Source, fingerprint: str, tokenizer: Tokenizer, out: Path
+    data: DataConfig,
+    settings: dict,
+    source: Source,
+    val: Source | None,
+    fingerprint: str,
+    tokenizer: Tokenizer,
+    out: Path,
 ) -> dict[str, Any]:
     eos = data.special_tokens[0] if data.special_tokens else None
     return {
@@ -333,6 +433,7 @@ def _new_meta(
         "settings": settings,
         "source": data.source,
         "source_description": source.description,
+        **({"val_source": data.val_source, "val_source_description": val.description} if val else {}),
         "source_fingerprint": fingerprint,
         "tokenizer": tokenizer.kind,
         "tokenizer_sha256": file_sha256(out / "tokenizer.json"),
@@ -343,7 +444,10 @@ def _new_meta(
     }
 
 
-def _write_shards(data: DataConfig, source: Source, tokenizer: Tokenizer, out: Path, meta: dict, quiet: bool) -> None:
+def _write_shards(
+    data: DataConfig, source: Source, val: Source | None, tokenizer: Tokenizer, out: Path, meta: dict, quiet: bool
+) -> dict[str, int]:
+    """Encode and write the shards still missing; return the documents of each split (counted over all chunks)."""
     meta_path = out / "meta.json"
     dtype = np.dtype(meta["dtype"])
     eot = np.asarray([meta["eot_id"]] if meta["eot_id"] is not None else [], dtype=dtype)
@@ -354,14 +458,17 @@ def _write_shards(data: DataConfig, source: Source, tokenizer: Tokenizer, out: P
     writers = {s: ShardWriter(out, s, data.shard_tokens, meta["eot_id"], meta, save_meta) for s in SPLITS}
     # where each split resumes: chunk index and tokens of it already in earlier shards
     resume = {s: (e[-1]["next_chunk"], e[-1]["skip"]) if e else (0, 0) for s, e in meta["shards"].items()}
-    chunks = chunk_stream(source, tokenizer, data.chunk_chars, data.split, data.val_fraction)
-    total = source.total_bytes()
+    chunks = chunk_stream(source, tokenizer, data.chunk_chars, data.split, data.val_fraction, val)
+    sizes = [source.total_bytes(), val.total_bytes() if val is not None else 0]
+    total = None if None in sizes else sum(sizes)
+    docs = dict.fromkeys(SPLITS, 0)
     workers = data.workers or os.cpu_count() or 1
     with bytes_bar() as bar:
         task_id = bar.add_task("prepare", total=total, info=f"{workers} worker(s)", visible=not quiet)
 
         def needed() -> Iterator[tuple[int, Chunk]]:
             for i, c in enumerate(chunks):
+                docs[c.split] += c.doc_end
                 if i >= resume[c.split][0]:
                     yield i, c
                 else:
@@ -399,17 +506,4 @@ def _write_shards(data: DataConfig, source: Source, tokenizer: Tokenizer, out: P
         n_chunks = max([n_chunks, *(r[0] for r in resume.values())])
         for w in writers.values():
             w.finish(n_chunks)
-    counts = {s: sum(e["tokens"] for e in meta["shards"][s]) for s in SPLITS}
-    if min(counts.values()) < 2:
-        raise GptlabError(
-            f"the text gives {counts['train']} train and {counts['val']} val tokens",
-            "give more text or a larger data.val_fraction"
-            + (", or data.split=tail for a few documents" if data.split == "document" else ""),
-        )
-    meta.update(
-        complete=True,
-        train_tokens=counts["train"],
-        val_tokens=counts["val"],
-        documents=sum(e["documents"] for s in SPLITS for e in meta["shards"][s]),
-    )
-    save_meta()
+    return docs

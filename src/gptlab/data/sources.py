@@ -81,13 +81,18 @@ class Source(ABC):
 # ---------------------------------------------------------------- resolving a spec
 
 
-def open_source(spec: str, text_field: str = "text", errors: str = "strict", split: str = "train") -> Source:
-    """The Source a data.source spec names: 'shakespeare', a file, folder or glob, or a Hugging Face dataset."""
+def open_source(
+    spec: str, text_field: str = "text", errors: str = "strict", split: str = "train", separator: str | None = None
+) -> Source:
+    """The Source a data.source spec names: 'shakespeare', a file, folder or glob, or a Hugging Face dataset.
+
+    `separator` (data.doc_separator) cuts plain-text files into documents where it occurs.
+    """
     if errors not in ERRORS:
         raise GptlabError(f"unknown errors setting '{errors}'", "use 'strict' or 'replace'")
     if spec == BUILTIN:
         files = [_DataFile(p, "text") for p in builtin_corpus_files()]
-        return FileSource(spec, files, text_field, errors, prefix=f"built-in corpus '{BUILTIN}': ")
+        return FileSource(spec, files, text_field, errors, prefix=f"built-in corpus '{BUILTIN}': ", separator=separator)
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         if not name.strip("/"):
@@ -95,15 +100,15 @@ def open_source(spec: str, text_field: str = "text", errors: str = "strict", spl
         return HubSource(spec, name, config or None, split, text_field)
     path = Path(spec).expanduser()
     if path.is_file():
-        return FileSource(spec, [_DataFile(path, _kind(path))], text_field, errors)
+        return FileSource(spec, [_DataFile(path, _kind(path))], text_field, errors, separator=separator)
     if path.is_dir():
-        return FileSource(spec, _folder_files(path), text_field, errors)
+        return FileSource(spec, _folder_files(path), text_field, errors, separator=separator)
     if spec.lower() in HUB_ALIASES:
         return HubSource(spec, HUB_ALIASES[spec.lower()], None, split, text_field)
     if spec.lower() == SIMPLEBOOKS:
-        return SimpleBooksSource(spec, split, errors)
+        return SimpleBooksSource(spec, split, errors, separator)
     if glob.has_magic(spec):
-        return FileSource(spec, _glob_files(spec), text_field, errors)
+        return FileSource(spec, _glob_files(spec), text_field, errors, separator=separator)
     raise GptlabError(f"data source '{spec}' not found", NOT_FOUND_FIX)
 
 
@@ -183,12 +188,22 @@ def _sha256(obj: Any) -> str:
 
 
 class FileSource(Source):
-    """Local files read in a fixed order: text files are one document each, jsonl/parquet rows are documents."""
+    """Local files read in a fixed order: text files are one document each (or several, cut at `separator`),
+    jsonl/parquet rows are documents."""
 
-    def __init__(self, spec: str, files: list[_DataFile], text_field: str, errors: str, prefix: str = "") -> None:
+    def __init__(
+        self,
+        spec: str,
+        files: list[_DataFile],
+        text_field: str,
+        errors: str,
+        prefix: str = "",
+        separator: str | None = None,
+    ) -> None:
         self.files = files
         self.text_field = text_field
         self.errors = errors
+        self.separator = separator
         size = self.total_bytes()
         what = f"'{files[0].path}'" if len(files) == 1 else f"{len(files)} files"
         super().__init__(spec, f"{prefix}{what}, {_human(size)}")
@@ -204,11 +219,12 @@ class FileSource(Source):
             elif f.kind == "jsonl":
                 rows = _jsonl_rows(f.path, self.text_field, self.errors)
             else:
-                rows = _text_file_chunks(f.path, self.errors)
+                rows = _text_documents(f.path, self.errors, self.separator)
             yield from _pieces(rows, f.path)
 
     def fingerprint(self) -> str:
         stats = [(str(f.path.resolve()), *_stat(f.path)) for f in self.files]
+        # not the separator: prepare's settings hold it, and data prepared before it existed keeps its fingerprint
         return _sha256({"files": stats, "text_field": self.text_field, "errors": self.errors})
 
     def total_bytes(self) -> int:
@@ -289,6 +305,46 @@ def _text_file_chunks(path: Path, errors: str) -> Iterator[Chunk]:
             yield text, len(block), at_end
             if at_end:
                 return
+
+
+def _text_documents(path: Path, errors: str, separator: str | None) -> Iterator[Chunk]:
+    """A text file's chunks: one document, or the documents between occurrences of `separator`."""
+    chunks = _text_file_chunks(path, errors)
+    return chunks if separator is None else split_documents(chunks, separator)
+
+
+def split_documents(blocks: Iterable[Chunk], separator: str) -> Iterator[Chunk]:
+    """Text blocks cut into documents at `separator`, streamed: the separator and the whitespace next to it are
+    dropped, documents left empty are skipped (a "" chunk with doc_end closes the one before), and text without the
+    separator passes through unchanged. Each chunk carries the bytes of the text it consumed (its own and what was
+    dropped after it), so the byte counts of a tail split fall where they fall without splitting."""
+    keep = len(separator) - 1  # a separator may begin in a block's last `keep` characters: hold those back
+    carry, carry_bytes = "", 0  # text not given out yet (a separator still arriving, whitespace that may touch one)
+    fresh = False  # just after a separator: the next document's leading whitespace is dropped
+    for text, nbytes, at_end in blocks:
+        buf, total = carry + text, carry_bytes + nbytes
+        # the bytes of buf[a:b]: its UTF-8 length where the block's bytes are its text's, else a share by characters
+        exact = carry_bytes == len(carry.encode("utf-8")) and nbytes == len(text.encode("utf-8"))
+
+        def span(a: int, b: int, buf: str = buf, total: int = total, exact: bool = exact) -> int:
+            return len(buf[a:b].encode("utf-8")) if exact else total * (b - a) // max(1, len(buf))
+
+        given = pos = out = 0  # where the text given out ends, and its bytes; where the current document resumes
+        while (i := buf.find(separator, pos)) != -1:
+            doc, end = buf[pos:i].rstrip(), i + len(separator)
+            nb = span(given, end)
+            yield doc.lstrip() if fresh else doc, nb, True
+            given, pos, out, fresh = end, end, out + nb, True
+        h = len(buf)  # at the end of the file the last document touches no separator: it is kept as it is
+        if not at_end:
+            h = max(pos, h - keep)
+            while h > pos and buf[h - 1].isspace():  # whitespace that a separator may still follow
+                h -= 1
+        part = buf[pos:h].lstrip() if fresh else buf[pos:h]
+        fresh = fresh and not part
+        nb = total - out if at_end else span(given, h)
+        yield part, nb, at_end
+        carry, carry_bytes = buf[h:], total - out - nb  # the held-back text keeps its own bytes
 
 
 def _split_text(text: str, nbytes: int) -> Iterator[Chunk]:
@@ -519,10 +575,10 @@ def cache_dir() -> Path:
 class SimpleBooksSource(Source):
     """SimpleBooks-92 (raw text, 1,573 Gutenberg books): downloaded once from its official zip into cache_dir()."""
 
-    def __init__(self, spec: str, split: str, errors: str) -> None:
+    def __init__(self, spec: str, split: str, errors: str, separator: str | None = None) -> None:
         if split not in SIMPLEBOOKS_SPLITS:
             raise GptlabError(f"SimpleBooks-92 has no split '{split}'", "use train, validation or test")
-        self.split, self.errors = split, errors
+        self.split, self.errors, self.separator = split, errors, separator
         self.folder = cache_dir() / "simplebooks" / "simplebooks-92-raw"
         self.path = self.folder / f"{SIMPLEBOOKS_SPLITS[split]}.txt"
         super().__init__(spec, f"SimpleBooks-92 ({split}) from {SIMPLEBOOKS_URL}")
@@ -530,7 +586,7 @@ class SimpleBooksSource(Source):
     def pieces(self) -> Iterator[Piece]:
         if not self.path.is_file():
             self._download()
-        yield from _pieces(_text_file_chunks(self.path, self.errors), self.path)
+        yield from _pieces(_text_documents(self.path, self.errors, self.separator), self.path)
 
     def _download(self) -> None:
         """Fetch the zip and extract the raw SimpleBooks-92 splits; temporary names, then renames, so a crash
@@ -550,7 +606,7 @@ class SimpleBooksSource(Source):
                 raise GptlabError(
                     f"could not download SimpleBooks-92 from {SIMPLEBOOKS_URL} (offline?: {reason})",
                     "download simplebooks.zip where there is internet, unzip it and set data.source to "
-                    "simplebooks/simplebooks-92-raw/train.txt",
+                    f"simplebooks/simplebooks-92-raw/{SIMPLEBOOKS_SPLITS[self.split]}.txt",
                 ) from e
         if self.path.is_file():  # another process extracted it while this one downloaded
             return

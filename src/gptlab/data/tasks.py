@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab.config import TaskConfig
+from gptlab.config import MAX_SORT_VALUES, TaskConfig
 from gptlab.data import shards
 from gptlab.data.examples import write_examples
 from gptlab.data.shards import PrepareResult, token_dtype
@@ -24,7 +24,13 @@ from gptlab.errors import GptlabError
 from gptlab.tokenizers import Tokenizer
 
 BOS, EOS = "<BOS>", "<EOS>"  # EOS first: the first special ends an example (the tokenizer's eos_id)
-SYMBOLS = string.digits + string.ascii_lowercase + string.ascii_uppercase  # the sort task's symbols, in order
+# the sort task's symbols, in order: 0-9, a-z, A-Z, then letters of Latin-1 (À-ÿ without × and ÷) and Latin
+# Extended-A (Ā-ſ): single code points a character tokenizer keeps as they are, none of them `=` or a special's
+SYMBOLS = (
+    string.digits + string.ascii_lowercase + string.ascii_uppercase
+    + "".join(chr(c) for c in range(0xC0, 0x180) if c not in (0xD7, 0xF7))
+)  # fmt: skip
+assert len(SYMBOLS) == MAX_SORT_VALUES  # task.values' bound in config.py
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.2), ("test", 0.1))
 TASK_SETTINGS = ("name", "digits", "length", "values", "examples", "seed")  # what may decide the examples
 USED = {"adder": ("digits",), "sort": ("length", "values")}  # of those, what each task's own shape depends on

@@ -57,10 +57,17 @@ def make_tokenizer(
     return Tokenizer.train(kind, _streamed_texts(sources, quiet), vocab_size, specials, max_words)
 
 
-def build_tokenizer(data: DataConfig, source: Source, quiet: bool = False) -> Tokenizer:
-    """The tokenizer `data` asks for, trained on `source` when it has to be."""
+def build_tokenizer(
+    data: DataConfig, source: Source, quiet: bool = False, val_source: Source | None = None
+) -> Tokenizer:
+    """The tokenizer `data` asks for, trained on `source` (the train text) when it has to be.
+
+    A char tokenizer's alphabet comes from `val_source` too: a character it lacked could not be encoded at all
+    (bpe and wordpiece start from every byte, so they never need the validation text).
+    """
+    sources = [source] + ([val_source] if val_source is not None and data.tokenizer == "char" else [])
     return make_tokenizer(
-        data.tokenizer, [source], data.vocab_size, data.special_tokens, data.gpt2_files, quiet, data.max_words
+        data.tokenizer, sources, data.vocab_size, data.special_tokens, data.gpt2_files, quiet, data.max_words
     )
 
 

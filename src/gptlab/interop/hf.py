@@ -1,5 +1,6 @@
 """gptlab models to and from Hugging Face `transformers` models: `GPT2LMHeadModel` is the GPT-2 block,
-`LlamaForCausalLM` the default block. Conversions only; `interop/runs.py` writes them as folders and run directories.
+`LlamaForCausalLM` the default block, `PhiForCausalLM` (out only) a parallel block with RoPE, LayerNorm and GELU.
+Conversions only; `interop/runs.py` writes them as folders and run directories.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")  # the spec
 GPT2_SWITCHES = {"position": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu_exact"), "bias": True}
 GPT2_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu"}  # gptlab's mlp -> GPT2Config.activation_function
 LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+# model.parallel_block: Phi's block is x + attn(ln(x)) + mlp(ln(x)) with one shared LayerNorm, rotate-half rotary
+# (over the whole head with partial_rotary_factor=1) and biases everywhere (gptlab's missing ones export as zeros)
+PHI_SWITCHES = {"position": "rope", "norm": "layernorm", "mlp": ("gelu", "gelu_exact")}
 GPT2_NAMES = {  # gptlab -> GPT-2 inside block i / h.i (q, k, v are stacked into c_attn); True: transposed
     "norm1.weight": ("ln_1.weight", False), "norm1.bias": ("ln_1.bias", False),
     "attn.out.weight": ("attn.c_proj.weight", True), "attn.out.bias": ("attn.c_proj.bias", False),
@@ -35,6 +39,10 @@ LLAMA_NAMES = {  # gptlab module -> Llama module, inside block i / layer i
     "norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q": "self_attn.q_proj",
     "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj", "attn.out": "self_attn.o_proj",
     "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj",
+}  # fmt: skip
+PHI_NAMES = {  # gptlab module -> Phi module, inside block i / layer i
+    "norm1": "input_layernorm", "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj", "attn.out": "self_attn.dense", "mlp.fc": "mlp.fc1", "mlp.down": "mlp.fc2",
 }  # fmt: skip
 
 
@@ -51,15 +59,19 @@ def require_transformers() -> Any:
 def hf_architecture(cfg: ModelConfig) -> str:
     """The `transformers` class a model with these switches becomes, or a user error naming the switch."""
     cfg = cfg.resolved()
-    family = GPT2_SWITCHES if cfg.position == "learned" else LLAMA_SWITCHES
-    name = "GPT2LMHeadModel" if family is GPT2_SWITCHES else "LlamaForCausalLM"
+    if cfg.parallel_block:
+        family, name, given = PHI_SWITCHES, "PhiForCausalLM", "model.parallel_block=true"
+        instead = "export parallel blocks with RoPE, LayerNorm and GELU, or train with model.parallel_block=false"
+    else:
+        family = GPT2_SWITCHES if cfg.position == "learned" else LLAMA_SWITCHES
+        name = "GPT2LMHeadModel" if family is GPT2_SWITCHES else "LlamaForCausalLM"
+        given, instead = f"model.position={cfg.position}", "export models whose switches match GPT-2 or Llama"
     for key, want in family.items():
         allowed = want if isinstance(want, tuple) else (want,)
         if getattr(cfg, key) not in allowed:
             raise GptlabError(
-                f"model.{key}={getattr(cfg, key)} has no Hugging Face architecture with model.position={cfg.position}",
-                f"{name} needs model.{key}={' or '.join(map(str, allowed))}; "
-                "export models whose switches match GPT-2 or Llama",
+                f"model.{key}={getattr(cfg, key)} has no Hugging Face architecture with {given}",
+                f"{name} needs model.{key}={' or '.join(map(str, allowed))}; {instead}",
             )
     if cfg.qk_norm:
         raise GptlabError("model.qk_norm=true has no Hugging Face architecture here", "train with model.qk_norm=false")
@@ -85,6 +97,17 @@ def to_hf(model: GPT) -> Any:
         )  # fmt: skip
         tensors = _gpt2_tensors(sd, cfg)
         hf = transformers.GPT2LMHeadModel(hf_cfg)
+    elif name == "PhiForCausalLM":
+        hf_cfg = transformers.PhiConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.d_ff,
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+            hidden_act=GPT2_ACTIVATIONS[cfg.mlp], max_position_embeddings=cfg.block_size,
+            layer_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, partial_rotary_factor=1.0,
+            tie_word_embeddings=cfg.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )  # fmt: skip
+        tensors = _phi_tensors(sd, cfg)
+        hf = transformers.PhiForCausalLM(hf_cfg)
     else:
         hf_cfg = transformers.LlamaConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.d_ff,
@@ -136,6 +159,21 @@ def _llama_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
             out[f"model.layers.{i}.{LLAMA_NAMES[module]}.{param}"] = value
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def _phi_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Phi's names; every linear and norm of Phi has a bias (and its head too): those gptlab lacks are zeros."""
+    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.final_layernorm.weight": sd["norm_f.weight"]}
+    out["model.final_layernorm.bias"] = sd.get("norm_f.bias", torch.zeros(cfg.n_embd))
+    for i in range(cfg.n_layer):
+        for ours, theirs in PHI_NAMES.items():
+            weight = sd[f"blocks.{i}.{ours}.weight"]
+            out[f"model.layers.{i}.{theirs}.weight"] = weight
+            out[f"model.layers.{i}.{theirs}.bias"] = sd.get(f"blocks.{i}.{ours}.bias", torch.zeros(len(weight)))
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    out["lm_head.bias"] = torch.zeros(cfg.vocab_size)
     return out
 
 

@@ -36,7 +36,7 @@ def param_shapes(cfg: ModelConfig) -> Params:
     else:
         linears |= {"mlp.fc": (C, F), "mlp.down": (F, C)}
     block: dict[str, tuple[int, ...]] = {}
-    for name in ("norm1", "norm2"):
+    for name in ("norm1",) if cfg.parallel_block else ("norm1", "norm2"):  # a parallel block shares one norm
         block[f"{name}.weight"] = (L, C)
         if cfg.bias and cfg.norm == "layernorm":
             block[f"{name}.bias"] = (L, C)
@@ -74,13 +74,6 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
         else:
             leaves.append(jax.random.normal(k, shape) * 0.02)
     return jax.tree.unflatten(tree, leaves)
-
-
-def decays(params: Params) -> Params:
-    """Which parameters weight decay applies to: matrices (matmuls and embeddings), never norms or biases."""
-    mask = {name: a.ndim >= 2 for name, a in params.items() if name != "blocks"}
-    mask["blocks"] = {name: a.ndim >= 3 for name, a in params["blocks"].items()}  # one more axis: the layer
-    return mask
 
 
 def jax_device(name: str) -> jax.Device:
@@ -231,9 +224,10 @@ def _run(
         x, cache = carry
         p, i, keys = layer
         h = _norm(cfg, p["norm1.weight"], p.get("norm1.bias"), x).astype(dtype)
-        h, cache = _attention(cfg, p, h, rope, visible, cache, i, slots, keys)
-        x = x + h
-        h = _norm(cfg, p["norm2.weight"], p.get("norm2.bias"), x).astype(dtype)
+        a, cache = _attention(cfg, p, h, rope, visible, cache, i, slots, keys)
+        x = x + a
+        if not cfg.parallel_block:  # else the MLP reads the attention's input, as GPT's parallel block
+            h = _norm(cfg, p["norm2.weight"], p.get("norm2.bias"), x).astype(dtype)
         return (x + _mlp(cfg, p, h, None if keys is None else keys[2]), cache), None
 
     if remat:  # train.activation_checkpointing: keep each block's input only, recompute the rest in backward

@@ -1,5 +1,6 @@
-"""The PyTorch trainer's optimizers (`gptlab.train.optim`) in optax terms: AdamW with decay on matrices only, and with
-train.optimizer=muon, Muon (as `torch.optim.Muon` computes it) on the blocks' matrices and AdamW on the rest."""
+"""The PyTorch trainer's optimizers (`gptlab.train.optim`) in optax terms: AdamW with decay on the kinds
+train.decay_groups names (`param_kind`, the PyTorch rule by the same names), and with train.optimizer=muon, Muon (as
+`torch.optim.Muon` computes it) on the blocks' matrices and AdamW on the rest."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptlab.config import TrainConfig
-from gptlab.jax.model import Params, decays
+from gptlab.config import TrainConfig, decay_kinds
+from gptlab.jax.model import Params
+from gptlab.train.optim import param_kind
 
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default
 # torch.optim.Muon's defaults: momentum, Newton-Schulz coefficients, steps and epsilon
@@ -31,6 +33,15 @@ def merge(rest: Params, hidden: Params) -> Params:
     return {**rest, "blocks": {**rest["blocks"], **hidden.get("blocks", {})}}
 
 
+def decay_mask(params: Params, decay_groups: str) -> Params:
+    """Which parameters weight decay applies to: those of the kinds `decay_groups` names (train.decay_groups), each
+    classified by its PyTorch name (a block's entries stand for every layer: one axis more)."""
+    kinds = decay_kinds(decay_groups)
+    mask = {n: param_kind(n, a.ndim) in kinds for n, a in params.items() if n != "blocks"}
+    mask["blocks"] = {n: param_kind(f"blocks.0.{n}", a.ndim - 1) in kinds for n, a in params["blocks"].items()}
+    return mask
+
+
 def muon_mask(params: Params) -> Params:
     """The matrices Muon takes: the blocks' linear weights (as build_optimizers: 2-D and under "blocks.")."""
     return {n: False for n in params if n != "blocks"} | {
@@ -38,20 +49,28 @@ def muon_mask(params: Params) -> Params:
     }
 
 
-def newton_schulz(g: jax.Array) -> jax.Array:
-    """An approximately orthogonal matrix of g's shape, in bf16, by torch.optim.Muon's quintic Newton-Schulz."""
+def ns_dtype(precision: str) -> jnp.dtype:
+    """train.muon_precision for XLA: "auto" is bf16 on accelerators, fp32 on CPUs (as gptlab.train.muon decides)."""
+    if precision == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[precision]
+
+
+def newton_schulz(g: jax.Array, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
+    """An approximately orthogonal matrix of g's shape, by torch.optim.Muon's quintic Newton-Schulz, in `dtype`
+    (bf16: rounded where torch rounds)."""
     a, b, c = NS_COEFFICIENTS
-    f32, bf16 = jnp.float32, jnp.bfloat16
-    x = g.astype(bf16)
+    f32 = jnp.float32
+    x = g.astype(dtype)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(f32)))).astype(bf16).astype(f32)  # torch: a bf16 norm
-    x = (x.astype(f32) / jnp.maximum(norm, NS_EPS)).astype(bf16)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(f32)))).astype(dtype).astype(f32)  # torch: a norm in x's dtype
+    x = (x.astype(f32) / jnp.maximum(norm, NS_EPS)).astype(dtype)
     for _ in range(NS_STEPS):
-        gram = jnp.matmul(x, x.T, preferred_element_type=f32).astype(bf16)
-        update = (b * gram.astype(f32) + c * jnp.matmul(gram, gram, preferred_element_type=f32)).astype(bf16)
-        x = (a * x.astype(f32) + jnp.matmul(update, x, preferred_element_type=f32)).astype(bf16)
+        gram = jnp.matmul(x, x.T, preferred_element_type=f32).astype(dtype)
+        update = (b * gram.astype(f32) + c * jnp.matmul(gram, gram, preferred_element_type=f32)).astype(dtype)
+        x = (a * x.astype(f32) + jnp.matmul(update, x, preferred_element_type=f32)).astype(dtype)
     return x.T if tall else x
 
 
@@ -59,7 +78,7 @@ class MuonState(NamedTuple):
     momentum: Params
 
 
-def muon(weight_decay: float) -> optax.GradientTransformation:
+def muon(weight_decay: float, dtype: jnp.dtype = jnp.bfloat16) -> optax.GradientTransformation:
     """Muon's direction for stacked (layers, in, out) matrices, without its learning rate: Nesterov momentum,
     orthogonalised per layer, scaled by sqrt(max(1, out/in)), plus the decoupled weight decay."""
 
@@ -74,7 +93,7 @@ def muon(weight_decay: float) -> optax.GradientTransformation:
 
         def direction(u: jax.Array, p: jax.Array) -> jax.Array:
             ratio = max(1.0, u.shape[2] / u.shape[1]) ** 0.5  # torch's (out, in) shape: sqrt(max(1, out / in))
-            return weight_decay * p + ratio * jax.vmap(newton_schulz)(u).astype(p.dtype)
+            return weight_decay * p + ratio * jax.vmap(lambda m: newton_schulz(m, dtype))(u).astype(p.dtype)
 
         return jax.tree.map(direction, nesterov, params), MuonState(momentum)
 
@@ -91,9 +110,11 @@ class Optimizer:
         decay = t.weight_decay
         self.adam = optax.chain(
             optax.scale_by_adam(b1=t.beta1, b2=t.beta2, eps=ADAM_EPS),
-            optax.add_decayed_weights(decay, mask=decays(rest)),
+            optax.add_decayed_weights(decay, mask=decay_mask(rest, t.decay_groups)),
         )
-        self.muon = muon(decay) if self.hidden is not None else None
+        # the hidden matrices are all of the kind "matrices", as in build_optimizers
+        muon_decay = decay if "matrices" in decay_kinds(t.decay_groups) else 0.0
+        self.muon = muon(muon_decay, ns_dtype(t.muon_precision)) if self.hidden is not None else None
         self.lr, self.muon_lr = t.lr, t.muon_lr
 
     def init(self, params: Params) -> tuple[Any, Any]:

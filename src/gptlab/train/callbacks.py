@@ -41,6 +41,10 @@ class Callback:
 
     def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
 
+    def on_interval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        """Epoch mode: train.eval_interval steps into an epoch (not at its end). As on_epoch_end, with the train loss
+        since the last evaluation and `mid_epoch: True`."""
+
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
@@ -56,6 +60,21 @@ class Callback:
     def on_sample(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
 
     def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+EVAL_METRICS = ("val_loss", "val_ppl", "train_loss", "train_ppl")  # in every evaluation record
+TASK_METRICS = ("val_exact_match",)  # added by a task's evaluations
+
+
+def check_monitor(monitor: str, task: bool) -> None:
+    """Refuse a train.monitor that no evaluation will hold, before the first step (not after an epoch's work)."""
+    known = [*EVAL_METRICS, *(TASK_METRICS if task else ())]
+    if monitor in known:
+        return
+    fix = "choose one of " + ", ".join(known)
+    if monitor in TASK_METRICS:
+        fix = f"{monitor} is measured for a task (task.name=adder or sort); {fix}"
+    raise GptlabError(f"train.monitor '{monitor}' is not an evaluated metric", fix)
 
 
 def metrics_lines(path: Path) -> list[str]:
@@ -152,14 +171,34 @@ class ProgressCallback(Callback):
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.val = f" val {metrics['val_loss']:.4f}"
-        if self.enabled:  # a line per evaluation, so logs (not only terminals) show progress
-            train_loss = trainer.history[-1]["train_loss"] if trainer.history else float("nan")
-            step = f"step {metrics['step']}/{trainer.total_steps}"
-            self.bar.console.print(f"{step}: train loss {train_loss:.4f}, val loss {metrics['val_loss']:.4f}")
+        if self.enabled:  # a line per evaluation as it ends, so logs (not only terminals) show each epoch's row
+            self.bar.console.print(eval_line(trainer, metrics), highlight=False, markup=False, soft_wrap=True)
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.bar is not None:  # None when the fit failed before on_train_start reached this callback
             self.bar.stop()
+
+
+def epoch_label(trainer: Trainer, record: dict[str, Any]) -> str:
+    """A history row's epoch: `2`, or `2 (40%)` for an evaluation that far into epoch 2 (epoch mode's eval_interval)."""
+    epoch = str(record["epoch"])
+    if record.get("mid_epoch"):
+        into = record["step"] - record["epoch"] * trainer.steps_per_epoch
+        epoch += f" ({into / trainer.steps_per_epoch:.0%})"
+    return epoch
+
+
+def extra_metrics(record: dict[str, Any]) -> list[str]:
+    """An evaluation's metrics besides the losses, perplexities and lr (a task's val_exact_match), in order."""
+    return [k for k in record if k not in (*HistoryPrinter.FIXED, "lr", "mid_epoch")]
+
+
+def eval_line(trainer: Trainer, record: dict[str, Any]) -> str:
+    """One evaluation's history row as a line, printed as it ends:
+    `epoch 3, step 440/1200: train loss 0.4123, val loss 0.3912, val exact match 0.8420`."""
+    extra = "".join(f", {k.replace('_', ' ')} {record[k]:.4f}" for k in extra_metrics(record))
+    return (f"epoch {epoch_label(trainer, record)}, step {record['step']}/{trainer.total_steps}: "
+            f"train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}{extra}")  # fmt: skip
 
 
 def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -174,7 +213,8 @@ def _ppl(loss: float) -> float:
 
 
 class Evaluator(Callback):
-    """At each epoch end: validation loss and perplexity, a task's exact match, then the `eval` event.
+    """At each epoch end (and every train.eval_interval steps into an epoch in epoch mode): validation loss and
+    perplexity, a task's exact match, then the `eval` event.
 
     When a task run finishes, its best checkpoint is loaded and scored on the test split (the `test` event).
     The loss is computed by every rank on its rows; a task's generations on rank 0, whose numbers all ranks take.
@@ -183,6 +223,12 @@ class Evaluator(Callback):
     all_ranks = True
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._evaluate(trainer, metrics)
+
+    def on_interval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._evaluate(trainer, metrics)  # a history row of its own, marked mid_epoch
+
+    def _evaluate(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         val_loss = trainer.evaluate()
         record = {**metrics, "train_ppl": _ppl(metrics["train_loss"]), "val_loss": val_loss, "val_ppl": _ppl(val_loss)}
         if trainer.cfg.task.name != "none":
@@ -197,7 +243,9 @@ class Evaluator(Callback):
     def on_fit_end(self, trainer: Trainer) -> None:
         if trainer.cfg.task.name == "none":
             return
-        best = find_checkpoint(trainer.run_dir, "best")
+        # no `best` after a resume from an older checkpoint whose best was pruned, until an evaluation beats it
+        which = "best" if read_pointer(trainer.run_dir / "checkpoints" / "best") else "latest"
+        best = find_checkpoint(trainer.run_dir, which)
         load_model_tensors(trainer.model, load_weights(best), str(best))  # the run is over: its best weights stay
         model = trainer.inference_model()
         result = {"step": trainer.step, "checkpoint": best.name}
@@ -243,11 +291,12 @@ class Checkpointer(Callback):
     all_ranks = True  # saving is collective: each rank writes its shards of the training state
 
     def __init__(self, monitor: str, mode: str, keep_last: int) -> None:
+        """`keep_last`: the newest step folders kept besides the best (1: save best only, and the latest to resume)."""
         self.monitor, self.mode, self.keep_last = monitor, mode, keep_last
 
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if self.monitor not in metrics:
-            known = ", ".join(k for k in metrics if k not in ("step", "epoch"))
+            known = ", ".join(k for k in metrics if k not in ("step", "epoch", "mid_epoch"))
             raise GptlabError(f"train.monitor '{self.monitor}' is not an evaluated metric", f"choose one of {known}")
         value = metrics[self.monitor]
         best = trainer.best_metric
@@ -261,7 +310,10 @@ class Checkpointer(Callback):
 
 
 class HistoryPrinter(Callback):
-    """Prints the per-epoch history table at the end of the run (and a task's test score) and saves history.json."""
+    """Prints the history table at the end of the run (and a task's test score) and saves history.json.
+
+    A row per epoch, and one per mid-epoch evaluation (epoch mode with train.eval_interval): its epoch column says
+    how far into the epoch it was, e.g. `2 (40%)`."""
 
     FIXED = {"epoch": "epoch", "step": "step", "train_loss": "train loss", "train_ppl": "train ppl",
              "val_loss": "val loss", "val_ppl": "val ppl"}  # fmt: skip
@@ -282,7 +334,7 @@ class HistoryPrinter(Callback):
             return
         table = Table(title=f"history ({trainer.run_dir})")
         # the fixed columns, then any further metric (a task's exact match), then the learning rate
-        extra = [k for k in trainer.history[-1] if k not in self.FIXED and k != "lr"]
+        extra = extra_metrics(trainer.history[-1])
         for col in [*self.FIXED.values(), *(k.replace("_", " ") for k in extra)]:
             table.add_column(col, justify="right")
         table.add_column("lr", justify="right", no_wrap=True, min_width=8)
@@ -290,8 +342,8 @@ class HistoryPrinter(Callback):
         for h in trainer.history:
             mark = " *" if best == f"step_{h['step']}" else ""
             table.add_row(
-                str(h["epoch"]), f"{h['step']}{mark}", f"{h['train_loss']:.4f}", f"{h.get('train_ppl', math.nan):.2f}",
-                f"{h['val_loss']:.4f}", f"{h['val_ppl']:.2f}", *(f"{h.get(k, math.nan):.4f}" for k in extra),
-                f"{h['lr']:.2e}",
+                epoch_label(trainer, h), f"{h['step']}{mark}", f"{h['train_loss']:.4f}",
+                f"{h.get('train_ppl', math.nan):.2f}", f"{h['val_loss']:.4f}", f"{h['val_ppl']:.2f}",
+                *(f"{h.get(k, math.nan):.4f}" for k in extra), f"{h['lr']:.2e}",
             )  # fmt: skip
         console.print(table)

@@ -9,7 +9,8 @@ from one may run code: weights are safetensors, state.pt is read with `torch.loa
 train_state/ through `gptlab.safe_pickle` (torch's own reader would unpickle it whole).
 A checkpoint is built in a temporary folder, each file fsynced, then renamed into place; the pointers are replaced
 last. A crash at any moment leaves the previous checkpoint and pointers intact; pruning renames a folder to a trash
-name before deleting it, and a resume discards step folders newer than `latest` (renamed in, never pointed at).
+name before deleting it, and a resume discards step folders newer than `latest` (renamed in, never pointed at); a
+resume from an older checkpoint (`--checkpoint step_N`) moves the later ones to RUN/set_aside/ instead (`set_aside`).
 A LoRA run's checkpoints hold only its adapters; `load_run` rebuilds
 its base from `model.init_from` and merges them in.
 """
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from dataclasses import dataclass, replace
@@ -294,12 +296,16 @@ def load_training_state(
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
 
 
+def step_folders(ckpt_root: Path) -> list[Path]:
+    """The step_N folders of a checkpoints folder, oldest first."""
+    steps = (p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+    return sorted(steps, key=lambda p: int(p.name[5:]))
+
+
 def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
     """Delete step folders beyond the newest `keep_last`, never the one `best` names."""
     keep = {read_pointer(ckpt_root / "best"), read_pointer(ckpt_root / "latest")}
-    steps = sorted(
-        (p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
-    )
+    steps = step_folders(ckpt_root)
     for p in steps[:-keep_last]:
         if p.name not in keep:
             discard(p)
@@ -325,6 +331,53 @@ def drop_after(ckpt_root: Path, step: int) -> list[str]:
     for p in sorted(newer):
         discard(p)
     return sorted(p.name for p in newer)
+
+
+def resume_checkpoint(run_dir: Path, which: str) -> Path:
+    """The checkpoint folder `gptlab train --resume RUN --checkpoint WHICH` starts from: latest, best or step_N."""
+    root = run_dir / "checkpoints"
+    pointers = {p: read_pointer(root / p) for p in ("latest", "best")}
+    names = [f"{p} ({n})" for p, n in pointers.items() if n] + [p.name for p in step_folders(root)]
+    fix = "use one of " + ", ".join(names) if names else "train it first"
+    if which not in pointers and not re.fullmatch(r"step_\d+", which):
+        raise GptlabError(f"--checkpoint '{which}' names no checkpoint (latest, best or step_N)", fix)
+    name = pointers[which] if which in pointers else which
+    if name is None or not (root / name).is_dir():
+        raise GptlabError(f"run '{run_dir}' has no checkpoint {which}", fix)
+    return root / name
+
+
+def set_aside(run_dir: Path, step: int, best: str | None) -> tuple[Path, list[str]]:
+    """Move what a run wrote after `step` out of a resume from that older checkpoint's way, nothing deleted.
+
+    The newer step folders are renamed into RUN/set_aside/after_step_N[-k]/checkpoints/ with copies of the pointers,
+    metrics.jsonl and history.json (the resumed run truncates and rewrites them) and the results.json of a finished
+    run; then `latest` names step_N and `best` the best as of step N (`best`; the pointer goes when it was pruned).
+    A crash midway leaves every folder in one of the two places. Returns the folder and the step folders moved."""
+    root = run_dir / "checkpoints"
+    aside = run_dir / "set_aside" / f"after_step_{step}"
+    k = 1
+    while aside.exists():
+        k += 1
+        aside = aside.with_name(f"after_step_{step}-{k}")
+    (aside / "checkpoints").mkdir(parents=True)
+    copies = {root / "latest": "checkpoints/latest", root / "best": "checkpoints/best",
+              run_dir / "metrics.jsonl": "metrics.jsonl", run_dir / "history.json": "history.json"}  # fmt: skip
+    for src, dst in copies.items():
+        if src.is_file():
+            shutil.copy2(src, aside / dst)
+    if (run_dir / "results.json").is_file():  # a finished run's scores: not this trajectory's any more
+        (run_dir / "results.json").rename(aside / "results.json")
+    newer = [p for p in step_folders(root) if int(p.name[5:]) > step]
+    for p in newer:
+        p.rename(aside / "checkpoints" / p.name)
+    _fsync_dir(root)
+    write_pointer(root / "latest", f"step_{step}")
+    if best is not None and (root / best).is_dir():
+        write_pointer(root / "best", best)
+    else:
+        (root / "best").unlink(missing_ok=True)
+    return aside, [p.name for p in newer]
 
 
 def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:

@@ -46,8 +46,11 @@ from gptlab.train.callbacks import (
     HistoryPrinter,
     MetricsLogger,
     ProgressCallback,
+    check_monitor,
+    improves,
     metrics_lines,
 )
+from gptlab.train.muon import Muon
 from gptlab.train.optim import build_optimizers, set_lr
 from gptlab.train.schedules import lr_factor
 from gptlab.train.task_metrics import check_task_context
@@ -56,8 +59,52 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # keys that define the model or the stream of batches: a resumed run must keep them
 FROZEN_ON_RESUME = (
     "model", "data", "train.seed", "train.batch_size", "train.data_mode", "train.lora_", "train.monitor",
+    "train.decay_groups",  # the optimizer state's groups come from the checkpoint
     *(f"task.{k}" for k in TASK_SETTINGS),
 )  # fmt: skip
+
+
+RANDOM_EVAL_INTERVAL = 250  # train.eval_interval when it is null in random mode (config.py)
+
+
+def eval_interval(t: TrainConfig) -> int | None:
+    """Steps between evaluations: train.eval_interval, else 250 in random mode, None (epoch ends only) in epoch mode."""
+    if t.eval_interval is not None:
+        return t.eval_interval
+    return RANDOM_EVAL_INTERVAL if t.data_mode == "random" else None
+
+
+def _count(x: float) -> str:
+    """1.5333 -> '1.53', 5.0 -> '5': an epoch count for the budget line."""
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def budget(t: TrainConfig, steps_per_epoch: int, tokens_per_step: int) -> tuple[int, str]:
+    """The steps of the smallest budget set, and the line that says which one it is before the first step.
+
+    `budget: 2000 steps (max_iters) ends before max_epochs=5 (1.53 epochs of 1307 steps; ...)`: a max_epochs that
+    another budget cuts short is named with the setting that would reach it, as the smallest budget still wins."""
+    steps = {}
+    if t.max_iters is not None:
+        steps["max_iters"] = t.max_iters
+    if t.max_tokens is not None:
+        steps["max_tokens"] = math.ceil(t.max_tokens / tokens_per_step)
+    if t.max_epochs is not None:
+        steps["max_epochs"] = t.max_epochs * steps_per_epoch
+    total = min(steps.values())
+    first = [k for k, v in steps.items() if v == total]
+    later = [k for k, v in steps.items() if v > total]
+    line = f"budget: {total} steps ({', '.join(first)})"
+    # epochs mean passes over the data in epoch mode; in random mode only where max_epochs counts them
+    epochs = f"{_count(total / steps_per_epoch)} epochs of {steps_per_epoch} steps"
+    show_epochs = t.data_mode == "epoch" or "max_epochs" in steps
+    if not later:
+        return total, line + (f" = {epochs}" if show_epochs else "")
+    line += " ends before " + ", ".join(f"{k}={getattr(t, k)}" for k in later)
+    if "max_epochs" in later:  # the user asked for epochs they will not get: say what would give them
+        cut = [f"train.{k}=null" for k, v in steps.items() if v < steps["max_epochs"]]
+        return total, f"{line} ({epochs}; {' '.join(cut)} to train all {t.max_epochs} epochs)"
+    return total, line + (f" ({epochs})" if show_epochs else "")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -256,8 +303,10 @@ class TrainStep:
 class Trainer:
     """Trains a GPT on prepared data into a run directory; `fit()` runs it.
 
-    Events (`on_train_start`, `on_step`, `on_epoch_end`, `on_eval`, `on_checkpoint`, `on_train_end`)
-    go to the callbacks in order; evaluation and checkpointing are callbacks too.
+    Events (`on_train_start`, `on_step`, `on_interval_end`, `on_epoch_end`, `on_eval`, `on_checkpoint`,
+    `on_train_end`) go to the callbacks in order; evaluation, checkpoints, metrics.jsonl and the history are
+    callbacks too (`default_callbacks`). `callbacks=[...]` adds yours after them; with `replace_callbacks=True`
+    yours replace them, and the run writes no metrics, evaluations or checkpoints unless yours do.
     """
 
     backend = "torch"  # the train.backend this class trains
@@ -272,11 +321,18 @@ class Trainer:
         quiet: bool = False,
         ephemeral: bool = False,
         allow_dirty: bool = False,
+        replace_callbacks: bool = False,
+        checkpoint: str = "latest",
     ) -> None:
-        """`ephemeral`: build the model, optimizers and batches only, touching no run directory (the LR finder).
-        `allow_dirty`: train even when train.require_clean_git finds uncommitted changes (`--allow-dirty`)."""
+        """`callbacks`: run after the default ones (or instead of them, with `replace_callbacks`).
+        `ephemeral`: build the model, optimizers and batches only, touching no run directory (the LR finder).
+        `allow_dirty`: train even when train.require_clean_git finds uncommitted changes (`--allow-dirty`).
+        `checkpoint`: what a resume starts from: latest, best or step_N (what came after an older one is set aside)."""
         if ephemeral and (resume or overwrite):
             raise ValueError("an ephemeral trainer neither resumes nor overwrites a run directory")
+        if checkpoint != "latest" and not resume:
+            raise GptlabError(f"--checkpoint {checkpoint} is given without --resume", "add --resume RUN_DIR")
+        self.resume_from = checkpoint
         if cfg.train.backend != self.backend:
             raise GptlabError(
                 f"train.backend={cfg.train.backend} is not trained by {type(self).__name__}",
@@ -287,7 +343,10 @@ class Trainer:
         if not ephemeral:  # under torchrun: join the other ranks (and leave them again if set-up fails)
             self.dist, self.device, self._owns_group = distributed.init(self.device, cfg.train.dist_timeout)
         try:
-            self._set_up(cfg, resume, overwrite, callbacks, quiet, ephemeral, allow_dirty)
+            self._set_up(cfg, resume, overwrite, quiet, ephemeral, allow_dirty)
+            # the user's callbacks come after the defaults, which fire the events they may listen to (on_eval)
+            defaults = [] if replace_callbacks else self.default_callbacks()
+            self.callbacks = [*defaults, *(callbacks or [])]
         except BaseException as e:
             if self._owns_group:
                 distributed.shutdown(clean=False)
@@ -300,7 +359,6 @@ class Trainer:
         cfg: Config,
         resume: bool,
         overwrite: bool,
-        callbacks: list[Callback] | None,
         quiet: bool,
         ephemeral: bool,
         allow_dirty: bool,
@@ -309,6 +367,7 @@ class Trainer:
         self.resume, self.quiet = resume, quiet
         self.data = load_prepared(cfg.data.dir)
         cfg = self._with_task(cfg)
+        check_monitor(cfg.train.monitor, task=cfg.task.name != "none")  # now, not after the first epoch's work
         cfg, base = self._load_base(cfg)  # before seeding: loading a Hugging Face model draws random numbers
         cfg = self._with_vocab(cfg)
         if self.data.meta.get("format") == "task":
@@ -330,12 +389,9 @@ class Trainer:
         self.train_batches, self.val_batches = self._batches(cfg)
         self.steps_per_epoch = self.train_batches.steps_per_epoch
         self.tokens_per_step = t.batch_size * T
-        budgets = [t.max_iters]
-        if t.max_tokens is not None:
-            budgets.append(math.ceil(t.max_tokens / self.tokens_per_step))
-        if t.max_epochs is not None:
-            budgets.append(t.max_epochs * self.steps_per_epoch)
-        self.total_steps = min(b for b in budgets if b is not None)
+        self.eval_interval = eval_interval(t)
+        # which budget ends the run, said before the first step (printed once the set-up has succeeded)
+        self.total_steps, self.budget_note = budget(t, self.steps_per_epoch, self.tokens_per_step)
         self.stepper = self._stepper()
         self.dtype, self.forward = self.stepper.dtype, self.stepper.forward
         self.optimizers, self.scaler = self.stepper.optimizers, self.stepper.scaler
@@ -344,6 +400,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_metric: float | None = None
         self._epoch_loss, self._epoch_steps = 0.0, 0
+        self._interval_loss, self._interval_steps = 0.0, 0  # since the last evaluation: a mid-epoch row's train loss
         self._stop_requested = False  # Ctrl-C or SIGTERM: save a checkpoint and stop
         self._stop_signal: int = signal.SIGINT  # which of them this rank received first
         self._stop_agreed = False  # with several ranks: some rank was asked to stop (all stop at the same step)
@@ -363,17 +420,18 @@ class Trainer:
                 self._load_latest()
             self.dist.barrier()  # every rank has checked the run directory before rank 0 writes it
             if self.dist.is_main:
-                if resume:  # a run killed between renaming a checkpoint into place and pointing `latest` at it
+                if resume:
                     try:
-                        dropped = ckpt.drop_after(self.run_dir / "checkpoints", self.step)
+                        self._clear_later_steps(quiet)
                     except OSError as e:
                         if not is_write_failure(e):
                             raise
                         raise write_error(e) from e
-                    if dropped and not quiet:
-                        console.print(f"dropped {', '.join(dropped)}: written after step {self.step}, which "
-                                      "`latest` names, by a run that was killed before it pointed there")  # fmt: skip
                 self._write_run_dir(overwrite)
+                if not quiet:  # in yellow when the epochs asked for will not all be trained
+                    cut_short = t.max_epochs is not None and self.total_steps < t.max_epochs * self.steps_per_epoch
+                    style = "yellow" if cut_short else None
+                    console.print(self.budget_note, style=style, highlight=False, markup=False, soft_wrap=True)
                 parallel = t.parallel if self.dist.world > 1 else "none"
                 tracking.start_session(
                     self.run_dir,
@@ -386,7 +444,30 @@ class Trainer:
                     self.session_info(),
                 )
             self.dist.barrier()
-        self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
+
+    def _clear_later_steps(self, quiet: bool) -> None:
+        """Out of the resumed trajectory's way: the step folders after the checkpoint it starts from.
+
+        From `latest`, they were renamed in by a run killed before it pointed there, and are dropped. From an older
+        checkpoint (--checkpoint step_N or best) they are the run's own later work: set aside, nothing deleted."""
+        root = self.run_dir / "checkpoints"
+        latest = ckpt.read_pointer(root / "latest")
+        if self.resume_from == "latest" or latest == f"step_{self.step}":
+            dropped = ckpt.drop_after(root, self.step)
+            if dropped and not quiet:
+                console.print(f"dropped {', '.join(dropped)}: written after step {self.step}, which "
+                              "`latest` names, by a run that was killed before it pointed there")  # fmt: skip
+            return
+        best_step, best = None, None  # the best as of this step, as the Checkpointer chose it
+        for record in self.history:
+            if self.cfg.train.monitor in record and improves(record[self.cfg.train.monitor], best,
+                                                             self.cfg.train.monitor_mode):  # fmt: skip
+                best_step, best = record["step"], record[self.cfg.train.monitor]
+        aside, moved = ckpt.set_aside(self.run_dir, self.step, None if best_step is None else f"step_{best_step}")
+        if not quiet:
+            later = ", ".join(moved) or "no step folder"
+            line = f"resuming from step_{self.step} (latest was {latest}): {later} and later metrics moved to {aside}"
+            console.print(line, soft_wrap=True, highlight=False, markup=False)
 
     # ----- set-up -----------------------------------------------------------------------------
     def _stepper(self) -> TrainStep:
@@ -396,7 +477,11 @@ class Trainer:
 
     def session_info(self) -> dict[str, Any]:
         """What run.json records of this session besides the common fields (the backend, its device)."""
-        return {"backend": self.backend}
+        info: dict[str, Any] = {"backend": self.backend}
+        for opt in self.optimizers:  # Muon's precision follows the device (train/muon.py): say which it took
+            if isinstance(opt, Muon):
+                info["muon_precision"] = str(opt.ns_dtype).removeprefix("torch.")
+        return info
 
     def _device(self, name: str) -> torch.device:
         """The device of the PyTorch model, from train.device."""
@@ -488,7 +573,7 @@ class Trainer:
                     f"run '{self.run_dir}' has no checkpoint to resume: it stopped before its first one",
                     "start it again with --overwrite",
                 )
-            ckpt.find_checkpoint(self.run_dir, "latest")
+            ckpt.resume_checkpoint(self.run_dir, self.resume_from)  # a folder that is there, or the ones that are
             same = run_tokenizer.is_file() and run_tokenizer.read_bytes() == self.data.tokenizer_path.read_bytes()
             if not same:
                 raise GptlabError(
@@ -505,8 +590,8 @@ class Trainer:
             if changed:
                 raise GptlabError(
                     f"cannot resume with changed {', '.join(changed)}",
-                    "resume keeps the model, data, task, seed, batch size, data mode, monitored metric and LoRA "
-                    "settings; start a new run to change them",
+                    "resume keeps the model, data, task, seed, batch size, data mode, monitored metric, weight-decay "
+                    "groups and LoRA settings; start a new run to change them",
                 )
         elif overwrite and _inside(Path(self.cfg.model.init_from), self.run_dir):
             raise GptlabError(
@@ -545,12 +630,12 @@ class Trainer:
         t, T = cfg.train, cfg.model.block_size
         ranks = {"rank": self.dist.rank, "world": self.dist.world}
         if self.data.examples is None:
-            train = Batches(self.data.train, T, t.batch_size, t.data_mode, t.seed, t.eval_interval, **ranks)
+            train = Batches(self.data.train, T, t.batch_size, t.data_mode, t.seed, eval_interval(t), **ranks)
             val = Batches(self.data.val, T, t.batch_size, t.data_mode, t.seed + 1, t.eval_iters, split="val", **ranks)
             return train, val
         pad = self.data.meta["eot_id"] or 0  # padding is never attended to by a real token nor a target
         ex = self.data.examples
-        train = ExampleBatches(ex["train"], T, t.batch_size, t.data_mode, t.seed, t.eval_interval, pad_id=pad, **ranks)
+        train = ExampleBatches(ex["train"], T, t.batch_size, t.data_mode, t.seed, eval_interval(t), pad_id=pad, **ranks)
         val = ExampleBatches(
             ex["val"], T, t.batch_size, "random", t.seed + 1, t.eval_iters, split="val", pad_id=pad, **ranks
         )
@@ -561,13 +646,14 @@ class Trainer:
         return train, val
 
     def default_callbacks(self) -> list[Callback]:
+        """metrics.jsonl, progress, tracking (as train.* asks), evaluation, checkpoints, early stopping, history."""
         t = self.cfg.train
         callbacks = [
             MetricsLogger(self.run_dir / "metrics.jsonl"),
             ProgressCallback(t.log_interval, enabled=not self.quiet),
             *tracking.callbacks(self),  # samples, TensorBoard, W&B, profiler (as train.* asks)
             Evaluator(),
-            Checkpointer(t.monitor, t.monitor_mode, t.keep_last),
+            Checkpointer(t.monitor, t.monitor_mode, 1 if t.save == "best" else t.keep_last),  # best: and the latest
             HistoryPrinter(self.run_dir / "history.json", enabled=not self.quiet),
         ]
         if t.early_stop_patience:  # after the checkpointer: the evaluation that stops the run is saved first
@@ -613,6 +699,7 @@ class Trainer:
             state = {
                 "step": self.step, "scaler": self.scaler.state_dict(), "rng": rngs, "best_metric": self.best_metric,
                 "history": self.history, "epoch_loss": self._epoch_loss, "epoch_steps": self._epoch_steps,
+                "interval_loss": self._interval_loss, "interval_steps": self._interval_steps,
             }  # fmt: skip
             meta = {
                 "world_size": self.dist.world,
@@ -628,7 +715,8 @@ class Trainer:
         return ckpt.save_checkpoint(root, self.step, weights, state, meta, train_state, self.dist, best)
 
     def _load_latest(self) -> None:
-        path = ckpt.find_checkpoint(self.run_dir, "latest")
+        """Load the checkpoint a resume starts from (`checkpoint=`: latest unless another was chosen)."""
+        path = ckpt.resume_checkpoint(self.run_dir, self.resume_from)
         meta = ckpt.read_meta(path)
         if self.base_fingerprint is not None and meta.get("base_fingerprint") != self.base_fingerprint:
             raise GptlabError(
@@ -650,6 +738,9 @@ class Trainer:
         self.step = meta["step"]
         self.best_metric, self.history = state["best_metric"], state["history"]
         self._epoch_loss, self._epoch_steps = state["epoch_loss"], state["epoch_steps"]
+        # checkpoints from before mid-epoch evaluations: the last evaluation was at the epoch's start
+        self._interval_loss = state.get("interval_loss", self._epoch_loss)
+        self._interval_steps = state.get("interval_steps", self._epoch_steps)
         saved_world = meta.get("world_size", 1)
         if saved_world != self.dist.world and self.dist.is_main and not self.quiet:
             console.print(f"resuming a checkpoint of {saved_world} rank(s) on {self.dist.world}: the global batches "
@@ -801,7 +892,7 @@ class Trainer:
                 if self.dist.is_main:
                     console.print(f"saved {path}")
                 return
-            factor = lr_factor(self.step, self.total_steps, t)
+            factor = lr_factor(self.step, self.total_steps, t, self.steps_per_epoch)
             self.stepper.set_lr(factor)
             t0 = time.perf_counter()
             with record_function("data"):  # regions train.profile reports: waiting for the batch vs computing
@@ -819,6 +910,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             self._epoch_loss += loss
             self._epoch_steps += 1
+            self._interval_loss += loss
+            self._interval_steps += 1
             epoch = (self.step - 1) // self.steps_per_epoch
             self.fire(
                 "on_step",
@@ -827,10 +920,21 @@ class Trainer:
                     "grad_norm": float(norm_t), "tokens_per_s": self.tokens_per_step / dt,
                 },
             )  # fmt: skip
-            if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+            into_epoch = self.step % self.steps_per_epoch  # 0 at an epoch's end
+            if into_epoch == 0 or self.step == self.total_steps:
                 metrics = {
                     "epoch": epoch, "step": self.step, "lr": t.lr * factor,
                     "train_loss": self._epoch_loss / max(1, self._epoch_steps),
                 }  # fmt: skip
                 self._epoch_loss, self._epoch_steps = 0.0, 0
+                self._interval_loss, self._interval_steps = 0.0, 0
                 self.fire("on_epoch_end", metrics)
+            elif self.eval_interval is not None and into_epoch % self.eval_interval == 0:
+                # epoch mode's long epochs: an evaluation and a checkpoint every eval_interval steps into each one
+                # (in random mode an epoch is eval_interval steps, so this never fires there)
+                metrics = {
+                    "epoch": epoch, "step": self.step, "lr": t.lr * factor, "mid_epoch": True,
+                    "train_loss": self._interval_loss / max(1, self._interval_steps),
+                }  # fmt: skip
+                self._interval_loss, self._interval_steps = 0.0, 0
+                self.fire("on_interval_end", metrics)
