@@ -78,6 +78,26 @@ def test_resume_can_extend_max_iters_but_not_change_the_model(prepared, tmp_path
     )
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_resume_runs_at_this_run_s_learning_rates_and_decay(prepared, optimizer):
+    from dataclasses import replace
+
+    cfg = replace(prepared, train=replace(prepared.train, optimizer=optimizer))
+    Trainer(cfg, quiet=True).fit()
+    changed = replace(cfg.train, max_iters=25, lr=5e-4, muon_lr=3e-3, weight_decay=0.05, beta2=0.9)
+    resumed = Trainer(replace(cfg, train=changed), resume=True, quiet=True)
+    groups = [(type(opt).__name__, g) for opt in resumed.optimizers for g in opt.param_groups]
+    assert {g["peak_lr"] for name, g in groups} == ({5e-4, 3e-3} if optimizer == "muon" else {5e-4})
+    assert {g["weight_decay"] for name, g in groups} == {0.05, 0.0}
+    assert {g["betas"] for name, g in groups if name == "AdamW"} == {(0.9, 0.9)}
+    # the state itself came back: AdamW's step counts and moments are the checkpoint's
+    adam = next(opt for opt in resumed.optimizers if isinstance(opt, torch.optim.AdamW))
+    assert all(int(s["step"]) == 20 for s in adam.state.values())
+    resumed.fit()
+    last = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["lr"] == pytest.approx(adam.param_groups[0]["lr"])  # what is logged is what it ran at
+
+
 def test_existing_run_dir_needs_resume_or_overwrite(prepared):
     Trainer(prepared, quiet=True).fit()
     with pytest.raises(GptlabError) as e:

@@ -728,7 +728,15 @@ class Trainer:
                 f"checkpoint '{path}' was written with train.optimizer={meta['optimizer']}",
                 f"resume with train.optimizer={meta['optimizer']}",
             )
+        # the optimizer state brings back the checkpoint's learning rates, decay and betas: this run's settings win
+        # (a resume with train.lr=... must run at it, as its metrics say), the groups themselves are the same
+        settings = [
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers
+        ]
         ckpt.load_training_state(path, self.model, self.optimizers, self.dist)
+        for opt, groups in zip(self.optimizers, settings):
+            for group, mine in zip(opt.param_groups, groups):
+                group.update(mine)
         state = ckpt.load_state(path)
         if state["scaler"] and self.scaler.is_enabled():  # an fp32/bf16 run saves an empty scaler state
             self.scaler.load_state_dict(state["scaler"])
