@@ -214,3 +214,28 @@ def test_user_callbacks_are_added_to_the_defaults_or_replace_them_when_asked(pre
     assert run.callbacks == [only] and run.step == 20
     assert only.seen == [("step", s) for s in range(1, 21)]  # no evaluation without the Evaluator
     assert not (run.run_dir / "metrics.jsonl").exists() and not (run.run_dir / "checkpoints").exists()
+
+
+def test_a_run_from_before_mid_epoch_evaluations_resumes_evaluating_at_epoch_ends(tmp_path):
+    text = small_text(tmp_path)
+    cfg = tiny_config(tmp_path, text, *EPOCHS, "train.max_epochs=1", "train.eval_interval=null", "train.compile=false")
+    prepare(cfg.data, quiet=True)
+    run = Trainer(cfg, quiet=True).fit()
+    # as an older gptlab wrote it: eval_interval saved (its default, ignored in epoch mode), no schedule_unit
+    config = run.run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("  schedule_unit: step\n", "").replace(
+        "  eval_interval: null\n", "  eval_interval: 5\n"))  # fmt: skip
+    assert "schedule_unit" not in config.read_text() and "eval_interval: 5" in config.read_text()
+    cli = [sys.executable, "-m", "gptlab", "train", "--resume", str(run.run_dir)]
+    r = subprocess.run([*cli, "train.max_epochs=2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (
+        "this run was started before epoch mode evaluated inside epochs: it goes on evaluating at each epoch's end "
+        "(train.eval_interval=N evaluates every N steps into each epoch)"
+    ) in r.stderr
+    steps = [h["step"] for h in json.loads((run.run_dir / "history.json").read_text())]
+    assert steps == [run.steps_per_epoch, 2 * run.steps_per_epoch]
+    assert "schedule_unit" in config.read_text()  # rewritten by this gptlab: the next resume needs no care
+    # an explicit setting wins
+    r = subprocess.run([*cli, "train.max_epochs=3", "train.eval_interval=5"], capture_output=True, text=True)
+    assert r.returncode == 0 and "started before epoch mode" not in r.stderr

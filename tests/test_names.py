@@ -227,6 +227,9 @@ def test_nanogpt_flags_that_depend_on_others():
     assert (
         error("dtype=uint16") == "override 'dtype' is ambiguous (prefix it with its section: data.dtype or train.dtype)"
     )
+    assert (
+        error("--dtype=bf16") == "nanoGPT's --dtype=bf16 is not a training dtype (write float32, bfloat16 or float16)"
+    )
 
 
 def test_every_nanogpt_sample_flag_has_a_gptlab_form():

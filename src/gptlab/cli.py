@@ -131,7 +131,7 @@ def cmd_data_inspect(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from gptlab.config import load_config, read_run_config
+    from gptlab.config import load_config, older_run_overrides, read_run_config
     from gptlab.train.trainer import Trainer
 
     if args.help_config:
@@ -146,7 +146,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         if not Path(path).is_file():
             raise GptlabError(f"no run to resume in '{args.resume}' (config.yaml missing)", "check the path")
         read_run_config(path)  # a damaged config.yaml is named as the run's, not as a config file given
-        overrides = [*overrides, f"train.out_dir={args.resume}"]
+        older = older_run_overrides(path)  # before the user's, which win
+        if older and not any(o.lstrip("-").startswith(("train.eval_interval=", "eval_interval=")) for o in overrides):
+            print(
+                "this run was started before epoch mode evaluated inside epochs: it goes on evaluating at each "
+                "epoch's end (train.eval_interval=N evaluates every N steps into each epoch)",
+                file=sys.stderr,
+            )
+        overrides = [*older, *overrides, f"train.out_dir={args.resume}"]
     cfg = load_config(path, overrides)
     if args.nproc is not None:  # start the ranks through torchrun; each runs this command without --nproc
         from gptlab.train.distributed import launch

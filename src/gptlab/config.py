@@ -602,6 +602,20 @@ def from_dict(data: dict[str, Any], origin: str = "run directory") -> Config:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
+def older_run_overrides(path: str | Path) -> list[str]:
+    """Overrides that keep a run directory's config.yaml, written by an older gptlab, meaning what it meant then.
+
+    Before epoch mode evaluated inside epochs (config.yaml has no train.schedule_unit then), it ignored
+    train.eval_interval, which every run saved (250 by default): a resume keeps evaluating at epoch ends only."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    train = data.get("train") if isinstance(data, dict) else None
+    if not isinstance(train, dict) or "schedule_unit" in train:
+        return []
+    if train.get("data_mode") == "epoch" and train.get("eval_interval") is not None:
+        return ["train.eval_interval=null"]
+    return []
+
+
 def read_run_config(path: str | Path) -> Config:
     """The `Config` in a run directory's config.yaml (`path`); damaged content is an error naming the file."""
     path = Path(path)

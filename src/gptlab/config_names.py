@@ -299,7 +299,11 @@ def nanogpt_train(name: str, value: Any, shown: str, pending: NanoGPTPending) ->
     if name == "dataset":  # nanoGPT reads data/<dataset>/
         return {"data.dir": f"data/{value}"}
     if name == "dtype":  # gptlab has two: the token arrays' (data.dtype) and this one
-        return {"train.dtype": value} if value in TRAIN_DTYPES else None
+        if value in TRAIN_DTYPES:
+            return {"train.dtype": value}
+        if value in ("uint16", "uint32"):  # data.dtype's own values: only a section says which is meant
+            return None
+        raise GptlabError(f"nanoGPT's {shown} is not a training dtype", "write float32, bfloat16 or float16")
     if name == "init_from":
         if value == "resume":
             raise _no_form(shown, "continue a run with `gptlab train --resume RUN_DIR`")

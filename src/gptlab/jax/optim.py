@@ -50,7 +50,8 @@ def muon_mask(params: Params) -> Params:
 
 
 def ns_dtype(precision: str) -> jnp.dtype:
-    """train.muon_precision for XLA: "auto" is bf16 on accelerators, fp32 on CPUs (as gptlab.train.muon decides)."""
+    """train.muon_precision for XLA: "auto" is bf16 on accelerators and fp32 on every CPU (PyTorch also takes bf16
+    on CPUs with native bf16 matmuls, train/muon.py; that XLA's CPU matmuls gain from them is not measured)."""
     if precision == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[precision]
