@@ -26,12 +26,9 @@ def greedy_hf(hf, prompt: list[int], n: int) -> list[int]:  # noqa: ANN001
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize(
-    "arch, extra", [("gpt2", {}), ("gpt2", {"mlp": "gelu_exact"}), ("modern", {}), ("modern", {"n_kv_head": 1})]
-)
-def test_random_models_convert_with_equal_logits_and_greedy_tokens(arch, extra):
+def exported_alike(cfg: ModelConfig) -> tuple[GPT, torch.nn.Module]:
+    """A random model of `cfg` and its Hugging Face export, checked for equal logits and 20 equal greedy tokens."""
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, vocab_size=50, block_size=48, n_layer=2, n_head=2, n_embd=32, **extra)
     model = GPT(cfg).eval()
     with torch.no_grad():  # larger weights, so the greedy tokens depend on the whole context
         for p in model.parameters():
@@ -43,6 +40,16 @@ def test_random_models_convert_with_equal_logits_and_greedy_tokens(arch, extra):
         assert torch.allclose(model(x), hf(x).logits, atol=1e-5, rtol=0)
     prompt = [3, 1, 4, 1, 5]
     assert greedy_hf(hf, prompt, 20) == Generator(model).generate([prompt], 20, temperature=0)[0]
+    return model, hf
+
+
+@pytest.mark.parametrize(
+    "arch, extra", [("gpt2", {}), ("gpt2", {"mlp": "gelu_exact"}), ("modern", {}), ("modern", {"n_kv_head": 1})]
+)
+def test_random_models_convert_with_equal_logits_and_greedy_tokens(arch, extra):
+    model, hf = exported_alike(
+        ModelConfig(arch=arch, vocab_size=50, block_size=48, n_layer=2, n_head=2, n_embd=32, **extra)
+    )
     assert from_hf(hf).cfg == model.cfg
 
 
@@ -55,20 +62,9 @@ def test_random_models_convert_with_equal_logits_and_greedy_tokens(arch, extra):
     ids=["gpt2+rope", "modern+layernorm+gelu_exact+gqa"],
 )
 def test_parallel_blocks_export_as_phi_with_equal_logits_and_greedy_tokens(extra):
-    torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, block_size=48, n_layer=2, n_head=2, n_embd=32, parallel_block=True, **extra)
-    model = GPT(cfg).eval()
-    with torch.no_grad():  # larger weights, so the greedy tokens depend on the whole context
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4)
-    hf = to_hf(model)
+    _, hf = exported_alike(cfg)
     assert type(hf).__name__ == "PhiForCausalLM"
-    x = torch.randint(0, 50, (3, 24))
-    with torch.no_grad():
-        assert torch.allclose(model(x), hf(x).logits, atol=1e-5, rtol=0)
-    prompt = [3, 1, 4, 1, 5]
-    assert greedy_hf(hf, prompt, 20) == Generator(model).generate([prompt], 20, temperature=0)[0]
 
 
 def test_parallel_blocks_without_a_hugging_face_form_are_user_errors():

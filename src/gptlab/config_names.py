@@ -23,6 +23,11 @@ from typing import Any
 
 from gptlab.errors import GptlabError
 
+# gradient accumulation, which gptlab derives from the global batch and the micro-batch
+ACCUMULATION = (
+    "train.micro_batch_size",
+    "gptlab accumulates when it is below the rank's share of train.batch_size, the global batch",
+)
 # another tool's name (a flat name or a leaf, lower case) -> (the gptlab key or flag, what differs); hints only
 MEANINGS: dict[str, tuple[str, str]] = {
     # Hugging Face TrainingArguments
@@ -31,10 +36,7 @@ MEANINGS: dict[str, tuple[str, str]] = {
     "per_device_train_batch_size": (
         "train.micro_batch_size", "it is sequences per forward on one rank; train.batch_size is the global batch",
     ),
-    "gradient_accumulation_steps": (
-        "train.micro_batch_size",
-        "gptlab accumulates when it is below the rank's share of train.batch_size, the global batch",
-    ),
+    "gradient_accumulation_steps": ACCUMULATION,
     "warmup_steps": ("train.warmup_iters", ""),
     "warmup_ratio": ("train.warmup_iters", "it is a number of steps"),
     "max_steps": ("train.max_iters", ""),
@@ -103,10 +105,7 @@ MEANINGS: dict[str, tuple[str, str]] = {
     "eval.interval": ("train.eval_interval", ""),
     "eval.max_iters": ("train.eval_iters", ""),
     # PyTorch Lightning
-    "accumulate_grad_batches": (
-        "train.micro_batch_size",
-        "gptlab accumulates when it is below the rank's share of train.batch_size, the global batch",
-    ),
+    "accumulate_grad_batches": ACCUMULATION,
     "gradient_clip_val": ("train.grad_clip", ""),
     "val_check_interval": ("train.eval_interval", ""),
     "log_every_n_steps": ("train.log_interval", ""),
