@@ -13,7 +13,7 @@ LAYERS = [
     ("tokenizers", "chat"),
     ("data",),
     ("model", "lora", "decode"),
-    ("interop.hf",),
+    ("interop.hf", "interop.names"),
     ("train.checkpoint", "train.distributed"),
     ("train", "generate", "evaluate", "plot"),
     ("interop", "serve", "jax"),

@@ -309,7 +309,7 @@ def test_an_interrupted_export_leaves_nothing(trained, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf, "hf_tokenizer", lambda tok, template=None: type("T", (), {"save_pretrained": broken})())
+    monkeypatch.setattr(hf, "hf_tokenizer", lambda *args: type("T", (), {"save_pretrained": broken})())
     with pytest.raises(KeyboardInterrupt):
         interop.export(trained / "run", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -254,14 +254,14 @@ def test_server_prompts_are_text_unless_the_request_allows_specials(live) -> Non
         assert chat.usage.prompt_tokens == len(ids)
         assert chat.choices[0].message.content == gen.complete(ids, 8, GREEDY)
 
-    with pytest.raises(BadRequestError, match="'allow_special': Input should be a valid boolean"):
+    with pytest.raises(BadRequestError, match="'allow_special' must be true or false, got \"yes\""):
         client.completions.create(**{**args, "extra_body": {"allow_special": "yes"}})
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "the", "allow_special": 1})
     assert (r.status_code, r.json()) == (
         400,
         {
             "error": {
-                "message": "'allow_special': Input should be a valid boolean",
+                "message": "'allow_special' must be true or false, got 1",
                 "type": "invalid_request_error",
                 "param": "allow_special",
                 "code": None,

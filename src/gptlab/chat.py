@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,37 @@ def load_chat_template(run_dir: str | Path, tokenizer: Tokenizer) -> ChatTemplat
         if isinstance(value, str):
             specials[key] = value
     return ChatTemplate(source, specials)
+
+
+def end_of_turn(template: ChatTemplate, tokenizer: Tokenizer) -> str | None:
+    """The token a template writes right after an assistant's message (ChatML's `<|im_end|>`), if it writes one."""
+    mark = "\ue00f"  # a private-use character no template writes: where the assistant's message ends
+    try:
+        text = template.render(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}], add_generation_prompt=False
+        )
+    except (GptlabError, jinja2.TemplateError, TypeError, ValueError):  # a template that needs other messages
+        return None
+    after = text[text.find(mark) + 1 :].lstrip() if mark in text else ""
+    found = [t for t in tokenizer.added_tokens if after.startswith(t)]
+    return max(found, key=len) if found else None
+
+
+def end_token_ids(
+    tokenizer: Tokenizer, template: ChatTemplate | None = None, names: Sequence[str] | None = None
+) -> list[int]:
+    """The ids that end a generation: `names` (a run's `sample.end_tokens`), else the tokenizer's end-of-text and
+    the template's end of turn (eos first)."""
+    if names is None:
+        names = [t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id]
+        eot = end_of_turn(template, tokenizer) if template is not None else None
+        names += [eot] if eot is not None and eot not in names else []
+    ids = []
+    for name in names:
+        i = tokenizer.hf.token_to_id(name)
+        if i is None:
+            raise GptlabError(
+                f"end token '{name}' is not in the tokenizer's vocabulary", "fix sample.end_tokens in config.yaml"
+            )
+        ids += [i] if i not in ids else []
+    return ids

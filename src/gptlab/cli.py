@@ -197,6 +197,7 @@ def _report_interrupted(run_dir: Path, step: int, world: int, signum: int) -> in
 
 
 def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
+    from gptlab.chat import end_token_ids, load_chat_template
     from gptlab.config import check_sampling
     from gptlab.generate import Generator, SamplingParams, prompt_text
     from gptlab.train.checkpoint import load_run
@@ -213,6 +214,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
         cfg, model, tokenizer = load_run(args.run_dir, args.checkpoint, device)
         gen = Generator(model.to(select_dtype(args.dtype, device)), tokenizer)
     s = cfg.sample
+    gen.end_ids = end_token_ids(tokenizer, load_chat_template(args.run_dir, tokenizer), s.end_tokens)
     start = prompt_text(args.start if args.start is not None else s.start)
     allow_special = args.allow_special if args.allow_special is not None else s.allow_special
     ids = tokenizer.encode(start, allow_special=allow_special)  # by default a typed `<|endoftext|>` is just text
@@ -307,9 +309,18 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    _reject_extra(extra, "export")
+    if args.format == "gguf":
+        from gptlab.interop.gguf import GGUF_FILE, MODELFILE, export_gguf
+
+        out = export_gguf(args.run_dir, args.out_dir, args.checkpoint, args.dtype or "f32")
+        print(f"exported {args.run_dir} to {out / GGUF_FILE} (llama.cpp: llama-cli -m {out / GGUF_FILE}; "
+              f"Ollama: ollama create NAME -f {out / MODELFILE})")  # fmt: skip
+        return 0
+    if args.dtype is not None:
+        raise GptlabError("--dtype is for --format gguf", "drop --dtype, or add --format gguf")
     from gptlab.interop.runs import export
 
-    _reject_extra(extra, "export")
     out = export(args.run_dir, args.out_dir, args.checkpoint)
     print(f"exported {args.run_dir} to {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))")
     return 0
@@ -525,10 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_threads_flag(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="write a run as a Hugging Face folder that from_pretrained loads")
+    p = sub.add_parser("export", help="write a run as a Hugging Face folder, or a GGUF file for llama.cpp and Ollama")
     p.add_argument("run_dir", help="the run directory (train.out_dir)")
-    p.add_argument("out_dir", help="a new or empty folder for config.json, model.safetensors and the tokenizer")
+    p.add_argument("out_dir", help="a new or empty folder (hf: config.json, model.safetensors and the tokenizer; "
+                   "gguf: model.gguf and an Ollama Modelfile)")  # fmt: skip
     p.add_argument("--checkpoint", default="best", help="best (default), latest, or a folder such as step_500")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf (default, transformers) or gguf")
+    p.add_argument("--dtype", default=None, help="gguf only: f32 (default), f16 or q8_0")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="make a run directory from another tool's model")

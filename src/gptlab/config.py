@@ -228,6 +228,9 @@ class SampleConfig:
     min_p: float | None = None  # drop tokens below min_p times the top token's probability
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
     stop: list[str] = field(default_factory=list)  # stop strings, cut from the output
+    # tokens that end a generation (never shown in the text); null: the tokenizer's end-of-text and the chat
+    # template's end of turn. `gptlab import hf` writes the model's own (generation_config.json's eos_token_id)
+    end_tokens: list[str] | None = None
     seed: int = 1337  # seeds the sampling
 
 

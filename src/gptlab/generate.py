@@ -44,6 +44,10 @@ class SamplingParams:
     min_p: float | None = None  # drop tokens below min_p times the top token's probability
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (as HF)
     seed: int | None = None
+    # what is reported besides the tokens (as vLLM's SamplingParams): each new token's log-probability and its
+    # `logprobs` likeliest alternatives; with `prompt_logprobs`, the same for each prompt token (from one forward)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the first value a sampler cannot honour."""
@@ -52,6 +56,9 @@ class SamplingParams:
         )
         if problem is not None:
             raise ValueError(f"{problem[0]} {problem[1]}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (n := getattr(self, name)) is not None and n < 0:
+                raise ValueError(f"{name} must be 0 or more, got {n}")
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,6 +83,28 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tens
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     return logits
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Row i's log-probability of tokens[i] and its `top` likeliest tokens, from (N, vocab) logits.
+
+    The model's own distribution: log_softmax of the raw logits, before temperature, repetition penalty and
+    top-k/top-p/min-p (what OpenAI reports, and vLLM by default: logprobs_mode "raw_logprobs"), so a token's
+    score is the same however it was sampled, and equals what a forward over the text gives.
+    """
+    logp = logits.float().log_softmax(dim=-1)
+    picked = logp.gather(-1, torch.tensor(tokens, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
+    k = min(top, logp.shape[-1])
+    if k == 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(tokens, picked, strict=True)]
+    values, ids = logp.topk(k, dim=-1)
+    return [
+        TokenLogprob(t, lp, tuple(zip(i, v, strict=True)))
+        for t, lp, i, v in zip(tokens, picked, ids.tolist(), values.tolist(), strict=True)
+    ]
+
+
+SCORE_LOGITS = 2**25  # logits a prompt-scoring forward may hold (128 MiB in fp32): long prompts go a few at a time
 
 
 def kept_window(block_size: int) -> int:
@@ -121,6 +150,15 @@ def sample_next(
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model, and the likeliest tokens at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (id, log-probability), likeliest first
+
+
 @dataclass
 class Update:
     """What one step did for one request: its new tokens and text, and whether it is done."""
@@ -130,6 +168,10 @@ class Update:
     text: str
     finished: bool = False
     finish_reason: str | None = None  # "stop" (end-of-text or a stop string), "length", "cancelled"
+    # with params.logprobs: an entry per token picked in this update, the end token that stopped it included
+    logprobs: list[TokenLogprob] | None = None
+    # with params.prompt_logprobs, in a request's first update: one per prompt token (the first has none: None)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -166,11 +208,22 @@ class TextOutput:
             self.tokens.append(token)
         self._decode(token, final)
         cuts = [at for s in self.stop if (at := self.text.find(s, max(0, self.sent - len(s) + 1))) >= 0]
-        if cuts:  # the earliest stop string wins
-            self.text = self.text[: min(cuts)]
+        if cuts:  # the earliest stop string wins, never cutting a special token in two
+            self.text = self.text[: max(self.sent, self._outside_specials(min(cuts)))]
         held = 0 if final or cuts else max((_overlap(self.text, s) for s in self.stop), default=0)  # may begin a stop
         text, self.sent = self.text[self.sent : len(self.text) - held], max(self.sent, len(self.text) - held)
         return text, bool(cuts)
+
+    def _outside_specials(self, cut: int) -> int:
+        """`cut`, or the start of the special token whose text it would cut inside."""
+        start = 0
+        for i, piece in enumerate(self.tokenizer.split_specials(self.text)):
+            if i % 2 and start < cut < start + len(piece):  # odd pieces are special tokens
+                return start
+            start += len(piece)
+            if start >= cut:
+                break
+        return cut
 
     def _decode(self, token: int | None, final: bool) -> None:
         """Extend `text` with the characters the output now holds whole (all of it when `final`)."""
@@ -194,7 +247,7 @@ class Engine:
         model: GPT,
         tokenizer: Tokenizer | None = None,
         max_batch: int = 32,
-        eos_id: int | None = None,
+        eos_id: int | Sequence[int] | None = None,
         use_cache: bool = True,
     ) -> None:
         self.model = model
@@ -206,10 +259,13 @@ class Engine:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.keep = kept_window(self.block_size)
         self.max_batch = max_batch
-        self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
+        # the ids that end a request (a model may have several: end of text, end of turn); never shown as text
+        ends = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
+        self.end_ids = frozenset([ends] if isinstance(ends, int) else ends or ())
         self.use_cache = use_cache
         self.running: list[_Request] = []  # row b of the cache is running[b]
         self.waiting: deque[_Request] = deque()
+        self.scoring: deque[_Request] = deque()  # requests whose prompt is scored first (params.prompt_logprobs)
         self.cache: KVCache | None = None
         self.forward_calls = 0
         self._ids = itertools.count()
@@ -229,11 +285,11 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.scoring)
 
     def has_work(self) -> bool:
         """Whether a `step()` would do anything."""
-        return bool(self.running or self.waiting or self._finished_early)
+        return bool(self.running or self.waiting or self.scoring or self._finished_early)
 
     def submit(
         self,
@@ -259,7 +315,9 @@ class Engine:
         req = _Request(next(self._ids), prompt, max_new_tokens, params, stop_at_eos, generator)
         if self.tokenizer is not None:
             req.text = TextOutput(self.tokenizer, stop)
-        if max_new_tokens == 0:
+        if params.prompt_logprobs is not None:  # scored by a forward of its own, which also picks its first token
+            self.scoring.append(req)
+        elif max_new_tokens == 0:
             self._finished_early.append(Update(req.id, [], "", True, "length"))
         else:
             req.window, req.feed = list(prompt), list(prompt)
@@ -268,7 +326,7 @@ class Engine:
 
     def cancel(self, request_id: int) -> None:
         """Drop a waiting or running request; its row is freed at the next step."""
-        for req in itertools.chain(self.waiting, self.running):
+        for req in itertools.chain(self.scoring, self.waiting, self.running):
             if req.id == request_id:
                 req.cancelled = True
 
@@ -276,10 +334,13 @@ class Engine:
     def step(self) -> list[Update]:
         """One model forward: admit waiting requests, run every row, pick each row's next token."""
         updates, self._finished_early = self._finished_early, []
-        cancelled = [r for r in itertools.chain(self.waiting, self.running) if r.cancelled]
+        cancelled = [r for r in itertools.chain(self.scoring, self.waiting, self.running) if r.cancelled]
+        self.scoring = deque(r for r in self.scoring if not r.cancelled)
         self.waiting = deque(r for r in self.waiting if not r.cancelled)
         self._leave([b for b, r in enumerate(self.running) if r.cancelled])
         updates += [Update(r.id, [], "", True, "cancelled") for r in cancelled]
+        if self.scoring:
+            updates += self._score()
         joined = []
         while self.waiting and len(self.running) + len(joined) < self.max_batch:
             joined.append(self.waiting.popleft())
@@ -292,13 +353,68 @@ class Engine:
         # timed by batch size, decode steps only: a probe must be compared with steps doing the same work
         with self.threads.unit(None if joined else len(self.running)):
             logits = self._forward()
+        tokens = self._pick(logits)
+        scored = self._logprobs(logits, self.running, tokens)
         done: list[int] = []
-        for b, (req, token) in enumerate(zip(self.running, self._pick(logits), strict=True)):
+        for b, (req, token) in enumerate(zip(self.running, tokens, strict=True)):
             update = self._advance(req, token)
+            if b in scored:
+                update.logprobs = [scored[b]]
             updates.append(update)
             if update.finished:
                 done.append(b)
         self._leave(done)
+        return updates
+
+    def _logprobs(self, logits: torch.Tensor, rows: list[_Request], tokens: list[int]) -> dict[int, TokenLogprob]:
+        """The picked tokens' log-probabilities of the rows that ask for them (none computed for the others)."""
+        wanted = [b for b, r in enumerate(rows) if r.params.logprobs is not None]
+        if not wanted:
+            return {}
+        top = max(rows[b].params.logprobs or 0 for b in wanted)
+        entries = token_logprobs(logits[wanted], [tokens[b] for b in wanted], top)
+        return {b: replace(e, top=e.top[: rows[b].params.logprobs]) for b, e in zip(wanted, entries, strict=True)}
+
+    def _score(self) -> list[Update]:
+        """Score waiting prompts (params.prompt_logprobs) in one uncached forward, and pick their first token.
+
+        A request done then (max_new_tokens 0 or 1, as lm-eval's scoring requests) never takes a cache row;
+        the others join the batch to generate the rest. Rows are right-padded, which causal attention never sees.
+        """
+        vocab = self.model.cfg.vocab_size
+        group: list[_Request] = []
+        width = 0
+        while self.scoring and len(group) < self.max_batch:
+            wider = max(width, len(self.scoring[0].prompt))
+            if group and (len(group) + 1) * wider * vocab > SCORE_LOGITS:
+                break
+            group.append(self.scoring.popleft())
+            width = wider
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for b, req in enumerate(group):
+            ids[b, : len(req.prompt)] = torch.tensor(req.prompt, dtype=torch.long)
+        self.forward_calls += 1
+        with self.threads.unit(None):
+            logits = self.model(ids)
+        updates = []
+        for b, req in enumerate(group):
+            n = len(req.prompt)
+            scored = token_logprobs(logits[b, : n - 1], req.prompt[1:], req.params.prompt_logprobs or 0)
+            prompt_logprobs: list[TokenLogprob | None] = [None, *scored]
+            if req.max_new_tokens == 0:
+                updates.append(Update(req.id, [], "", True, "length", prompt_logprobs=prompt_logprobs))
+                continue
+            last = logits[b, n - 1 : n]
+            token = self._pick(last, [req])[0]
+            req.window = list(req.prompt)
+            update = self._advance(req, token)
+            update.prompt_logprobs = prompt_logprobs
+            if req.params.logprobs is not None:
+                update.logprobs = [self._logprobs(last, [req], [token])[0]]
+            updates.append(update)
+            if not update.finished:
+                req.feed = list(req.window)  # nothing of it is cached yet: the row's first forward runs it all
+                self.waiting.append(req)
         return updates
 
     def _forward(self) -> torch.Tensor:
@@ -332,9 +448,10 @@ class Engine:
         self.cache.advance(lens)
         return logits
 
-    def _pick(self, logits: torch.Tensor) -> list[int]:
-        """Each row's next token, with its own sampling settings and random generator."""
-        rows = self.running
+    def _pick(self, logits: torch.Tensor, rows: list[_Request] | None = None) -> list[int]:
+        """Each row's next token (of `rows`, by default the running ones), with its own sampling settings and
+        random generator."""
+        rows = self.running if rows is None else rows
         simple = [b for b, r in enumerate(rows) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0]
         if len(simple) == len(rows):  # all greedy
             return logits.argmax(dim=-1).tolist()
@@ -353,7 +470,8 @@ class Engine:
 
     def _advance(self, req: _Request, token: int) -> Update:
         """Record a row's new token: its text, stop checks, and the window it feeds next."""
-        eos = req.stop_at_eos and self.eos_id is not None and token == self.eos_id
+        end = token in self.end_ids
+        eos = req.stop_at_eos and end
         if not eos:
             req.out.append(token)
             req.window.append(token)
@@ -365,7 +483,7 @@ class Engine:
         reason = "stop" if eos else "length" if len(req.out) >= req.max_new_tokens else None
         if req.text is None:
             return Update(req.id, tokens, "", reason is not None, reason)
-        text, stopped = req.text.push(None if eos else token, final=reason is not None)
+        text, stopped = req.text.push(None if end else token, final=reason is not None)
         reason = "stop" if stopped else reason
         return Update(req.id, tokens, text, reason is not None, reason)
 
@@ -416,6 +534,7 @@ class TextGeneration:
     text is not matched); a prompt with special tokens comes as ids, `tokenizer.encode(text, allow_special=True)`."""
 
     tokenizer: Tokenizer | None
+    end_ids: Sequence[int] | None  # the ids that end text generation; None: the tokenizer's end of text
 
     def stream(
         self,
@@ -479,9 +598,10 @@ class TextGeneration:
 class Generator(TextGeneration):
     """Generates continuations of prompts with one model: batches of token ids, or streamed text."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, end_ids: Sequence[int] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.end_ids = end_ids  # a run's are `chat.end_token_ids(tokenizer, template, cfg.sample.end_tokens)`
         self.block_size = model.cfg.block_size
         if self.block_size < 2:
             raise ValueError("generation needs a context (model.block_size) of at least 2 tokens")
@@ -497,14 +617,14 @@ class Generator(TextGeneration):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_id: int | None = None,
+        eos_id: int | Sequence[int] | None = None,
         seed: int | None = None,
         use_cache: bool = True,
         min_p: float | None = None,
         repetition_penalty: float = 1.0,
         truncate: bool = False,
     ) -> list[list[int]]:
-        """New tokens for each prompt, all in one batch (stopping after `eos_id`, which is not returned).
+        """New tokens for each prompt, all in one batch (stopping after `eos_id`, one id or several, not returned).
 
         With a seed, prompt i samples with seed + i, so equal prompts give different samples.
         """
@@ -528,7 +648,7 @@ class Generator(TextGeneration):
         stop: Sequence[str],
         truncate: bool,
     ) -> Iterator[list[str]]:
-        engine = Engine(self.model, self._text_tokenizer(), max_batch=len(params))
+        engine = Engine(self.model, self._text_tokenizer(), max_batch=len(params), eos_id=self.end_ids)
         ids = self._ids(prompt)
         rows = {engine.submit(ids, max_new_tokens, p, stop=stop, truncate=truncate): b for b, p in enumerate(params)}
         while engine.has_work():

@@ -9,6 +9,7 @@ joining and leaving the running batch between steps.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import os
@@ -17,9 +18,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -28,19 +30,22 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, StrictBool
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptlab.chat import ChatTemplate, load_chat_template
+from gptlab.chat import ChatTemplate, end_token_ids, load_chat_template
 from gptlab.config import sampling_problem
 from gptlab.errors import GptlabError
-from gptlab.generate import Engine, SamplingParams, Update
+from gptlab.generate import Engine, SamplingParams, TokenLogprob, Update, seeded
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
 
 MAX_TOKENS_CAP = 4096  # the largest max_tokens a request may ask for
 MAX_STOPS, MAX_STOP_CHARS = 16, 1000  # stop strings per request, and their length
+MAX_N = 128  # choices per prompt (OpenAI's limit)
+MAX_CHOICES = 1024  # prompts times n in one request: each is a request of the engine
+MAX_LOGPROBS = 20  # the most alternatives per token `logprobs` may ask for (vLLM's default limit; OpenAI's is 5)
 CHAT_MAX_TOKENS = 256  # chat's default max_tokens (OpenAI's is "until the end", which a small model may never reach)
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 CLIENT_CLOSED = 499  # the status logged for a request whose client left before the answer (nobody receives it)
@@ -65,8 +70,9 @@ class APIError(Exception):
         return JSONResponse({"error": body}, status_code=self.status)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
-    """FastAPI's 422 for a body that does not parse or fit the schema, as one clear 400."""
+def _validation_error(exc: RequestValidationError, unions: bool = True) -> APIError:
+    """FastAPI's 422 for a body that does not parse or fit the schema, as one clear 400 (`unions`: the body is an
+    OpenAI one, whose fields in UNION_FIELDS take several types)."""
     err = exc.errors()[0]
     loc = [str(part) for part in err.get("loc", ()) if part != "body"]
     if err.get("type") == "json_invalid":
@@ -76,13 +82,23 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     param = ".".join(loc)
     if err.get("type") == "missing":
         return APIError(400, f"'{param}' is required", param)
-    if loc[0] in UNION_FIELDS:  # pydantic reports one error per alternative type: say what is accepted instead
+    if unions and loc[0] in UNION_FIELDS:  # one error per alternative type: say what is accepted instead
         return APIError(400, UNION_FIELDS[loc[0]], loc[0])
+    if err.get("type") in STRICT_TYPES:  # a value of the wrong JSON type: true for a number, "1" for a number...
+        shown = json.dumps(err.get("input"), ensure_ascii=False)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return APIError(400, f"'{param}' must be {STRICT_TYPES[err['type']]}, got {shown}", param)
     return APIError(400, f"'{param}': {err['msg']}", param)
 
 
+# the strict fields' types, as their errors name them: no value is converted (OpenAI refuses "1" for a number too)
+STRICT_TYPES = {
+    "int_type": "an integer", "float_type": "a number", "bool_type": "true or false", "string_type": "a string",
+    "dict_type": "an object", "list_type": "a list",
+}  # fmt: skip
+
 UNION_FIELDS = {
-    "prompt": "prompt must be a string, or a list of one string",
+    "prompt": "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "stop must be a string or a list of strings",
     "messages": 'messages must be a list of {"role": ..., "content": ...} objects with text content',
 }
@@ -97,36 +113,69 @@ UNSUPPORTED = {
 }  # fmt: skip
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's stream_options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: StrictBool | None = None  # a last event with the request's token counts
+
+
 class _Body(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions; unknown fields are ignored, as OpenAI's are."""
 
     model_config = ConfigDict(extra="allow")
 
-    # null means "the default" for every field, as some clients send it
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None  # 1.0
-    top_p: float | None = None
-    n: int | None = None  # 1, the only value served
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = None
-    stream_options: dict[str, Any] | None = None
+    # null means "the default" for every field, as some clients send it. Types are strict: a value is never
+    # converted, so `"max_tokens": true` or `"stream": "yes"` is a 400 naming the field (a number field takes ints)
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    temperature: StrictFloat | None = None  # 1.0
+    top_p: StrictFloat | None = None
+    n: StrictInt | None = None  # 1: the choices of each prompt
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
     # gptlab's own fields
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None  # 1.0
+    top_k: StrictInt | None = None
+    min_p: StrictFloat | None = None
+    repetition_penalty: StrictFloat | None = None  # 1.0
     truncate: Literal["left"] | None = None  # "left": drop a long prompt's oldest tokens instead of refusing it
-    ignore_eos: bool | None = None  # true: generate past the end-of-text token (benchmarks want exact lengths)
+    ignore_eos: StrictBool | None = None  # true: generate past the end-of-text token (benchmarks want exact lengths)
     # true: special tokens' text in the prompt (or messages) gets their ids; by default it is plain text, so a
-    # user cannot end a document or fake a chat turn by typing <|endoftext|>; strict: a string "false" is a 400
+    # user cannot end a document or fake a chat turn by typing <|endoftext|>
     allow_special: StrictBool | None = None
 
 
 class CompletionBody(_Body):
-    """The body of POST /v1/completions."""
+    """The body of POST /v1/completions: OpenAI's four forms of prompt (text, texts, token ids, lists of ids)."""
 
-    prompt: str | list[str]
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None  # report each token's log-probability and its N likeliest alternatives
+    echo: StrictBool | None = None  # the prompt's text first (and its tokens' logprobs, with logprobs)
+
+
+class TokenizeBody(BaseModel):
+    """The body of POST /tokenize (vLLM's)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    prompt: StrictStr
+    add_special_tokens: StrictBool | None = None  # gptlab's tokenizers add none
+    # special tokens' text gets their ids, as vLLM's /tokenize and Hugging Face tokenizers do (lm-eval finds the
+    # end-of-text id so); false: plain text, as /v1/completions encodes a text prompt
+    allow_special: StrictBool | None = None
+
+
+class DetokenizeBody(BaseModel):
+    """The body of POST /detokenize (vLLM's)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
 
 
 class ChatMessage(BaseModel):
@@ -134,15 +183,15 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: StrictStr
+    content: StrictStr | list[dict[str, Any]] | None = None
 
 
 class ChatBody(_Body):
     """The body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
 
 
 def _sampling(body: _Body) -> SamplingParams:
@@ -150,8 +199,8 @@ def _sampling(body: _Body) -> SamplingParams:
     for name, neutral in UNSUPPORTED.items():
         if (body.model_extra or {}).get(name) not in neutral:
             raise APIError(400, f"'{name}' is not supported by this server (leave it out)", name)
-    if body.n not in (None, 1):
-        raise APIError(400, f"n must be 1, got {body.n} (send one request per completion)", "n")
+    if body.n is not None and not 1 <= body.n <= MAX_N:
+        raise APIError(400, f"n must be between 1 and {MAX_N}, got {body.n}", "n")
     t = 1.0 if body.temperature is None else body.temperature
     r = 1.0 if body.repetition_penalty is None else body.repetition_penalty
     params = SamplingParams(t, body.top_k, body.top_p, body.min_p, r, body.seed)
@@ -276,7 +325,7 @@ class EngineThread:
                         yield item
                         item = later
                         break
-                    item = replace(later, token_ids=item.token_ids + later.token_ids, text=item.text + later.text)
+                    item = _merged(item, later)
                 if isinstance(item, BaseException):
                     raise APIError(500, f"generation failed: {item!r}")
                 finished = item.finished
@@ -366,6 +415,133 @@ class EngineThread:
             _deliver(loop, items)
 
 
+# ----- the choices of a response --------------------------------------------------------------------------------
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A completion body's prompt as a list of prompts, each a text or token ids (OpenAI's four forms)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is an empty list (give a prompt, or a list of prompts)", "prompt")
+    if isinstance(prompt[0], int):  # one prompt of token ids
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _merged(a: Update, b: Update) -> Update:
+    """Two consecutive updates of one request as one."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    first = a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs
+    return replace(
+        b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=logprobs, prompt_logprobs=first
+    )
+
+
+def _finite(logprob: float) -> float:
+    """A log-probability JSON can carry: -inf (a token the model rules out) as -9999, as OpenAI and vLLM send it."""
+    return max(logprob, -9999.0)
+
+
+class _TokenTexts:
+    """OpenAI's `logprobs` object of one choice, built as its tokens arrive: each token's text, where it starts in
+    the choice's text (the echoed prompt's tokens come first), its log-probability and the likeliest tokens."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.table = tokenizer.token_bytes()  # byte-level and character tokenizers: decoding joins these bytes
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self.table is not None else None
+        self.ids: list[int] = []  # the tokens so far, for other tokenizers (decoded again for each offset)
+        self.chars = 0  # characters the tokens so far decode to
+
+    def text(self, token: int) -> str:
+        """A token's text; one that holds part of a UTF-8 character shows its bytes, as OpenAI's do ("bytes:\\xe2")."""
+        if self.table is None:
+            return self.tokenizer.decode([token])
+        data = self.table[token] if token < len(self.table) else b""
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+    def _offset(self, token: int) -> int:
+        """Where `token` starts in the text (a piece of a character: where that character starts); then add it."""
+        at = self.chars
+        if self.utf8 is not None:
+            assert self.table is not None
+            self.chars += len(self.utf8.decode(self.table[token] if token < len(self.table) else b""))
+        else:
+            self.ids.append(token)
+            self.chars = len(self.tokenizer.decode(self.ids))
+        return at
+
+    def logprobs(self, pairs: list[tuple[int, TokenLogprob | None]]) -> dict[str, list]:
+        """The object's lists for these (token, its logprobs) pairs; None logprobs: the prompt's first token."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, entry in pairs:
+            out["text_offset"].append(self._offset(token))
+            out["tokens"].append(self.text(token))
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(_finite(entry.logprob))
+            top = {self.text(t): _finite(lp) for t, lp in entry.top}
+            top.setdefault(self.text(entry.token), _finite(entry.logprob))  # the chosen token is always listed
+            out["top_logprobs"].append(top)
+        return out
+
+
+class _Choice:
+    """One choice of a response as its job's updates arrive: its pieces as stream chunks, or the whole of it."""
+
+    def __init__(
+        self, index: int, job: _Job, first_of_prompt: bool, echo: str = "", texts: _TokenTexts | None = None,
+        chat: bool = False,
+    ) -> None:  # fmt: skip
+        self.index, self.job, self.chat = index, job, chat
+        self.first_of_prompt = first_of_prompt  # the prompt's tokens count once in usage, not once per choice
+        self.echo = echo  # put before the first piece: the prompt's text, with echo
+        self.texts = texts  # with logprobs
+        self.started = False
+        self.text, self.reason, self.tokens = "", None, 0
+        self.logprobs: dict[str, list] | None = None if texts is None else texts.logprobs([])
+
+    def _piece(self, u: Update) -> tuple[str, dict[str, list] | None]:
+        """The text and logprobs an update adds."""
+        text = u.text
+        if not self.started:
+            self.started, text = True, self.echo + text
+        self.tokens += len(u.token_ids)
+        if self.texts is None:
+            return text, None
+        pairs = list(zip(self.job.prompt_ids, u.prompt_logprobs)) if u.prompt_logprobs is not None else []
+        return text, self.texts.logprobs(pairs + [(e.token, e) for e in u.logprobs or ()])
+
+    def add(self, u: Update) -> None:
+        """Take in an update, for `whole`."""
+        text, logprobs = self._piece(u)
+        self.text += text
+        self.reason = u.finish_reason
+        if logprobs is not None and self.logprobs is not None:
+            for key, values in logprobs.items():
+                self.logprobs[key] += values
+
+    def whole(self) -> dict[str, Any]:
+        """The choice as a whole answer's JSON."""
+        if self.chat:
+            message = {"role": "assistant", "content": self.text}
+            return {"index": self.index, "message": message, "logprobs": None, "finish_reason": self.reason}
+        return {"index": self.index, "text": self.text, "logprobs": self.logprobs, "finish_reason": self.reason}
+
+    def chunk(self, u: Update) -> dict[str, Any] | None:
+        """An update as a stream chunk's choice; None when it adds nothing."""
+        text, logprobs = self._piece(u)
+        if not (text or u.finished or (logprobs and logprobs["tokens"])):
+            return None
+        if self.chat:
+            return {"index": self.index, "delta": {"content": text} if text else {}, "finish_reason": u.finish_reason}
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": u.finish_reason}
+
+
 # ----- the app --------------------------------------------------------------------------------------------------
 def _sse(data: object) -> str:
     """One server-sent event in OpenAI's format."""
@@ -381,17 +557,23 @@ def create_app(
     max_batch: int = 32,
     max_tokens_cap: int = MAX_TOKENS_CAP,
     checkpoint: dict[str, Any] | None = None,
+    end_ids: Sequence[int] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving one model: /v1/completions, /v1/chat/completions, /v1/models, /health and /.
 
-    `checkpoint` (what `served_checkpoint` gives) is added to the model's card in /v1/models.
+    `checkpoint` (what `served_checkpoint` gives) is added to the model's card in /v1/models. `end_ids` end a
+    reply (default: the tokenizer's end of text and the chat template's end of turn; a run's, `chat.end_token_ids`).
 
     On CPU, call it (and load the model) from a thread that exits before serving starts, as `serve` does:
     the engine thread's matmuls run several times slower while another live thread owns an OpenMP pool.
     """
-    engine = model_or_engine if isinstance(model_or_engine, Engine) else Engine(model_or_engine, tokenizer, max_batch)
     if isinstance(chat_template, str):
         chat_template = ChatTemplate(chat_template)
+    if isinstance(model_or_engine, Engine):
+        engine = model_or_engine
+    else:
+        ends = end_ids if end_ids is not None else end_token_ids(tokenizer, chat_template)
+        engine = Engine(model_or_engine, tokenizer, max_batch, eos_id=ends)
     worker = EngineThread(engine)
     created = int(time.time())
     page = resources.files("gptlab").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -410,41 +592,56 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return _validation_error(exc).response()
+        return _validation_error(exc, unions=request.url.path.startswith("/v1/")).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}").response()
 
-    def job_for(
-        body: _Body, encode: Callable[[bool], list[int]], what: str, param: str, default_max_tokens: int
-    ) -> _Job:
-        """Check a body and its prompt (`what`, from the field `param`, `encode(allow_special)` its token ids) and
-        make them a job for the engine."""
-        if body.model is not None and body.model != model_name:
+    vocab = min(engine.model.cfg.vocab_size, tokenizer.vocab_size)  # ids a token-id prompt may hold
+
+    def check_model(name: str | None) -> None:
+        """A request naming another model is a 404."""
+        if name is not None and name != model_name:
             raise APIError(
-                404, f"the model '{body.model}' does not exist (this server serves '{model_name}')", "model",
+                404, f"the model '{name}' does not exist (this server serves '{model_name}')", "model",
                 "model_not_found",
             )  # fmt: skip
+
+    def check_ids(ids: list[int], what: str, param: str) -> None:
+        """Token ids outside the vocabulary are a 400 naming the first."""
+        if (bad := next((t for t in ids if not 0 <= t < vocab), None)) is not None:
+            raise APIError(400, f"{what} has the token id {bad}, outside the vocabulary (ids 0 to {vocab - 1})", param)
+
+    def check_request(
+        body: _Body, default_max_tokens: int, least: int = 1
+    ) -> tuple[int, SamplingParams, tuple[str, ...]]:
+        """The body's max_tokens (at least `least`), sampling settings and stop strings, checked with its model."""
+        check_model(body.model)
         max_tokens = body.max_tokens
         if isinstance(body, ChatBody) and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
         max_tokens = default_max_tokens if max_tokens is None else max_tokens
-        if not 1 <= max_tokens <= max_tokens_cap:
-            raise APIError(400, f"max_tokens must be between 1 and {max_tokens_cap}, got {max_tokens}", "max_tokens")
-        params, stop = _sampling(body), _stop_strings(body.stop)
-        try:
-            ids = encode(bool(body.allow_special))
-        except GptlabError as e:  # e.g. characters a char vocabulary lacks
-            raise APIError(400, str(e), param) from e
+        if not least <= max_tokens <= max_tokens_cap:
+            raise APIError(
+                400, f"max_tokens must be between {least} and {max_tokens_cap}, got {max_tokens}", "max_tokens"
+            )
+        return max_tokens, _sampling(body), _stop_strings(body.stop)
+
+    def job_for(
+        body: _Body, ids: list[int], what: str, param: str, max_tokens: int, params: SamplingParams,
+        stop: tuple[str, ...],
+    ) -> _Job:  # fmt: skip
+        """A job for the engine of one prompt's token ids (`what`, from the field `param`): refused when empty, or
+        longer than the context unless the body asks to cut it."""
         if not ids:
-            raise APIError(400, f"the {what} is empty (give some text to continue)", param)
+            raise APIError(400, f"{what} is empty (give some text to continue)", param)
         context = engine.block_size
         if len(ids) > context:
             if body.truncate != "left":
                 raise APIError(
                     400,
-                    f"the {what} has {len(ids)} tokens, more than the model's context of {context} "
+                    f"{what} has {len(ids)} tokens, more than the model's context of {context} "
                     f'(shorten it, or send "truncate": "left" to keep its last {context} tokens)',
                     param,
                 )
@@ -452,85 +649,159 @@ def create_app(
         loop = asyncio.get_running_loop()
         return _Job(ids, max_tokens, params, stop, not body.ignore_eos, loop, asyncio.Queue())
 
-    async def collect(request: Request, job: _Job) -> tuple[str, str | None, int] | None:
-        """The whole text of a job, its finish reason and token count; None (and cancelled) if the client left."""
-
-        async def gather() -> tuple[str, str | None, int]:
-            texts, reason, n = [], None, 0
-            async for u in worker.updates(job):
-                texts.append(u.text)
-                n += len(u.token_ids)
-                reason = u.finish_reason
-            return "".join(texts), reason, n
-
-        task = asyncio.ensure_future(gather())
+    def encoded(encode: Callable[..., list[int]], allow_special: bool, param: str) -> list[int]:
+        """A text's token ids, `encode(allow_special=...)`; a text the tokenizer cannot encode is a 400."""
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if not task.done() and await request.is_disconnected():
-                    return None
-            return task.result()
-        finally:
-            task.cancel()  # when unfinished, the generator's cleanup cancels the job in the engine
+            return encode(allow_special=allow_special)
+        except GptlabError as e:  # e.g. characters a char vocabulary lacks
+            raise APIError(400, str(e), param) from e
 
-    def usage(job: _Job, completion_tokens: int) -> dict[str, int]:
-        prompt_tokens = len(job.prompt_ids)
+    def choices_of(job: _Job, n: int) -> list[_Job]:
+        """n jobs of one prompt; with a seed, choice i samples with seed + i (so they differ)."""
+        return [replace(job, params=p, inbox=asyncio.Queue()) for p in seeded(job.params, n)]
+
+    async def start(jobs: list[_Job]) -> None:
+        """Submit jobs together, so that they join the same step; if one is refused, none is kept."""
+        outcomes = await asyncio.gather(*(worker.start(job) for job in jobs), return_exceptions=True)
+        failed = [e for e in outcomes if isinstance(e, BaseException)]
+        if failed:
+            for job in jobs:
+                worker.cancel(job)
+            raise failed[0]
+
+    async def collect(request: Request, choices: list[_Choice]) -> bool:
+        """Run the choices' jobs to their end; False (and all cancelled) if the client left first."""
+
+        async def gather(choice: _Choice) -> None:
+            async for u in worker.updates(choice.job):
+                choice.add(u)
+
+        tasks = [asyncio.ensure_future(gather(c)) for c in choices]
+        try:
+            pending: set[asyncio.Future] = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending, timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_EXCEPTION
+                )
+                if any(not t.cancelled() and t.exception() is not None for t in done):
+                    break
+                if pending and await request.is_disconnected():
+                    return False
+            for t in tasks:
+                if t.done() and not t.cancelled() and (error := t.exception()) is not None:
+                    raise error
+            return True
+        finally:
+            for t in tasks:  # when unfinished, the generator's cleanup cancels the job in the engine
+                t.cancel()
+
+    def usage(choices: list[_Choice]) -> dict[str, int]:
+        """Token counts: each prompt once (as its n choices share it), every choice's completion."""
+        prompt_tokens = sum(len(c.job.prompt_ids) for c in choices if c.first_of_prompt)
+        completion_tokens = sum(c.tokens for c in choices)
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    def event_stream(
-        job: _Job, body: _Body, head: dict[str, Any], choice: Callable[[str, str | None], dict], first: list[dict]
-    ) -> StreamingResponse:
-        """Server-sent events of a started job: `first` chunks, one per update, usage if asked, then [DONE]."""
+    def event_stream(choices: list[_Choice], body: _Body, head: dict[str, Any], first: list[dict]) -> StreamingResponse:
+        """Server-sent events of started choices: `first` chunks, then each choice's pieces as they come (the
+        pieces that queued up meanwhile merged, one chunk per choice), usage if asked, then [DONE]."""
 
         async def events() -> AsyncIterator[str]:
             for chunk in first:
                 yield _sse({**head, "choices": [chunk]})
-            n = 0
+            arrived: asyncio.Queue[tuple[int, Update | APIError | None]] = asyncio.Queue()
+
+            async def pump(i: int, job: _Job) -> None:
+                try:
+                    async for u in worker.updates(job):
+                        arrived.put_nowait((i, u))
+                except APIError as e:
+                    arrived.put_nowait((i, e))
+                finally:
+                    arrived.put_nowait((i, None))
+
+            tasks = [asyncio.ensure_future(pump(i, c.job)) for i, c in enumerate(choices)]
             try:
-                async for u in worker.updates(job):
-                    n += len(u.token_ids)
-                    if u.text or u.finished:
-                        yield _sse({**head, "choices": [choice(u.text, u.finish_reason)]})
-            except APIError as e:  # the status line has gone out: the error travels as an event
-                yield _sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": None}})
-            if (body.stream_options or {}).get("include_usage"):
-                yield _sse({**head, "choices": [], "usage": usage(job, n)})
+                left = len(choices)
+                while left:
+                    items = [await arrived.get()]
+                    while not arrived.empty():
+                        items.append(arrived.get_nowait())
+                    merged: dict[int, Update] = {}
+                    error = None
+                    for i, item in items:
+                        if item is None:
+                            left -= 1
+                        elif isinstance(item, APIError):
+                            error = error or item
+                        else:
+                            merged[i] = _merged(merged[i], item) if i in merged else item
+                    for i, u in merged.items():
+                        chunk = choices[i].chunk(u)
+                        if chunk is not None:
+                            yield _sse({**head, "choices": [chunk]})
+                    if error is not None:  # the status line has gone out: the error travels as an event
+                        yield _sse({"error": {"message": error.message, "type": error.kind, "param": None,
+                                              "code": None}})  # fmt: skip
+                        break
+            finally:
+                for t in tasks:
+                    t.cancel()
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield _sse({**head, "choices": [], "usage": usage(choices)})
             yield _sse("[DONE]")
+
+        def cancel_all() -> None:
+            for c in choices:
+                worker.cancel(c.job)
 
         # the background task also runs when a disconnect cuts the stream before it began: no slot is kept
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        cleanup = BackgroundTask(worker.cancel, job)
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers, background=cleanup)
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers=headers, background=BackgroundTask(cancel_all)
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Response:
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(
-                    400, f"prompt must be a string or a list of one string, got {len(prompt)} strings "
-                    "(send one request per prompt)", "prompt",
-                )  # fmt: skip
-            prompt = prompt[0]
-        job = job_for(body, lambda allow: tokenizer.encode(prompt, allow_special=allow), "prompt", "prompt", 16)
-        await worker.start(job)
+        logprobs, echo = body.logprobs, bool(body.echo)
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}", "logprobs")
+        # echo with max_tokens 0 only scores the prompt (what lm-eval's local-completions asks)
+        max_tokens, params, stop = check_request(body, 16, least=0 if echo else 1)
+        # the prompt's logprobs come from a forward of their own: only asked for with echo
+        params = replace(params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+        prompts = _prompts(body.prompt)
+        n = body.n or 1
+        if len(prompts) * n > MAX_CHOICES:
+            raise APIError(
+                400, f"{len(prompts)} prompts times n={n} make {len(prompts) * n} completions, more than "
+                f"{MAX_CHOICES} (send fewer prompts per request)", "prompt",
+            )  # fmt: skip
+        choices: list[_Choice] = []
+        for p, prompt in enumerate(prompts):
+            what = "the prompt" if len(prompts) == 1 else f"prompt {p}"
+            if isinstance(prompt, str):
+                ids = encoded(partial(tokenizer.encode, prompt), bool(body.allow_special), "prompt")
+            else:
+                ids = prompt
+                check_ids(ids, what, "prompt")
+            job = job_for(body, ids, what, "prompt", max_tokens, params, stop)
+            # the text put first is the prompt as sent, or as the model saw it when given as ids or cut
+            shown = prompt if isinstance(prompt, str) and job.prompt_ids == ids else tokenizer.decode(job.prompt_ids)
+            for i, choice_job in enumerate(choices_of(job, n)):
+                texts = _TokenTexts(tokenizer) if logprobs is not None else None
+                choices.append(_Choice(len(choices), choice_job, i == 0, shown if echo else "", texts))
+        await start([c.job for c in choices])
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}  # fmt: skip
-
-        def choice(text: str, reason: str | None) -> dict[str, Any]:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-
         if body.stream:
-            return event_stream(job, body, head, choice, [])
-        result = await collect(request, job)
-        if result is None:
+            return event_stream(choices, body, head, [])
+        if not await collect(request, choices):
             return Response(status_code=CLIENT_CLOSED)
-        text, reason, n = result
-        return JSONResponse({**head, "choices": [choice(text, reason)], "usage": usage(job, n)})
+        return JSONResponse({**head, "choices": [c.whole() for c in choices], "usage": usage(choices)})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
@@ -540,6 +811,7 @@ def create_app(
                 "a chat_template.jinja to the run directory)", "messages",
             )  # fmt: skip
         messages = _chat_messages(body.messages)
+        max_tokens, params, stop = check_request(body, CHAT_MAX_TOKENS)
 
         def encode(allow_special: bool) -> list[int]:
             # the template's own special tokens stay special; those typed in messages are text unless allowed
@@ -548,29 +820,51 @@ def create_app(
             except jinja2.TemplateError as e:
                 raise APIError(400, f"the chat template refused the messages: {e}", "messages") from e
 
-        job = job_for(body, encode, "conversation", "messages", CHAT_MAX_TOKENS)
-        await worker.start(job)
+        ids = encoded(encode, bool(body.allow_special), "messages")
+        job = job_for(body, ids, "the conversation", "messages", max_tokens, params, stop)
+        choices = [_Choice(i, j, i == 0, chat=True) for i, j in enumerate(choices_of(job, body.n or 1))]
+        await start([c.job for c in choices])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
-
-            def delta(text: str, reason: str | None) -> dict[str, Any]:
-                return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason}
-
-            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            return event_stream(job, body, {**head, "object": "chat.completion.chunk"}, delta, [role])
-        result = await collect(request, job)
-        if result is None:
+            roles = [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for c in choices]  # fmt: skip
+            return event_stream(choices, body, {**head, "object": "chat.completion.chunk"}, roles)
+        if not await collect(request, choices):
             return Response(status_code=CLIENT_CLOSED)
-        text, reason, n = result
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
-        return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": usage(job, n)})
+        return JSONResponse(
+            {**head, "object": "chat.completion", "choices": [c.whole() for c in choices], "usage": usage(choices)}
+        )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "gptlab"}
         # extra fields say which weights answer (a fine-tune's best may be an early step); OpenAI clients ignore them
         return {"object": "list", "data": [{**card, "context_length": engine.block_size, **(checkpoint or {})}]}
+
+    # vLLM's tokenizer endpoints: with them lm-eval's local-completions needs no tokenizer of its own (it finds
+    # them at start, its tokenizer_backend "auto", and counts context tokens with the served model's tokenizer)
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> dict[str, Any]:
+        check_model(body.model)
+        allow = True if body.allow_special is None else body.allow_special
+        ids = encoded(partial(tokenizer.encode, body.prompt), allow, "prompt")
+        return {"count": len(ids), "max_model_len": engine.block_size, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> dict[str, Any]:
+        check_model(body.model)
+        check_ids(body.tokens, "tokens", "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        eos = next((t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id), None)
+        specials = chat_template.special_tokens if chat_template is not None else {}
+        return {
+            "tokenizer_class": f"gptlab {tokenizer.kind}", "eos_token": eos, "bos_token": specials.get("bos_token"),
+            "pad_token": None, "chat_template": chat_template.source if chat_template is not None else None,
+            "model_max_length": engine.block_size, "vocab_size": vocab,
+        }  # fmt: skip
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -638,6 +932,30 @@ def _describe(run_dir: str | Path, which: str, card: dict[str, Any]) -> str:
     return f"checkpoint {card.get('checkpoint', which)} of {run_dir} ({which}, {how})"
 
 
+def run_app(
+    run_dir: str | Path,
+    name: str,
+    checkpoint: str = "best",
+    device: str = "auto",
+    dtype: str = "auto",
+    max_batch: int = 32,
+) -> tuple[FastAPI, str, dict[str, Any]]:
+    """The app serving a run directory's checkpoint (its chat template and end tokens), the pointer it resolved
+    and the checkpoint's card."""
+    from gptlab.train.checkpoint import load_run
+    from gptlab.train.trainer import select_device, select_dtype
+
+    # resolved once: the pointer a running training moves meanwhile cannot make the label and weights differ
+    which, card = served_checkpoint(run_dir, checkpoint)
+    torch_device = select_device(device)
+    cfg, model, tokenizer = load_run(run_dir, card.get("checkpoint", checkpoint), torch_device)
+    model = model.to(select_dtype(dtype, torch_device))
+    template = load_chat_template(run_dir, tokenizer)
+    ends = end_token_ids(tokenizer, template, cfg.sample.end_tokens)
+    app = create_app(model, tokenizer, name, chat_template=template, max_batch=max_batch, checkpoint=card, end_ids=ends)
+    return app, which, card
+
+
 def serve(
     run_dir: str | Path,
     host: str = "127.0.0.1",
@@ -653,9 +971,6 @@ def serve(
     """Load a run directory and serve it over HTTP until interrupted."""
     import uvicorn
 
-    from gptlab.train.checkpoint import load_run
-    from gptlab.train.trainer import select_device, select_dtype
-
     if max_batch < 1:
         raise GptlabError(f"--max-batch must be at least 1, got {max_batch}", "e.g. --max-batch 32")
     name = model_name or Path(run_dir).resolve().name
@@ -663,14 +978,9 @@ def serve(
     served: list = []
 
     def build() -> FastAPI:
-        # resolved once: the pointer a running training moves meanwhile cannot make the label and weights differ
-        which, card = served_checkpoint(run_dir, checkpoint)
+        app, which, card = run_app(run_dir, name, checkpoint, device, dtype, max_batch)
         served.extend([which, card])
-        torch_device = select_device(device)
-        _, model, tokenizer = load_run(run_dir, card.get("checkpoint", checkpoint), torch_device)
-        model = model.to(select_dtype(dtype, torch_device))
-        template = load_chat_template(run_dir, tokenizer)
-        return create_app(model, tokenizer, name, chat_template=template, max_batch=max_batch, checkpoint=card)
+        return app
 
     sock = listen(host, port)  # before loading: a taken port fails fast
     try:

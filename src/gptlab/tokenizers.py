@@ -237,7 +237,7 @@ class Tokenizer:
         if not self._bytes_known:
             return None
         if self._bytes is None:
-            inverse = {c: b for b, c in enumerate(_byte_table())}
+            inverse = {c: b for b, c in enumerate(byte_table())}
             byte_level = self.kind != "char"
             table = [b""] * self.vocab_size
             for token, i in self.hf.get_vocab(with_added_tokens=False).items():
@@ -444,7 +444,7 @@ def _repeated_words(counts: Counter[str], cut: int) -> Iterator[str]:
 
     With `cut`, a word is fed in pieces of at most `cut` characters, as the WordPiece pre-tokenizer cuts it.
     """
-    table = str.maketrans(dict(enumerate(_byte_table())))
+    table = str.maketrans(dict(enumerate(byte_table())))
     batch: list[str] = []
     size = 0
     while counts:
@@ -543,15 +543,15 @@ def _vocab_merges_files(folder: Path) -> tuple[Path, Path]:
 
 
 @functools.cache
-def _byte_table() -> tuple[str, ...]:
-    """GPT-2's bytes_to_unicode: byte b is written as the printable character `_byte_table()[b]`."""
+def byte_table() -> tuple[str, ...]:
+    """GPT-2's bytes_to_unicode: byte b is written as the printable character `byte_table()[b]`."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = iter(range(256, 512))
     return tuple(chr(b) if b in printable else chr(next(extra)) for b in range(256))
 
 
 def _to_str(token: bytes) -> str:
-    table = _byte_table()
+    table = byte_table()
     return "".join(table[b] for b in token)
 
 
@@ -628,7 +628,7 @@ def _convert(spec: dict, added: dict) -> dict[bytes, int] | None:
         return None
     if any(not t.special or t.lstrip or t.rstrip or t.single_word for t in added.values()):
         return None  # only plain special tokens are split out before tiktoken sees the text
-    from_char = {c: b for b, c in enumerate(_byte_table())}
+    from_char = {c: b for b, c in enumerate(byte_table())}
     specials = {t.content for t in added.values()}
     # specials are split out before encoding, e.g. GPT-2's <|endoftext|>, which no merge makes
     vocab = {token: i for token, i in model["vocab"].items() if token not in specials}

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from gptlab.chat import ChatTemplate
+from gptlab.chat import ChatTemplate, end_of_turn
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
+from gptlab.interop.names import GPT2_BLOCK, GPT2_OUTSIDE, GPT2_QKV, LLAMA_BLOCK, LLAMA_OUTSIDE, PHI_BLOCK, PHI_OUTSIDE
 from gptlab.model import GPT
 from gptlab.safe_pickle import weights_only_refusal
 from gptlab.tokenizers import Tokenizer
@@ -28,22 +29,6 @@ LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 # model.parallel_block: Phi's block is x + attn(ln(x)) + mlp(ln(x)) with one shared LayerNorm, rotate-half rotary
 # (over the whole head with partial_rotary_factor=1) and biases everywhere (gptlab's missing ones export as zeros)
 PHI_SWITCHES = {"position": "rope", "norm": "layernorm", "mlp": ("gelu", "gelu_exact")}
-GPT2_NAMES = {  # gptlab -> GPT-2 inside block i / h.i (q, k, v are stacked into c_attn); True: transposed
-    "norm1.weight": ("ln_1.weight", False), "norm1.bias": ("ln_1.bias", False),
-    "attn.out.weight": ("attn.c_proj.weight", True), "attn.out.bias": ("attn.c_proj.bias", False),
-    "norm2.weight": ("ln_2.weight", False), "norm2.bias": ("ln_2.bias", False),
-    "mlp.fc.weight": ("mlp.c_fc.weight", True), "mlp.fc.bias": ("mlp.c_fc.bias", False),
-    "mlp.down.weight": ("mlp.c_proj.weight", True), "mlp.down.bias": ("mlp.c_proj.bias", False),
-}  # fmt: skip
-LLAMA_NAMES = {  # gptlab module -> Llama module, inside block i / layer i
-    "norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q": "self_attn.q_proj",
-    "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj", "attn.out": "self_attn.o_proj",
-    "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj",
-}  # fmt: skip
-PHI_NAMES = {  # gptlab module -> Phi module, inside block i / layer i
-    "norm1": "input_layernorm", "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
-    "attn.v": "self_attn.v_proj", "attn.out": "self_attn.dense", "mlp.fc": "mlp.fc1", "mlp.down": "mlp.fc2",
-}  # fmt: skip
 
 
 def require_transformers() -> Any:
@@ -136,51 +121,53 @@ def load_all(target: torch.nn.Module, tensors: dict[str, torch.Tensor], tied: bo
 
 def _gpt2_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """GPT-2's names; its Conv1D layers keep (in, out) matrices, the transpose of nn.Linear's."""
-    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"]}
+    tied = cfg.tie_embeddings
+    out = {n.hf: sd[ours] for ours, n in GPT2_OUTSIDE.items() if not (tied and ours == "lm_head.weight")}
+    qkv = GPT2_QKV.hf
     for i in range(cfg.n_layer):
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for ours, (theirs, transposed) in GPT2_NAMES.items():
-            out[h + theirs] = sd[b + ours].T if transposed else sd[b + ours]
-        out[h + "attn.c_attn.weight"] = torch.cat([sd[b + f"attn.{x}.weight"] for x in "qkv"]).T
-        out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{x}.bias"] for x in "qkv"])
-    out |= {"transformer.ln_f.weight": sd["norm_f.weight"], "transformer.ln_f.bias": sd["norm_f.bias"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+        for ours, n in GPT2_BLOCK.items():
+            out[h + n.hf] = sd[b + ours].T if n.transposed else sd[b + ours]
+        out[f"{h}{qkv}.weight"] = torch.cat([sd[b + f"attn.{x}.weight"] for x in "qkv"]).T
+        out[f"{h}{qkv}.bias"] = torch.cat([sd[b + f"attn.{x}.bias"] for x in "qkv"])
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def _llama_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Llama's names; gptlab's rotary layout is already Llama's rotate-half one, so nothing is permuted."""
-    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
+    out = {}
     for key, value in sd.items():
+        module, param = key.rsplit(".", 1)
         if key.startswith("blocks."):
-            _, i, rest = key.split(".", 2)
-            module, param = rest.rsplit(".", 1)
-            out[f"model.layers.{i}.{LLAMA_NAMES[module]}.{param}"] = value
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+            _, i, module = module.split(".", 2)
+            out[f"model.layers.{i}.{LLAMA_BLOCK[module].hf}.{param}"] = value
+        elif module != "lm_head" or not cfg.tie_embeddings:
+            out[f"{LLAMA_OUTSIDE[module].hf}.{param}"] = value
     return out
 
 
 def _phi_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Phi's names; every linear and norm of Phi has a bias (and its head too): those gptlab lacks are zeros."""
-    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.final_layernorm.weight": sd["norm_f.weight"]}
-    out["model.final_layernorm.bias"] = sd.get("norm_f.bias", torch.zeros(cfg.n_embd))
+    outside = {k: n.hf for k, n in PHI_OUTSIDE.items()}
+    out = {f"{outside['tok_emb']}.weight": sd["tok_emb.weight"], f"{outside['norm_f']}.weight": sd["norm_f.weight"]}
+    out[f"{outside['norm_f']}.bias"] = sd.get("norm_f.bias", torch.zeros(cfg.n_embd))
     for i in range(cfg.n_layer):
-        for ours, theirs in PHI_NAMES.items():
+        for ours, n in PHI_BLOCK.items():
             weight = sd[f"blocks.{i}.{ours}.weight"]
-            out[f"model.layers.{i}.{theirs}.weight"] = weight
-            out[f"model.layers.{i}.{theirs}.bias"] = sd.get(f"blocks.{i}.{ours}.bias", torch.zeros(len(weight)))
+            out[f"model.layers.{i}.{n.hf}.weight"] = weight
+            out[f"model.layers.{i}.{n.hf}.bias"] = sd.get(f"blocks.{i}.{ours}.bias", torch.zeros(len(weight)))
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    out["lm_head.bias"] = torch.zeros(cfg.vocab_size)
+        out[f"{outside['lm_head']}.weight"] = sd["lm_head.weight"]
+    out[f"{outside['lm_head']}.bias"] = torch.zeros(cfg.vocab_size)
     return out
 
 
-def hf_tokenizer(tokenizer: Tokenizer, chat_template: ChatTemplate | None = None) -> Any:
-    """The tokenizer as `transformers.PreTrainedTokenizerFast`, text kept exactly as gptlab decodes it."""
+def hf_tokenizer(tokenizer: Tokenizer, chat_template: ChatTemplate | None = None, eos_id: int | None = None) -> Any:
+    """The tokenizer as `transformers.PreTrainedTokenizerFast`, text kept exactly as gptlab decodes it; its eos_token
+    is `eos_id`'s (default: the tokenizer's end of text)."""
     transformers = require_transformers()
-    eos = next((t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id), None)
+    eos_id = tokenizer.eos_id if eos_id is None else eos_id
+    eos = tokenizer.hf.id_to_token(eos_id) if eos_id is not None else None
     names = {"eos_token": eos, "pad_token": eos}
     if chat_template is not None:  # the names its template uses (bos_token, ...), so transformers renders the same
         names |= {k: v for k, v in chat_template.special_tokens.items() if k in SPECIAL_NAMES}
@@ -253,28 +240,28 @@ def from_hf(hf: Any) -> GPT:
 
 def _from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """gptlab's names for GPT-2's tensors (the inverse of `_gpt2_tensors`)."""
-    out = {"tok_emb.weight": sd["transformer.wte.weight"], "pos_emb.weight": sd["transformer.wpe.weight"]}
+    tied = cfg.tie_embeddings
+    out = {ours: sd[n.hf] for ours, n in GPT2_OUTSIDE.items() if not (tied and ours == "lm_head.weight")}
+    qkv = GPT2_QKV.hf
     for i in range(cfg.n_layer):
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for ours, (theirs, transposed) in GPT2_NAMES.items():
-            out[b + ours] = sd[h + theirs].T if transposed else sd[h + theirs]
-        for x, w, bias in zip("qkv", sd[h + "attn.c_attn.weight"].T.chunk(3), sd[h + "attn.c_attn.bias"].chunk(3)):
+        for ours, n in GPT2_BLOCK.items():
+            out[b + ours] = sd[h + n.hf].T if n.transposed else sd[h + n.hf]
+        for x, w, bias in zip("qkv", sd[f"{h}{qkv}.weight"].T.chunk(3), sd[f"{h}{qkv}.bias"].chunk(3)):
             out[b + f"attn.{x}.weight"], out[b + f"attn.{x}.bias"] = w, bias
-    out |= {"norm_f.weight": sd["transformer.ln_f.weight"], "norm_f.bias": sd["transformer.ln_f.bias"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def _from_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """gptlab's names for Llama's tensors (RMSNorm has no bias, whatever the linear layers have)."""
-    out = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"]}
+    outside = {k: n.hf for k, n in LLAMA_OUTSIDE.items()}
+    out = {"tok_emb.weight": sd[f"{outside['tok_emb']}.weight"], "norm_f.weight": sd[f"{outside['norm_f']}.weight"]}
     for i in range(cfg.n_layer):
-        for ours, theirs in LLAMA_NAMES.items():
+        for ours, n in LLAMA_BLOCK.items():
             for param in ("weight", "bias") if cfg.bias and not ours.startswith("norm") else ("weight",):
-                out[f"blocks.{i}.{ours}.{param}"] = sd[f"model.layers.{i}.{theirs}.{param}"]
+                out[f"blocks.{i}.{ours}.{param}"] = sd[f"model.layers.{i}.{n.hf}.{param}"]
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+        out["lm_head.weight"] = sd[f"{outside['lm_head']}.weight"]
     return out
 
 
@@ -315,8 +302,10 @@ def _loading(source: str, use_folder: str) -> Iterator[Any]:
             transformers.utils.logging.enable_progress_bar()
 
 
-def load_pretrained(source: str, use_folder: str = "{folder}") -> tuple[GPT, Tokenizer, ChatTemplate | None]:
-    """(model, tokenizer, chat template or None) of a Hugging Face GPT-2 or Llama model: hub name or folder."""
+def load_pretrained(source: str, use_folder: str = "{folder}") -> tuple[GPT, Tokenizer, ChatTemplate | None, list[str]]:
+    """(model, tokenizer, chat template or None, end tokens) of a Hugging Face GPT-2 or Llama model: hub name or
+    folder. The end tokens are the model's own: generation_config.json's and config.json's eos_token_id (an id or a
+    list), the tokenizer's eos_token and the template's end of turn, in that order."""
     with _loading(source, use_folder) as transformers:
         hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         hf_tok = transformers.AutoTokenizer.from_pretrained(source)
@@ -326,7 +315,16 @@ def load_pretrained(source: str, use_folder: str = "{folder}") -> tuple[GPT, Tok
     if isinstance(hf_tok.chat_template, str):
         names = {k: getattr(hf_tok, k, None) for k in SPECIAL_NAMES}
         template = ChatTemplate(hf_tok.chat_template, {k: v for k, v in names.items() if isinstance(v, str)})
-    return from_hf(hf), Tokenizer(hf_tok.backend_tokenizer), template
+    tokenizer = Tokenizer(hf_tok.backend_tokenizer)
+    ids: list[int] = []
+    for given in (getattr(hf.generation_config, "eos_token_id", None), hf.config.eos_token_id):
+        ids += [given] if isinstance(given, int) else list(given or ())
+    ends = [hf_tok.convert_ids_to_tokens(i) for i in ids if 0 <= i < tokenizer.vocab_size]
+    ends += [hf_tok.eos_token] if isinstance(hf_tok.eos_token, str) else []
+    ends += [end_of_turn(template, tokenizer) or ""] if template is not None else []
+    # added tokens only: a config's default eos_token_id (Llama's is 2) may name a plain token of another vocabulary
+    ends = [t for t in dict.fromkeys(ends) if t in tokenizer.added_tokens]
+    return from_hf(hf), tokenizer, template, ends
 
 
 def pretrained_config(source: str, use_folder: str = "{folder}") -> ModelConfig:

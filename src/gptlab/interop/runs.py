@@ -6,13 +6,14 @@ Both build their folder under a temporary name and rename it into place, so noth
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from gptlab.chat import load_chat_template
+from gptlab.chat import end_token_ids, load_chat_template
 from gptlab.config import Config, to_yaml
 from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError, is_write_failure, write_error
@@ -23,29 +24,49 @@ from gptlab.train.checkpoint import load_run, model_tensors, save_checkpoint
 def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
     """Write a run's model, tokenizer and generation settings as a `from_pretrained` folder."""
     transformers = hf.require_transformers()
-    _, model, tokenizer = load_run(run_dir, checkpoint, "cpu")
+    cfg, model, tokenizer = load_run(run_dir, checkpoint, "cpu")
     template = load_chat_template(run_dir, tokenizer)
+    ends = end_token_ids(tokenizer, template, cfg.sample.end_tokens)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise GptlabError(f"'{out}' is a file", "give a folder to export into")
     if out.is_dir() and any(out.iterdir()):
         raise GptlabError(f"'{out}' is not empty", "give a new or empty folder")
     hf_model = hf.to_hf(model)
-    eos = tokenizer.eos_id
-    hf_model.config.eos_token_id = hf_model.config.pad_token_id = eos  # config.json and generation_config.json agree
+    eos = ends[0] if ends else None  # the end of text; generate stops at any of `ends` (an end of turn too)
+    hf_model.config.eos_token_id = hf_model.config.pad_token_id = eos
     hf_model.generation_config = transformers.GenerationConfig(
-        eos_token_id=eos, pad_token_id=eos, bos_token_id=None, max_length=model.cfg.block_size
+        eos_token_id=ends if len(ends) > 1 else eos, pad_token_id=eos, max_length=model.cfg.block_size
     )
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bar would sit above an error line
     try:
         with building(out) as tmp:  # a folder that is whole, or not there
             hf_model.save_pretrained(tmp)  # config.json, model.safetensors, generation_config.json
-            hf.hf_tokenizer(tokenizer, template).save_pretrained(tmp)
+            hf.hf_tokenizer(tokenizer, template, eos).save_pretrained(tmp)
+            readable_by_transformers4(tmp)
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
     return out
+
+
+def readable_by_transformers4(folder: Path) -> None:
+    """Add what transformers 4.x reads to a folder transformers 5 wrote: the flat `rope_theta` (4.x ignores the
+    nested `rope_parameters` and would silently take 10000) and a tokenizer class 4.x has, giving the inputs
+    4.x's models take (5.x reads both alike)."""
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":  # gptlab writes none; kept in 4.x's place if ever
+            config["rope_scaling"] = rope
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # 4.x's fast tokenizers return token_type_ids by default, which generate(**tokenizer(text)) refuses
+    tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -80,8 +101,9 @@ def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path
             raise GptlabError(f"'{out}' is not empty", "give a new folder, or pass --overwrite")
         if not (out / "config.yaml").is_file():  # --overwrite replaces runs, not any folder
             raise GptlabError(f"'{out}' holds files but is not a run directory", "give a new or empty folder")
-    model, tokenizer, template = hf.load_pretrained(source, "gptlab import hf {folder} " + shlex.quote(str(out)))
+    model, tokenizer, template, ends = hf.load_pretrained(source, "gptlab import hf {folder} " + shlex.quote(str(out)))
     cfg = Config(model=model.cfg)
+    cfg.sample.end_tokens = ends or None  # the model's own: an instruct model ends its turn with <|im_end|>, say
     cfg.data.tokenizer = "tokenizer.json"
     cfg.data.special_tokens = [t for t, _ in sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])]
     cfg.train.out_dir = str(out)

@@ -109,6 +109,7 @@ class JaxGenerator(TextGeneration):
 
     def __init__(self, params: Params, cfg: ModelConfig, tokenizer: Tokenizer | None = None, dtype: Any = None):
         self.params, self.cfg, self.tokenizer = params, cfg.resolved(), tokenizer
+        self.end_ids: Sequence[int] | None = None  # as `Generator`'s: None is the tokenizer's end of text
         self.block_size = self.cfg.block_size
         if self.block_size < 2:
             raise ValueError("generation needs a context (model.block_size) of at least 2 tokens")
@@ -180,7 +181,7 @@ class JaxGenerator(TextGeneration):
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
         params: Sequence[SamplingParams],
-        eos_id: int | None,
+        eos_id: int | Sequence[int] | None,
         truncate: bool,
     ) -> _Batch:
         if not prompts:
@@ -199,7 +200,7 @@ class JaxGenerator(TextGeneration):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_id: int | None = None,
+        eos_id: int | Sequence[int] | None = None,
         seed: int | None = None,
         min_p: float | None = None,
         repetition_penalty: float = 1.0,
@@ -222,7 +223,8 @@ class JaxGenerator(TextGeneration):
         truncate: bool,
     ) -> Iterator[list[str]]:
         tokenizer, stop = self._text_tokenizer(), check_stop(stop)
-        batch = self._rows([self._ids(prompt)] * len(params), max_new_tokens, params, tokenizer.eos_id, truncate)
+        ends = self.end_ids if self.end_ids is not None else tokenizer.eos_id
+        batch = self._rows([self._ids(prompt)] * len(params), max_new_tokens, params, ends, truncate)
         outputs = [TextOutput(tokenizer, stop) for _ in params]
         while not batch.done:
             texts = []
@@ -253,9 +255,10 @@ class _Batch:
         windows: list[list[int]],
         max_new_tokens: int,
         params: list[SamplingParams],
-        eos_id: int | None,
+        eos_id: int | Sequence[int] | None,
     ) -> None:
-        self.gen, self.max_new_tokens, self.eos_id = gen, max_new_tokens, eos_id
+        self.gen, self.max_new_tokens = gen, max_new_tokens
+        self.end_ids = frozenset([eos_id] if isinstance(eos_id, int) else eos_id or ())
         self.rows = [_Row(w) for w in windows]
         self.sampling = Sampling.of(params)
         seeds = [(p.seed if p.seed is not None else secrets.randbits(64)) % 2**64 for p in params]  # negative too
@@ -295,7 +298,7 @@ class _Batch:
                 updates.append((None, False))
                 continue
             r.slide = False
-            if self.eos_id is not None and token == self.eos_id:
+            if token in self.end_ids:
                 r.done = True
                 updates.append((None, True))
                 continue

@@ -439,21 +439,22 @@ class Pretrained:
     tokenizer: Tokenizer
     chat_template: ChatTemplate | None
     origin: str
+    end_tokens: list[str] | None = None  # the tokens that end its generations (`sample.end_tokens`), if it names any
 
 
 def load_init(init_from: str) -> Pretrained:
     """The model a run starts from: a gptlab run directory (its best checkpoint) or a Hugging Face GPT-2/Llama."""
     path = Path(init_from).expanduser()
     if (path / "config.yaml").is_file():
-        _, model, tokenizer = load_run(path, "best")
-        return Pretrained(model, tokenizer, load_chat_template(path, tokenizer), init_from)
+        cfg, model, tokenizer = load_run(path, "best")
+        return Pretrained(model, tokenizer, load_chat_template(path, tokenizer), init_from, cfg.sample.end_tokens)
     if path.is_dir() and not (path / "config.json").is_file():
         raise GptlabError(
             f"model.init_from '{init_from}' is neither a gptlab run directory nor a Hugging Face model folder",
             "give a run directory (with config.yaml), a folder with config.json, or a hub name such as gpt2",
         )
-    model, tokenizer, template = load_pretrained(init_from, "model.init_from={folder}")
-    return Pretrained(model, tokenizer, template, init_from)
+    model, tokenizer, template, ends = load_pretrained(init_from, "model.init_from={folder}")
+    return Pretrained(model, tokenizer, template, init_from, ends or None)
 
 
 def init_source_config(init_from: str) -> ModelConfig:

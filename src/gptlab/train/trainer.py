@@ -496,6 +496,8 @@ class Trainer:
             return replace(cfg, model=ckpt.init_config(ckpt.init_source_config(init_from), cfg.model)), None
         base = ckpt.load_init(init_from)
         cfg = replace(cfg, model=ckpt.init_config(base.model.cfg, cfg.model))
+        if cfg.sample.end_tokens is None and base.end_tokens:  # a fine-tuned instruct model ends as its base did
+            cfg = replace(cfg, sample=replace(cfg.sample, end_tokens=base.end_tokens))
         if cfg.model.block_size < base.model.cfg.block_size and not self.quiet and self.dist.is_main:
             console.print(f"{init_from}: context cropped from {base.model.cfg.block_size} to {cfg.model.block_size} "
                           "tokens (model.block_size)")  # fmt: skip
