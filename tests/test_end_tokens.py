@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from gptlab.chat import ChatTemplate, end_of_turn, end_token_ids
 from gptlab.cli import main
+from gptlab.config import load_config, to_yaml
 from gptlab.generate import Engine, SamplingParams, TextOutput
 from gptlab.serve import run_app
 from gptlab.tokenizers import Tokenizer
@@ -35,6 +36,8 @@ STYLES = {  # specials, generation_config's eos_token_id (names), the token the 
         "<|eot_id|>",
         LLAMA3,
     ),
+    # a base model whose generation_config.json names a plain token too: transformers stops there, so must gptlab
+    "plain": (["<|endoftext|>"], ["<|endoftext|>", "."], ".", None),
 }
 WORD = " king"  # the instruct model's whole reply: this token, then its end token
 
@@ -46,7 +49,7 @@ def instruct_model(folder: Path, style: str) -> tuple[Tokenizer, list[int]]:
 
     specials, eos, end, template = STYLES[style]
     tokenizer = Tokenizer.train("bpe", [make_text(100)], 300, specials)
-    word, stop = tokenizer.hf.token_to_id(WORD.replace(" ", "Ġ")), tokenizer.special_ids[end]
+    word, stop = tokenizer.hf.token_to_id(WORD.replace(" ", "Ġ")), tokenizer.hf.token_to_id(end)
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
@@ -60,7 +63,7 @@ def instruct_model(folder: Path, style: str) -> tuple[Tokenizer, list[int]]:
         head[word, 1] = 5.0
         head[stop, 0] = 50.0
     names = [eos] if isinstance(eos, str) else eos
-    ids = [tokenizer.special_ids[n] for n in names]
+    ids = [tokenizer.hf.token_to_id(n) for n in names]
     hf.generation_config = GenerationConfig(eos_token_id=ids if isinstance(eos, list) else ids[0])
     hf.save_pretrained(folder)
     PreTrainedTokenizerFast(
@@ -95,24 +98,45 @@ def test_the_imported_run_keeps_the_models_end_tokens(imported):
         == {
             "chatml": ["<|im_end|>", "<|endoftext|>"],
             "llama3": ["<|end_of_text|>", "<|eot_id|>"],
+            "plain": ["<|endoftext|>", "."],
         }[style]
     )
 
 
 def test_gptlab_sample_stops_at_the_end_token_and_prints_no_marker(imported, capsys):
-    _, tmp, _ = imported
-    assert main(["sample", str(tmp / "run"), "--start", "the queen", "--temperature", "0", "--num-samples", "1"]) == 0
+    style, tmp, _ = imported
+    sample = ["sample", str(tmp / "run"), "--start", "the queen", "--temperature", "0", "--num-samples", "1"]
+    assert main(sample) == 0
     assert capsys.readouterr().out == "the queen" + WORD + "\n"
+    if style == "plain":
+        return
+    # as a chat fine-tune of a base model has it: the base's end of text only; the template's end of turn still ends
+    saved = (tmp / "run" / "config.yaml").read_text()
+    cfg = load_config(tmp / "run" / "config.yaml")
+    cfg.sample.end_tokens = STYLES[style][0][:1]
+    (tmp / "run" / "config.yaml").write_text(to_yaml(cfg))
+    try:
+        assert main(sample) == 0
+        assert capsys.readouterr().out == "the queen" + WORD + "\n"
+    finally:
+        (tmp / "run" / "config.yaml").write_text(saved)
 
 
 def test_the_server_stops_at_the_end_token_with_finish_reason_stop(imported):
-    _, tmp, _ = imported
+    style, tmp, _ = imported
     app, _, _ = run_app(tmp / "run", "m", device="cpu")
     with TestClient(app) as c:
         body = {"model": "m", "prompt": "the queen", "max_tokens": 50, "temperature": 0}
         got = c.post("/v1/completions", json=body).json()
         assert (got["choices"][0]["text"], got["choices"][0]["finish_reason"]) == (WORD, "stop")
         assert got["usage"]["completion_tokens"] == 1
+        with c.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        assert "".join(e["choices"][0]["text"] for e in events) == WORD
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+        assert c.get("/tokenizer_info").json()["eos_token"] == load_run(tmp / "run")[0].sample.end_tokens[0]
+        if style == "plain":  # no chat template
+            return
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "temperature": 0}
         got = c.post("/v1/chat/completions", json=body).json()
         assert (got["choices"][0]["message"]["content"], got["choices"][0]["finish_reason"]) == (WORD, "stop")
@@ -129,7 +153,7 @@ def test_the_export_carries_the_end_tokens(imported):
     generation = json.loads((tmp / "out" / "generation_config.json").read_text())
     config = json.loads((tmp / "out" / "config.json").read_text())
     _, _, tokenizer = load_run(tmp / "run")
-    ends = [tokenizer.special_ids[t] for t in load_run(tmp / "run")[0].sample.end_tokens]
+    ends = [tokenizer.hf.token_to_id(t) for t in load_run(tmp / "run")[0].sample.end_tokens]
     assert generation["eos_token_id"] == ends and config["eos_token_id"] == ends[0]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,6 +171,8 @@ def test_a_trained_runs_template_end_of_turn_ends_replies():
     assert end_of_turn(template, tokenizer) == "<|end|>"
     assert end_token_ids(tokenizer, template) == [tokenizer.special_ids[t] for t in ("<|endoftext|>", "<|end|>")]
     assert end_of_turn(ChatTemplate("{{ raise_exception('system first') }}"), tokenizer) is None
+    # a chat fine-tune inherits its base's end tokens (GPT-2's <|endoftext|>): its own template's end still ends turns
+    assert end_token_ids(tokenizer, template, ["<|endoftext|>"]) == end_token_ids(tokenizer, template)
     with pytest.raises(Exception, match="end token '<|eot|>' is not in the tokenizer's vocabulary"):
         end_token_ids(tokenizer, template, ["<|eot|>"])
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import make_text, tiny_config
 from test_failures import Disk, snapshot, temps
+from test_specials import GPT2_FILES
 
 from gptlab.cli import main
 from gptlab.config import Config, ModelConfig, load_config, to_yaml
@@ -282,6 +283,30 @@ def test_an_ascii_char_vocabulary_loads_and_tokenizes_alike(tmp_path):
         llm.close()
 
 
+@pytest.mark.skipif(not (GPT2_FILES / "gpt2_vocab.json").is_file(), reason="GPT-2's vocab.json/merges.txt not found")
+def test_gpt2s_own_tokenizer_on_the_gpt2_block(tmp_path):
+    """GPT-2's 50,257-token BPE (the `gpt2` kind, where its files are at hand): llama.cpp tokenizes, detokenizes and
+    decodes greedily as gptlab does, in f16."""
+    for name in ("gpt2_vocab.json", "gpt2_merges.txt"):
+        shutil.copy(GPT2_FILES / name, tmp_path / name)
+    tokenizer = Tokenizer.gpt2(files=tmp_path)
+    assert tokenizer.kind == "gpt2"
+    model = random_model(tokenizer.vocab_size, arch="gpt2")
+    run = write_run(tmp_path / "run", model, tokenizer)
+    assert main(["export", str(run), str(tmp_path / "out"), "--format", "gguf", "--dtype", "f16"]) == 0
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / "model.gguf"), n_ctx=64, verbose=False)
+    try:
+        for text in ("Hello world!", NON_ASCII, "  two  spaces\n\ttab 123456 don't<|endoftext|>日本語 🙂"):
+            ids = tokenizer.encode(text)
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+            assert llm.detokenize(ids, special=True).decode() == text
+        prompt = tokenizer.encode("ROMEO:\nthe king")
+        ours = Generator(model).generate([prompt], 32, temperature=0)[0]
+        assert list(islice(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), 32)) == ours
+    finally:
+        llm.close()
+
+
 # ----- refusals -------------------------------------------------------------------------------------------------------
 def refused(argv: list[str], message: str, capsys: pytest.CaptureFixture, root: Path) -> None:
     capsys.readouterr()
@@ -338,6 +363,10 @@ def test_bad_dtypes_tokenizers_and_folders_are_refused(bpe, tmp_path, capsys):
             f"error: '{out}' is not empty (give a new or empty folder)\n", capsys, tmp_path)  # fmt: skip
     refused(["export", str(run), str(out / "notes.txt"), "--format", "gguf"],
             f"error: '{out / 'notes.txt'}' is a file (give a folder to export into)\n", capsys, tmp_path)  # fmt: skip
+    for fmt in ("gguf", "hf"):  # a file where a parent folder should be
+        refused(["export", str(run), str(out / "notes.txt" / "x"), "--format", fmt],
+                f"error: cannot make the folder '{out / 'notes.txt'}' (File exists) (give a path whose parents are "
+                "folders)\n", capsys, tmp_path)  # fmt: skip
     assert snapshot(out) == {"notes.txt": b"keep me"}
     wordpiece = Tokenizer.train("wordpiece", [make_text(50)], 300)
     run = write_run(tmp_path / "wp", random_model(wordpiece.vocab_size), wordpiece)

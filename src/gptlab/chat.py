@@ -137,9 +137,8 @@ def load_chat_template(run_dir: str | Path, tokenizer: Tokenizer) -> ChatTemplat
     if not source:
         return None
     specials = {}
-    eos = next((t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id), None)
-    if eos is not None:
-        specials["eos_token"] = eos
+    if tokenizer.eos_token is not None:
+        specials["eos_token"] = tokenizer.eos_token
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = config.get(key)
         if isinstance(value, dict):
@@ -166,12 +165,12 @@ def end_of_turn(template: ChatTemplate, tokenizer: Tokenizer) -> str | None:
 def end_token_ids(
     tokenizer: Tokenizer, template: ChatTemplate | None = None, names: Sequence[str] | None = None
 ) -> list[int]:
-    """The ids that end a generation: `names` (a run's `sample.end_tokens`), else the tokenizer's end-of-text and
-    the template's end of turn (eos first)."""
-    if names is None:
-        names = [t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id]
-        eot = end_of_turn(template, tokenizer) if template is not None else None
-        names += [eot] if eot is not None and eot not in names else []
+    """The ids that end a generation: `names` (a run's `sample.end_tokens`; by default the tokenizer's end of text),
+    then the template's end of turn, which ends replies whatever the names (a chat fine-tune of a base whose
+    end tokens it inherits ends its turns with its own template's marker)."""
+    names = list(names) if names is not None else [tokenizer.eos_token] if tokenizer.eos_token is not None else []
+    eot = end_of_turn(template, tokenizer) if template is not None else None
+    names += [eot] if eot is not None else []
     ids = []
     for name in names:
         i = tokenizer.hf.token_to_id(name)

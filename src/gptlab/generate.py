@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import itertools
+import numbers
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -261,7 +262,7 @@ class Engine:
         self.max_batch = max_batch
         # the ids that end a request (a model may have several: end of text, end of turn); never shown as text
         ends = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
-        self.end_ids = frozenset([ends] if isinstance(ends, int) else ends or ())
+        self.end_ids = frozenset(int(i) for i in ([ends] if isinstance(ends, numbers.Integral) else ends or ()))
         self.use_cache = use_cache
         self.running: list[_Request] = []  # row b of the cache is running[b]
         self.waiting: deque[_Request] = deque()

@@ -569,10 +569,10 @@ def create_app(
     """
     if isinstance(chat_template, str):
         chat_template = ChatTemplate(chat_template)
+    ends = list(end_ids) if end_ids is not None else end_token_ids(tokenizer, chat_template)
     if isinstance(model_or_engine, Engine):
         engine = model_or_engine
     else:
-        ends = end_ids if end_ids is not None else end_token_ids(tokenizer, chat_template)
         engine = Engine(model_or_engine, tokenizer, max_batch, eos_id=ends)
     worker = EngineThread(engine)
     created = int(time.time())
@@ -858,7 +858,7 @@ def create_app(
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
-        eos = next((t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id), None)
+        eos = tokenizer.hf.id_to_token(ends[0]) if ends else None  # as the export names it: the first end token
         specials = chat_template.special_tokens if chat_template is not None else {}
         return {
             "tokenizer_class": f"gptlab {tokenizer.kind}", "eos_token": eos, "bos_token": specials.get("bos_token"),

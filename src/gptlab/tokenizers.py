@@ -228,6 +228,11 @@ class Tokenizer:
         encode = getattr(hf, "encode_batch_fast", hf.encode_batch)  # _fast skips offsets (tokenizers>=0.21)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
+    @property
+    def eos_token(self) -> str | None:
+        """The end-of-text token's text, if the tokenizer has one."""
+        return None if self.eos_id is None else self.hf.id_to_token(self.eos_id)
+
     def split_specials(self, text: str) -> list[str]:
         """`text` cut at its special tokens, as encoding matches them: text, special, text, ..., text."""
         return [text] if self._special_re is None else self._special_re.split(text)

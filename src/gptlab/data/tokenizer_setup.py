@@ -41,7 +41,7 @@ def make_tokenizer(
                 f"tokenizer file '{kind}' not found", "check data.tokenizer, or make one with `gptlab tokenizer train`"
             )
         tokenizer = Tokenizer.load(kind)
-        own_eos = next((t for t, i in tokenizer.special_ids.items() if i == tokenizer.eos_id), None)
+        own_eos = tokenizer.eos_token
         if specials and own_eos is not None and specials[0] not in tokenizer.special_ids:
             # the first special ends documents: never a new one beside the tokenizer's own (a fine-tune's model
             # would have to learn to stop all over again)

@@ -23,8 +23,8 @@ import torch
 from gptlab.chat import end_of_turn, end_token_ids, load_chat_template
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.errors import GptlabError
-from gptlab.interop.names import GPT2_BLOCK, GPT2_OUTSIDE, GPT2_QKV, LLAMA_BLOCK, LLAMA_OUTSIDE
-from gptlab.interop.runs import building
+from gptlab.interop.names import GPT2_BLOCK, GPT2_OUTSIDE, GPT2_QKV, LLAMA_BLOCK, LLAMA_OUTSIDE, LLAMA_SWITCHES
+from gptlab.interop.runs import building, check_new_folder
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer, byte_table
 from gptlab.train.checkpoint import load_run
@@ -33,7 +33,6 @@ DTYPES = ("f32", "f16", "q8_0")
 GGUF_FILE = "model.gguf"
 MODELFILE = "Modelfile"
 GPT2_SWITCHES = {"position": "learned", "norm": "layernorm", "mlp": "gelu"}  # llama.cpp's gpt2 graph
-LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}  # llama.cpp's llama graph
 # token types (gguf.TokenType): a vocabulary entry, a special token, an added non-special token, an unused id
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
@@ -54,11 +53,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "bes
     if dtype not in DTYPES:
         raise GptlabError(f"--dtype {dtype} is not a GGUF type gptlab writes", "use f32, f16 or q8_0")
     gguf = require_gguf()
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise GptlabError(f"'{out}' is a file", "give a folder to export into")
-    if out.is_dir() and any(out.iterdir()):
-        raise GptlabError(f"'{out}' is not empty", "give a new or empty folder")
+    out = check_new_folder(out_dir)
     cfg, model, tokenizer = load_run(run_dir, checkpoint, "cpu")
     arch = gguf_architecture(model.cfg)
     template = load_chat_template(run_dir, tokenizer)

@@ -17,7 +17,16 @@ import torch
 from gptlab.chat import ChatTemplate, end_of_turn
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.interop.names import GPT2_BLOCK, GPT2_OUTSIDE, GPT2_QKV, LLAMA_BLOCK, LLAMA_OUTSIDE, PHI_BLOCK, PHI_OUTSIDE
+from gptlab.interop.names import (
+    GPT2_BLOCK,
+    GPT2_OUTSIDE,
+    GPT2_QKV,
+    LLAMA_BLOCK,
+    LLAMA_OUTSIDE,
+    LLAMA_SWITCHES,
+    PHI_BLOCK,
+    PHI_OUTSIDE,
+)
 from gptlab.model import GPT
 from gptlab.safe_pickle import weights_only_refusal
 from gptlab.tokenizers import Tokenizer
@@ -25,7 +34,6 @@ from gptlab.tokenizers import Tokenizer
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")  # the special-token names templates use
 GPT2_SWITCHES = {"position": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu_exact"), "bias": True}
 GPT2_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu"}  # gptlab's mlp -> GPT2Config.activation_function
-LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 # model.parallel_block: Phi's block is x + attn(ln(x)) + mlp(ln(x)) with one shared LayerNorm, rotate-half rotary
 # (over the whole head with partial_rotary_factor=1) and biases everywhere (gptlab's missing ones export as zeros)
 PHI_SWITCHES = {"position": "rope", "norm": "layernorm", "mlp": ("gelu", "gelu_exact")}
@@ -166,8 +174,7 @@ def hf_tokenizer(tokenizer: Tokenizer, chat_template: ChatTemplate | None = None
     """The tokenizer as `transformers.PreTrainedTokenizerFast`, text kept exactly as gptlab decodes it; its eos_token
     is `eos_id`'s (default: the tokenizer's end of text)."""
     transformers = require_transformers()
-    eos_id = tokenizer.eos_id if eos_id is None else eos_id
-    eos = tokenizer.hf.id_to_token(eos_id) if eos_id is not None else None
+    eos = tokenizer.eos_token if eos_id is None else tokenizer.hf.id_to_token(eos_id)
     names = {"eos_token": eos, "pad_token": eos}
     if chat_template is not None:  # the names its template uses (bos_token, ...), so transformers renders the same
         names |= {k: v for k, v in chat_template.special_tokens.items() if k in SPECIAL_NAMES}
@@ -316,15 +323,23 @@ def load_pretrained(source: str, use_folder: str = "{folder}") -> tuple[GPT, Tok
         names = {k: getattr(hf_tok, k, None) for k in SPECIAL_NAMES}
         template = ChatTemplate(hf_tok.chat_template, {k: v for k, v in names.items() if isinstance(v, str)})
     tokenizer = Tokenizer(hf_tok.backend_tokenizer)
-    ids: list[int] = []
-    for given in (getattr(hf.generation_config, "eos_token_id", None), hf.config.eos_token_id):
-        ids += [given] if isinstance(given, int) else list(given or ())
-    ends = [hf_tok.convert_ids_to_tokens(i) for i in ids if 0 <= i < tokenizer.vocab_size]
+
+    def tokens_of(given: int | list[int] | None) -> list[str]:
+        ids = [given] if isinstance(given, int) else list(given or ())
+        return [hf_tok.convert_ids_to_tokens(i) for i in ids if 0 <= i < tokenizer.vocab_size]
+
+    generation = hf.generation_config
+    # generation_config.json's ids are the model's word (a plain token too); config.json's count only when they
+    # are added tokens: a config class's default (Llama's 2) may name a plain token of another vocabulary
+    ends = (
+        []
+        if generation is None or getattr(generation, "_from_model_config", False)
+        else tokens_of(generation.eos_token_id)
+    )
+    ends += [t for t in tokens_of(hf.config.eos_token_id) if t in tokenizer.added_tokens]
     ends += [hf_tok.eos_token] if isinstance(hf_tok.eos_token, str) else []
     ends += [end_of_turn(template, tokenizer) or ""] if template is not None else []
-    # added tokens only: a config's default eos_token_id (Llama's is 2) may name a plain token of another vocabulary
-    ends = [t for t in dict.fromkeys(ends) if t in tokenizer.added_tokens]
-    return from_hf(hf), tokenizer, template, ends
+    return from_hf(hf), tokenizer, template, [t for t in dict.fromkeys(ends) if t]
 
 
 def pretrained_config(source: str, use_folder: str = "{folder}") -> ModelConfig:

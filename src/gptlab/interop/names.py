@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+# the switches of the Llama-shaped block, which both exports write as Llama (`LlamaForCausalLM`, GGUF's `llama`)
+LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+
 
 class Name(NamedTuple):
     """Where one gptlab tensor (or module) goes in `transformers` and in GGUF."""

@@ -27,16 +27,13 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -
     cfg, model, tokenizer = load_run(run_dir, checkpoint, "cpu")
     template = load_chat_template(run_dir, tokenizer)
     ends = end_token_ids(tokenizer, template, cfg.sample.end_tokens)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise GptlabError(f"'{out}' is a file", "give a folder to export into")
-    if out.is_dir() and any(out.iterdir()):
-        raise GptlabError(f"'{out}' is not empty", "give a new or empty folder")
+    out = check_new_folder(out_dir)
     hf_model = hf.to_hf(model)
     eos = ends[0] if ends else None  # the end of text; generate stops at any of `ends` (an end of turn too)
     hf_model.config.eos_token_id = hf_model.config.pad_token_id = eos
+    # only what generate needs: a max_length would make `generate(max_new_tokens=...)` warn that both are set
     hf_model.generation_config = transformers.GenerationConfig(
-        eos_token_id=ends if len(ends) > 1 else eos, pad_token_id=eos, max_length=model.cfg.block_size
+        eos_token_id=ends if len(ends) > 1 else eos, pad_token_id=eos
     )
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # its "Writing model shards" bar would sit above an error line
@@ -69,12 +66,27 @@ def readable_by_transformers4(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
+def check_new_folder(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path, or a user error if it is a file or a folder that holds anything (nothing is replaced)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise GptlabError(f"'{out}' is a file", "give a folder to export into")
+    if out.is_dir() and any(out.iterdir()):
+        raise GptlabError(f"'{out}' is not empty", "give a new or empty folder")
+    return out
+
+
 @contextlib.contextmanager
 def building(out: Path) -> Iterator[Path]:
     """A sibling temporary folder to fill, renamed onto `out` at the end (whatever `out` held goes: check first)."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:  # a file where a parent folder should be
+        raise GptlabError(
+            f"cannot make the folder '{out.parent}' ({e.strerror})", "give a path whose parents are folders"
+        ) from e
+    try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
