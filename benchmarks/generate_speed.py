@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gptlab.config import Config, ModelConfig, to_yaml
+from gptlab.config import ModelConfig
 from gptlab.generate import Engine, Generator, SamplingParams
+from gptlab.interop import runs
 from gptlab.interop.hf import to_hf
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
-from gptlab.train.checkpoint import model_tensors, save_checkpoint
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)
 PROMPT, NEW = 16, 200
@@ -96,15 +96,8 @@ def gptlab_model(vocab_size: int) -> GPT:
 def write_run(folder: Path, model: GPT) -> Path:
     """`model` as a run directory (its only checkpoint), with a character tokenizer of up to 64 symbols and an end of
     text, which is all `export_gguf` needs: the benchmark feeds token ids, never text."""
-    folder.mkdir(parents=True)
     symbols = [chr(c) for c in range(33, 127)][: min(64, model.cfg.vocab_size - 1)]
-    tokenizer = Tokenizer.train_char(["".join(symbols)], ["<|endoftext|>"])
-    cfg = Config(model=model.cfg)
-    cfg.data.tokenizer, cfg.train.out_dir = "tokenizer.json", str(folder)
-    (folder / "config.yaml").write_text(to_yaml(cfg))
-    tokenizer.save(folder / "tokenizer.json")
-    save_checkpoint(folder / "checkpoints", 0, model_tensors(model), {}, {})
-    return folder
+    return runs.write_run(folder, model, Tokenizer.train_char(["".join(symbols)], ["<|endoftext|>"]))
 
 
 def generate_gptlab(model: GPT, prompts: torch.Tensor, threads: list[int] | None = None) -> Timed:

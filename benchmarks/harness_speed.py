@@ -25,12 +25,10 @@ from pathlib import Path
 
 import torch
 
-from gptlab.config import Config, ModelConfig, to_yaml
-from gptlab.data.shards import write_atomic
-from gptlab.interop.runs import export
+from gptlab.config import ModelConfig
+from gptlab.interop import runs
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
-from gptlab.train.checkpoint import model_tensors, save_checkpoint
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -42,14 +40,7 @@ def write_run(folder: Path, tokenizer: Tokenizer) -> Path:
     """A run directory of the benchmark's model with seeded random weights (as `gptlab import hf` writes one)."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(arch="gpt2", vocab_size=tokenizer.vocab_size, dropout=0.0, **SHAPE)).eval()
-    cfg = Config(model=model.cfg)
-    cfg.data.tokenizer = "tokenizer.json"
-    cfg.train.out_dir = str(folder)
-    folder.mkdir(parents=True)
-    write_atomic(folder / "config.yaml", to_yaml(cfg).encode())
-    tokenizer.save(folder / "tokenizer.json")
-    save_checkpoint(folder / "checkpoints", 0, model_tensors(model), {}, {"benchmark": "harness_speed"})
-    return folder
+    return runs.write_run(folder, model, tokenizer, meta={"benchmark": "harness_speed"})
 
 
 def requests(tokenizer: Tokenizer, n_questions: int, seed: int = 0) -> list:
@@ -96,7 +87,7 @@ def main() -> None:
     tokenizer = Tokenizer.gpt2(GPT2_FILES)
     with tempfile.TemporaryDirectory() as tmp:
         run = write_run(Path(tmp) / "run", tokenizer)
-        export(run, Path(tmp) / "hf")
+        runs.export(run, Path(tmp) / "hf")
         ours = GptlabLM(run=str(run), device="cpu", batch_size=args.batch_size)
         theirs = HFLM(pretrained=str(Path(tmp) / "hf"), device="cpu", batch_size=args.batch_size)
         reqs = requests(tokenizer, args.questions)

@@ -17,12 +17,13 @@ from test_failures import Disk, snapshot, temps
 from test_specials import GPT2_FILES
 
 from gptlab.cli import main
-from gptlab.config import Config, ModelConfig, load_config, to_yaml
+from gptlab.config import ModelConfig, load_config
 from gptlab.data.shards import prepare
 from gptlab.generate import Generator
+from gptlab.interop.runs import write_run
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
-from gptlab.train.checkpoint import load_run, model_tensors, save_checkpoint
+from gptlab.train.checkpoint import load_run
 from gptlab.train.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -196,17 +197,6 @@ def test_metadata_tensor_types_and_modelfile(runs, exported, llms):
     assert "output.weight" not in gpt2  # tied: llama.cpp reads token_embd
     sizes = {d: (exported["char", d] / "model.gguf").stat().st_size for d in ("f32", "f16", "q8_0")}
     assert sizes["f32"] > sizes["f16"] > sizes["q8_0"]
-
-
-def write_run(folder: Path, model: GPT, tokenizer: Tokenizer) -> Path:
-    """A run directory holding `model` as its only checkpoint (as `gptlab import hf` writes one)."""
-    folder.mkdir(parents=True)
-    cfg = Config(model=model.cfg)
-    cfg.data.tokenizer, cfg.train.out_dir = "tokenizer.json", str(folder)
-    (folder / "config.yaml").write_text(to_yaml(cfg))
-    tokenizer.save(folder / "tokenizer.json")
-    save_checkpoint(folder / "checkpoints", 0, model_tensors(model), {}, {})
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from tokenizers import decoders, models
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.interop.hf import load_all
-from gptlab.interop.runs import building
+from gptlab.interop.runs import building, write_run
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer
 
@@ -208,10 +208,6 @@ def import_nanogpt(
     ckpt: str | Path, out_dir: str | Path, data_dir: str | Path | None = None, overwrite: bool = False
 ) -> Path:
     """A run directory (config, tokenizer, one checkpoint) from nanoGPT's ckpt.pt and, for char data, its meta.pkl."""
-    from gptlab.config import Config, to_yaml
-    from gptlab.data.shards import write_atomic
-    from gptlab.train.checkpoint import model_tensors, save_checkpoint
-
     ckpt, out = Path(ckpt), Path(out_dir)
     data = Path(data_dir) if data_dir is not None else None
     _check_out(out, overwrite, "config.yaml", "run directory", ckpt, *([data] if data is not None else []))
@@ -232,19 +228,13 @@ def import_nanogpt(
             f"the checkpoint's model has {vocab} token ids, the tokenizer of '{data}' {tokenizer.vocab_size}",
             "pass --data the nanoGPT data folder the model was trained on",
         )
-    cfg = Config(model=model.cfg)
-    cfg.data.tokenizer = "tokenizer.json"
-    cfg.data.special_tokens = sorted(tokenizer.special_ids, key=tokenizer.special_ids.get)
-    cfg.train.out_dir = str(out)
     meta = {
         "imported_from": str(ckpt),
         "iter_num": _number(checkpoint.get("iter_num")),  # nanoGPT's step count; gptlab's own starts at 0
         "best_val_loss": _number(checkpoint.get("best_val_loss")),
     }
     with building(out) as tmp:  # an old run (--overwrite) goes only once the new one is whole
-        write_atomic(tmp / "config.yaml", to_yaml(cfg).encode())
-        tokenizer.save(tmp / "tokenizer.json")
-        save_checkpoint(tmp / "checkpoints", 0, model_tensors(model), {}, meta)
+        write_run(tmp, model, tokenizer, out, meta=meta)
     return out
 
 

@@ -12,12 +12,15 @@ import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from gptlab.chat import end_token_ids, load_chat_template
+from gptlab.chat import ChatTemplate, end_token_ids, load_chat_template
 from gptlab.config import Config, to_yaml
 from gptlab.data.shards import write_atomic
 from gptlab.errors import GptlabError, is_write_failure, write_error
 from gptlab.interop import hf
+from gptlab.model import GPT
+from gptlab.tokenizers import Tokenizer
 from gptlab.train.checkpoint import load_run, model_tensors, save_checkpoint
 
 
@@ -116,13 +119,31 @@ def import_hf(source: str, out_dir: str | Path, overwrite: bool = False) -> Path
     model, tokenizer, template, ends = hf.load_pretrained(source, "gptlab import hf {folder} " + shlex.quote(str(out)))
     cfg = Config(model=model.cfg)
     cfg.sample.end_tokens = ends or None  # the model's own: an instruct model ends its turn with <|im_end|>, say
-    cfg.data.tokenizer = "tokenizer.json"
-    cfg.data.special_tokens = [t for t, _ in sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])]
-    cfg.train.out_dir = str(out)
     with building(out) as tmp:  # an old run (--overwrite) goes only once the new one is whole
-        write_atomic(tmp / "config.yaml", to_yaml(cfg).encode())
-        tokenizer.save(tmp / "tokenizer.json")
-        if template is not None:
-            template.save(tmp)
-        save_checkpoint(tmp / "checkpoints", 0, model_tensors(model), {}, {"imported_from": source})
+        write_run(tmp, model, tokenizer, out, cfg=cfg, template=template, meta={"imported_from": source})
     return out
+
+
+def write_run(
+    folder: Path,
+    model: GPT,
+    tokenizer: Tokenizer,
+    out_dir: str | Path | None = None,
+    *,
+    cfg: Config | None = None,
+    template: ChatTemplate | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Fill `folder` as a run directory holding `model` as its only checkpoint (step 0): config.yaml (`cfg`, default
+    the model's config; its train.out_dir `out_dir`, default `folder`), tokenizer.json and the chat template."""
+    cfg = cfg if cfg is not None else Config(model=model.cfg)
+    cfg.data.tokenizer = "tokenizer.json"
+    cfg.data.special_tokens = sorted(tokenizer.special_ids, key=tokenizer.special_ids.get)
+    cfg.train.out_dir = str(out_dir if out_dir is not None else folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "config.yaml", to_yaml(cfg).encode())
+    tokenizer.save(folder / "tokenizer.json")
+    if template is not None:
+        template.save(folder)
+    save_checkpoint(folder / "checkpoints", 0, model_tensors(model), {}, meta or {})
+    return folder
