@@ -4,12 +4,15 @@ A GPT-2-shaped model (6 layers, 6 heads, 384 dims, context 256) with seeded rand
 gptlab (`model.arch=gpt2`), copied into `transformers.GPT2LMHeadModel` (SDPA attention, KV cache), and written
 as a gptlab run directory exported to GGUF (`gptlab.interop.gguf.export_gguf`, f32 and q8_0) for llama.cpp
 (llama-cpp-python: the model loaded by `llama_cpp.Llama`, prompts decoded through its `llama_decode` with one
-sequence per row, a KV cache of f32 as gptlab's, tokens picked by llama.cpp's greedy sampler). All fp32 on the CPU
-(but q8_0's matrices), the same thread count on every side. For vocab 65 and 50257 and batch 1 and 8, each side
-generates 200 new tokens greedily after the same 16-token prompts; gptlab's tokens are checked equal to HF's and
-llama.cpp f32's (q8_0's: how many of the first tokens agree), then all are timed in interleaved rounds (the order
-rotating). Each run is timed whole and split at its first new token: the prompt's forward, then the 199 decode
-steps (ms a step; a step gives one token per row).
+sequence per row, a KV cache of f32 as gptlab's, tokens picked by llama.cpp's greedy sampler). gptlab runs four
+ways: eager fp32 (the default), `--compile` (`Decoder(model, compile=True)`, compiled in each side's first,
+untimed run), `--quantize int8` (`quantize_int8`) and both. All fp32 on the CPU (but the int8 and q8_0 matrices),
+the same thread count on every side. For vocab 65 and 50257 and batch 1 and 8, each side generates 200 new tokens
+greedily after the same 16-token prompts; gptlab's tokens are checked equal to HF's, to compiled gptlab's and to
+llama.cpp f32's (int8's and q8_0's against fp32: how many of the first tokens agree; the random weights'
+near-ties break either way, and compiled int8 rounds differently from eager int8), then all are timed in
+interleaved rounds (the order rotating). Each run is timed whole and split at its first new token: the prompt's
+forward, then the 199 decode steps (ms a step; a step gives one token per row).
 
 The header prints the CPU, its vector extensions and L3 size, torch's BLAS, and the GB/s of large fp32 GEMVs (a
 50257x384 matrix, and four 4096x4096 ones in turn: torch's in both weight layouts, numpy's BLAS) and of a plain read;
@@ -23,6 +26,7 @@ length) at the best of those rates. A model that nearly fits the L3 (vocab 65: 4
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import platform
@@ -38,10 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.config import ModelConfig
+from gptlab.decode import Decoder
 from gptlab.generate import Engine, Generator, SamplingParams
 from gptlab.interop import runs
 from gptlab.interop.hf import to_hf
 from gptlab.model import GPT
+from gptlab.quantize import quantize_int8
 from gptlab.tokenizers import Tokenizer
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256)
@@ -100,10 +106,12 @@ def write_run(folder: Path, model: GPT) -> Path:
     return runs.write_run(folder, model, Tokenizer.train_char(["".join(symbols)], ["<|endoftext|>"]))
 
 
-def generate_gptlab(model: GPT, prompts: torch.Tensor, threads: list[int] | None = None) -> Timed:
+def generate_gptlab(
+    model: GPT, prompts: torch.Tensor, threads: list[int] | None = None, compile: bool | Decoder = False
+) -> Timed:
     """What `Generator.generate(prompts, NEW, temperature=0)` does, with the time of its first step (the prompts'
     forward) apart; `threads` gets the count the engine's thread governor ended at."""
-    engine = Engine(model, None, max_batch=len(prompts))
+    engine = Engine(model, None, max_batch=len(prompts), compile=compile)
     rows = {
         engine.submit(p, NEW, SamplingParams(temperature=0.0), stop_at_eos=False): b
         for b, p in enumerate(prompts.tolist())
@@ -317,6 +325,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gptlab-generate-speed-") as tmp:
         for vocab in map(int, args.vocabs.split(",")):
             model = gptlab_model(vocab)
+            int8 = quantize_int8(copy.deepcopy(model))
+            # compiled once per model, for batch 1 and for larger batches (in each side's first run, untimed)
+            compiled = {"fp32": Decoder(model, compile=True), "int8": Decoder(int8, compile=True)}
             hf = to_hf(model)  # the same weights, as `gptlab export` writes them
             assert hf.config._attn_implementation == "sdpa", hf.config._attn_implementation
             with torch.no_grad():
@@ -336,6 +347,13 @@ def main() -> None:
                 gov: list[int] = []
                 sides: dict[str, Callable[[], Timed]] = {
                     "gptlab": lambda prompts=prompts, gov=gov, model=model: generate_gptlab(model, prompts, gov),
+                    "gptlab compiled": lambda prompts=prompts, model=model, c=compiled["fp32"]: generate_gptlab(
+                        model, prompts, compile=c
+                    ),
+                    "gptlab int8": lambda prompts=prompts, int8=int8: generate_gptlab(int8, prompts),
+                    "gptlab int8 compiled": lambda prompts=prompts, int8=int8, c=compiled["int8"]: generate_gptlab(
+                        int8, prompts, compile=c
+                    ),
                     "HF": lambda prompts=prompts, hf=hf: generate_hf(hf, prompts),
                 }
                 llamas = [LlamaCpp(ggufs[d], batch, threads) for d in ggufs]
@@ -347,13 +365,17 @@ def main() -> None:
                     assert ours == sides["HF"]().tokens, (
                         f"different greedy tokens from HF at vocab {vocab}, batch {batch}"
                     )
-                    same = {}
+                    assert ours == sides["gptlab compiled"]().tokens, f"compiled differs at {vocab}, batch {batch}"
+                    same = {
+                        name: common_prefix(ours, sides[f"gptlab {name}"]().tokens)
+                        for name in ("int8", "int8 compiled")
+                    }
                     for dtype in ggufs:
-                        same[dtype] = common_prefix(ours, sides[f"llama.cpp {dtype}"]().tokens)
-                    if "f32" in same:
-                        assert min(same["f32"]) == NEW, (
-                            f"llama.cpp f32's greedy tokens leave gptlab's after {same['f32']} at vocab {vocab}, "
-                            f"batch {batch}"
+                        same[f"llama.cpp {dtype}"] = common_prefix(ours, sides[f"llama.cpp {dtype}"]().tokens)
+                    if "llama.cpp f32" in same:
+                        assert min(same["llama.cpp f32"]) == NEW, (
+                            f"llama.cpp f32's greedy tokens leave gptlab's after {same['llama.cpp f32']} at vocab "
+                            f"{vocab}, batch {batch}"
                         )  # fmt: skip
                     times: dict[str, list[Timed]] = {name: [] for name in sides}
                     names = list(sides)
@@ -363,45 +385,61 @@ def main() -> None:
                 finally:
                     for llama in llamas:
                         llama.close()
-                floors = {"f32": bytes_read(model, batch) / bandwidth / 1e9}
+                floors = {
+                    "f32": bytes_read(model, batch) / bandwidth / 1e9,
+                    "int8": bytes_read(int8, batch) / bandwidth / 1e9,
+                }
                 if "q8_0" in ggufs:
                     floors["q8_0"] = bytes_read(model, batch, ggufs["q8_0"]) / bandwidth / 1e9
                 steps = {name: [t.step for t in ts] for name, ts in times.items()}
-                ratio_hf = statistics.median(
-                    h.total / o.total for h, o in zip(times["HF"], times["gptlab"], strict=True)
-                )  # fmt: skip
+                ratio_hf, ratio_hf_compiled = (
+                    statistics.median(h.total / o.total for h, o in zip(times["HF"], times[side], strict=True))
+                    for side in ("gptlab", "gptlab compiled")
+                )
                 ratio_llama = (
-                    statistics.median(o / c for o, c in zip(steps["gptlab"], steps["llama.cpp f32"], strict=True))
+                    statistics.median(
+                        o / c for o, c in zip(steps["gptlab compiled"], steps["llama.cpp f32"], strict=True)
+                    )
                     if "llama.cpp f32" in steps
                     else None
                 )
+                int8_gain = {  # fp32 ms / int8 ms, eager and compiled alike
+                    mode: statistics.median(
+                        f / i for f, i in zip(steps[f"gptlab{mode}"], steps[f"gptlab int8{mode}"], strict=True)
+                    )
+                    for mode in ("", " compiled")
+                }
                 speed = {k: batch * NEW / statistics.median(t.total for t in v) for k, v in times.items()}
-                rows.append((vocab, batch, floors, steps, speed, ratio_hf, ratio_llama, same))
+                rows.append((vocab, batch, floors, steps, ratio_hf, ratio_hf_compiled, ratio_llama, int8_gain))
                 print(
                     f"vocab {vocab:>5}, batch {batch}: decode ms a step, median (range) of {args.rounds}: "
                     + ", ".join(f"{k} {spread(v)}" for k, v in steps.items())
                     + "; floor " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in floors.items())
                     + "; prompt ms " + ", ".join(f"{k} {prefill(v)}" for k, v in times.items())
                     + "; tok/s whole: " + ", ".join(f"{k} {v:,.0f}" for k, v in speed.items())
-                    + f"; gptlab/HF {ratio_hf:.2f}x"
-                    + (f", gptlab ms / llama.cpp f32 ms {ratio_llama:.2f}" if ratio_llama is not None else "")
+                    + f"; gptlab/HF {ratio_hf:.2f}x (compiled {ratio_hf_compiled:.2f}x)"
+                    + (f", gptlab compiled ms / llama.cpp f32 ms {ratio_llama:.2f}" if ratio_llama is not None else "")
+                    + f", int8's speed-up {int8_gain[''] :.2f}x (eager), {int8_gain[' compiled']:.2f}x (compiled)"
                     + f"; gptlab threads at the end of each run: {gov}"
-                    + "; same greedy tokens as HF"
-                    + "".join(f", as llama.cpp {d} for the first {prefixes(n)}" for d, n in same.items()),
+                    + "; same greedy tokens as HF and compiled"
+                    + "".join(f", as {d} for the first {prefixes(n)}" for d, n in same.items()),
                     flush=True,
                 )  # fmt: skip
     print(
         "\nDecode: ms per step (one new token per row), median (range) over rounds; floor: bytes read per step / best"
-        " GB/s above.\n\n| vocab | batch | floor f32 (q8_0) | gptlab | llama.cpp f32 | llama.cpp q8_0 | HF"
-        " | gptlab / llama.cpp f32 | gptlab tok/s | HF tok/s | gptlab / HF |\n" + "|---" * 11 + "|"
+        " GB/s above. compiled: `--compile`; int8: `--quantize int8`.\n\n| vocab | batch | floor f32 (int8) | gptlab |"
+        " gptlab compiled | gptlab int8 | gptlab int8 compiled | llama.cpp f32 | llama.cpp q8_0 | HF |"
+        " compiled / llama.cpp f32 | int8 speed-up eager (compiled) | gptlab / HF tok/s (compiled) |\n"
+        + "|---" * 13 + "|"
     )  # fmt: skip
-    for vocab, batch, floors, steps, speed, ratio_hf, ratio_llama, _ in rows:
+    for vocab, batch, floors, steps, ratio_hf, ratio_hf_compiled, ratio_llama, int8_gain in rows:
         cell = functools.partial(lambda steps, k: spread(steps[k]) if k in steps else "-", steps)
-        floor = f"{floors['f32'] * 1e3:.2f}" + (f" ({floors['q8_0'] * 1e3:.2f})" if "q8_0" in floors else "")
+        floor = f"{floors['f32'] * 1e3:.2f} ({floors['int8'] * 1e3:.2f})"
         print(
-            f"| {vocab} | {batch} | {floor} | {cell('gptlab')} | {cell('llama.cpp f32')} | {cell('llama.cpp q8_0')} | "
-            f"{cell('HF')} | {f'{ratio_llama:.2f}x' if ratio_llama else '-'} | {speed['gptlab']:,.0f} | "
-            f"{speed['HF']:,.0f} | {ratio_hf:.2f}x |"
+            f"| {vocab} | {batch} | {floor} | {cell('gptlab')} | {cell('gptlab compiled')} | {cell('gptlab int8')} | "
+            f"{cell('gptlab int8 compiled')} | {cell('llama.cpp f32')} | {cell('llama.cpp q8_0')} | {cell('HF')} | "
+            f"{f'{ratio_llama:.2f}x' if ratio_llama else '-'} | {int8_gain['']:.2f}x ({int8_gain[' compiled']:.2f}x) | "
+            f"{ratio_hf:.2f}x ({ratio_hf_compiled:.2f}x) |"
         )
 
 

@@ -12,7 +12,7 @@ LAYERS = [
     ("config", "config_names"),
     ("tokenizers", "chat"),
     ("data",),
-    ("model", "lora", "decode"),
+    ("model", "lora", "quantize", "decode"),
     ("interop.hf", "interop.names"),
     ("train.checkpoint", "train.distributed"),
     ("train", "generate", "evaluate", "plot"),

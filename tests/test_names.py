@@ -240,7 +240,8 @@ def test_every_nanogpt_sample_flag_has_a_gptlab_form():
     "args, message",
     [
         (["sample", "--out_dir=run", "--init_from=gpt2-xl"], "error: nanoGPT's --init_from=gpt2-xl has no gptlab form here (make it a run first: `gptlab import hf gpt2-xl runs/gpt2-xl`, then sample that)\n"),
-        (["sample", "out_dir=run", "compile=True"], "error: nanoGPT's compile=True has no gptlab form here (gptlab sample decodes with a KV cache, uncompiled: drop it)\n"),
+        (["sample", "out_dir=run", "compile=yes"], "error: nanoGPT's compile=yes is not True or False (write True or False)\n"),
+        (["sample", "out_dir=norun", "compile=True"], "error: 'norun' is not a run directory (config.yaml missing) (pass the train.out_dir of a run)\n"),
         (["sample"], "error: no run directory given (write gptlab sample RUN_DIR, or nanoGPT's --out_dir=RUN_DIR)\n"),
         (["sample", "run", "--out_dir=other"], "error: give one run directory (write gptlab sample RUN_DIR, or nanoGPT's --out_dir=RUN_DIR)\n"),
         (["sample", "--out_dir=norun", "--compile=False"], "error: 'norun' is not a run directory (config.yaml missing) (pass the train.out_dir of a run)\n"),

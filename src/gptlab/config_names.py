@@ -351,10 +351,8 @@ def nanogpt_sample(name: str, value: str, shown: str) -> dict[str, str]:
         if value == "resume":  # sampling a run directory is what gptlab sample does
             return {}
         raise _no_form(shown, f"make it a run first: `gptlab import hf {value} runs/{value}`, then sample that")
-    if name == "compile":
-        if not _bool(literal_or_text(value), shown):
-            return {}
-        raise _no_form(shown, "gptlab sample decodes with a KV cache, uncompiled: drop it")
+    if name == "compile":  # gptlab sample --compile: the decode step through torch.compile
+        return {"compile": "true"} if _bool(literal_or_text(value), shown) else {}
     return {NANOGPT_SAMPLE[name]: value}  # type: ignore[dict-item]
 
 

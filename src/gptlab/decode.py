@@ -9,16 +9,22 @@ into one matrix each, which saves two matmul calls a layer (~3% of a step).
 
 Before each step `Decoder.current` checks, cheaply, whether the model may have changed since it gathered
 it: the copied tensors' versions (PyTorch bumps `_version` on every in-place change) and pointers, the
-model's mode switches (`GPT.mode_switches`: fused AdamW changes weights without bumping versions, inside a
-train()/eval() cycle), and any parameter or module registered anywhere (new objects, as
-`load_state_dict(assign=True)` or `merge_lora` make). On a change it checks `covers` again and gathers
-afresh. Not seen: writes through `.data`, in-place changes that bump no version outside a mode switch, and
-forward hooks added after the decoder was made.
+model's mode switches (`GPT.mode_switches`, the train()/eval() calls that changed a mode: fused AdamW changes
+weights without bumping versions, inside a train()/eval() cycle), and any parameter or module registered anywhere
+(new objects, as `load_state_dict(assign=True)` or `merge_lora` make; when only that moved, the model's own
+modules, parameters and buffers are compared by identity, so another model built meanwhile changes nothing). On a
+change it checks `covers` again and gathers afresh (with `compile=True`, compiling afresh: `CompiledStep`). Not
+seen: writes through `.data`, in-place changes that bump no version outside a mode switch, and forward hooks added
+after the decoder was made.
 tests/test_decode.py checks its logits and cache writes against `GPT.forward` for every switch of the model.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import threading
+import types
 from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
@@ -26,11 +32,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._inductor import config as inductor_config
 from torch.nn.modules import module as module_hooks
 
+from gptlab.errors import GptlabError
 from gptlab.model import GPT, MLP, Attention, Block, CacheStep, KVCache, rotate_half
+from gptlab.quantize import Int8Linear, int8_linear
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _registrations = [0]  # parameters and modules registered on any module in this process
 
 
@@ -40,10 +50,10 @@ def _registered(*_: object) -> None:
 
 module_hooks.register_module_parameter_registration_hook(_registered)
 module_hooks.register_module_module_registration_hook(_registered)
-Linear = tuple[nn.Parameter, nn.Parameter | None]  # an nn.Linear's weight and bias
+Linear = Callable[[torch.Tensor], torch.Tensor]  # what an nn.Linear (or an Int8Linear) computes
 
 # the module types GPT.forward is made of: a model of only these, unmodified, is what the decoder computes
-PARTS = (GPT, Block, Attention, MLP, nn.ModuleList, nn.Embedding, nn.Linear, nn.LayerNorm, nn.RMSNorm)
+PARTS = (GPT, Block, Attention, MLP, nn.ModuleList, nn.Embedding, nn.Linear, Int8Linear, nn.LayerNorm, nn.RMSNorm)
 
 
 class _Layer(NamedTuple):
@@ -75,14 +85,27 @@ def _norm(module: nn.Module) -> Norm:
     )
 
 
-def _linear(layer: nn.Linear) -> Linear:
-    return layer.weight, layer.bias
+def _linear(layer: nn.Linear | Int8Linear) -> Linear:
+    """The function the layer computes, over its own parameters."""
+    if isinstance(layer, Int8Linear):
+        return partial(int8_linear, weight=layer.weight, scales=layer.scales, bias=layer.bias)
+    return partial(F.linear, weight=layer.weight, bias=layer.bias)
 
 
-def _stack(layers: tuple[nn.Linear, ...]) -> Linear:
-    """The layers' weights as one matrix, and their biases as one vector (copies)."""
-    weight = torch.cat([layer.weight.detach() for layer in layers])
-    return weight, torch.cat([layer.bias.detach() for layer in layers]) if layers[0].bias is not None else None
+def _stack(layers: tuple[nn.Linear | Int8Linear, ...]) -> Linear:
+    """The layers as one: their weights (and int8 scales) as one matrix, their biases as one vector (copies).
+
+    Parameters (without grad), not plain tensors: torch.compile's freezing folds in only parameters as constants.
+    """
+
+    def cat(name: str) -> nn.Parameter | None:
+        if getattr(layers[0], name, None) is None:
+            return None
+        return nn.Parameter(torch.cat([getattr(layer, name).detach() for layer in layers]), requires_grad=False)
+
+    if isinstance(layers[0], Int8Linear):
+        return partial(int8_linear, weight=cat("weight"), scales=cat("scales"), bias=cat("bias"))
+    return partial(F.linear, weight=cat("weight"), bias=cat("bias"))
 
 
 class Decoder:
@@ -91,7 +114,7 @@ class Decoder:
     A model this does not cover (see `covers`) must be run through its `forward`.
     """
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, compile: bool = False) -> None:
         if not self.covers(model):
             raise ValueError(
                 "this model needs its own forward (a subclass or changed part, adapters, hooks, or dropout in training)"
@@ -104,6 +127,8 @@ class Decoder:
         self.swiglu = cfg.mlp == "swiglu"
         self.approximate = "none" if cfg.mlp == "gelu_exact" else "tanh"
         self.usable = True
+        self.compile = compile
+        self.compiled: CompiledStep | None = None
         self._gather()
 
     def _gather(self) -> None:
@@ -112,7 +137,8 @@ class Decoder:
         self.tok_emb = model.tok_emb.weight
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight
         self.rope = None if model.pos_emb is not None else (model.rope_cos, model.rope_sin)
-        self.norm_f, self.head = _norm(model.norm_f), model.lm_head.weight
+        self.norm_f, self.head = _norm(model.norm_f), _linear(model.lm_head)
+        self.dtype = model.tok_emb.weight.dtype
         self.layers = []
         self.sources = []  # what the stacks are copied from
         with torch.no_grad():
@@ -132,28 +158,43 @@ class Decoder:
                         _linear(mlp.down),
                     )
                 )
+        if self.compile:  # a compiled step holds every weight frozen in, not only the stacks: all are watched
+            self.sources = [*model.parameters(), *model.buffers()]
         # inference tensors keep no version counter (and cannot be changed in place outside inference mode)
         self.versioned = [p for p in self.sources if not p.is_inference()]
-        self.seen = self._fingerprint()
+        self.seen, self.parts = self._fingerprint(), self._parts()
+        # compiled with the weights frozen in: a change to them needs a new compilation
+        self.compiled = CompiledStep(self) if self.compile else None
 
     def _fingerprint(self) -> list[int]:
         """What a change of the model would change (see the module's docstring)."""
         versions = [p._version for p in self.versioned]
         return [_registrations[0], self.model.mode_switches, *versions, *(p.data_ptr() for p in self.sources)]
 
+    def _parts(self) -> list[int]:
+        """The model's modules, parameters and buffers, by identity: what a registration in it would change."""
+        ids = []
+        for m in self.model.modules():
+            ids += [id(m), *map(id, m._parameters.values()), *map(id, m._buffers.values())]
+        return ids
+
     def current(self) -> bool:
         """Whether the next step may run through the decoder; gathers the model afresh first if it changed.
 
         False while the model is not one the decoder covers (e.g. in training mode with dropout), and under autocast.
         """
-        if torch.is_autocast_enabled(self.head.device.type):  # the forward casts for it, the decoder does not
+        if torch.is_autocast_enabled(self.tok_emb.device.type):  # the forward casts for it, the decoder does not
             return False
-        if self._fingerprint() != self.seen:
+        now = self._fingerprint()
+        if now != self.seen:
+            if now[1:] == self.seen[1:] and self._parts() == self.parts:  # registered elsewhere (e.g. another model
+                self.seen = now  # built, or compiling's own graph): nothing to gather again, nor to compile
+                return self.usable
             self.usable = self.covers(self.model)
             if self.usable:
                 self._gather()
             else:
-                self.seen = self._fingerprint()
+                self.seen, self.parts = self._fingerprint(), self._parts()
         return self.usable
 
     @staticmethod
@@ -171,6 +212,9 @@ class Decoder:
                 return False
             if m._forward_hooks or m._forward_pre_hooks:
                 return False
+            stacked = (m.q, m.k, m.v) if type(m) is Attention else (m.gate, m.up) if type(m) is MLP and m.swiglu else ()
+            if len({type(part) for part in stacked}) > 1:  # stacked into one matmul: int8 or not alike
+                return False
         return True
 
     @torch.inference_mode()
@@ -179,39 +223,140 @@ class Decoder:
 
         The caller checks `current()` first and advances `cache.lengths` afterwards, as after `GPT.forward`.
         """
-        B, D = ids.shape[0], self.head_dim
         step = CacheStep.of(cache.lengths[:, None], cache)  # the step's one host sync
+        if self.compiled is not None:
+            return self.compiled(ids, cache, step)
         positions = cache.lengths
         if step.end > self.max_position + 1:  # as GPT.forward: a spare slot past the context takes the last position
             positions = positions.clamp(max=self.max_position)
+        mask = step.mask  # rows at different lengths: made additive once, not converted by each attention call
+        if mask is not None:
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=ids.device).masked_fill_(~mask, float("-inf"))
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_all, v_all = cache.store(i, k, v, step)
+            if k_all.dtype != q.dtype:  # a cache kept in another precision than the weights
+                k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+            return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.gqa)
+
+        return self.run(ids, positions, attend)
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The step's math with attention left to `attend(layer, q, k, v)` -> (B, heads, 1, head_dim)."""
+        B, D = ids.shape[0], self.head_dim
         x = self.tok_emb[ids]  # the residual stream (B, C), a new tensor: one token per row, so no time axis
         if self.pos_emb is not None:
             x = x + self.pos_emb[positions]
         if self.rope is not None:  # (B, 1, 1, D) against (B, heads, 1, D)
             cos, sin = self.rope[0][positions][:, None, None], self.rope[1][positions][:, None, None]
-        mask = step.mask  # rows at different lengths: made additive once, not converted by each attention call
-        if mask is not None:
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         heads = [self.n_head, self.n_kv_head, self.n_kv_head]
         for i, (norm1, qkv, q_norm, k_norm, out, norm2, up, down) in enumerate(self.layers):
             # with one token, (B, heads, 1, D) is attention's layout as it is: no transposes
             h = norm1(x)
-            q, k, v = F.linear(h, *qkv).view(B, -1, 1, D).split_with_sizes(heads, dim=1)
+            q, k, v = qkv(h).view(B, -1, 1, D).split_with_sizes(heads, dim=1)
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
             if self.rope is not None:
                 q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-            k_all, v_all = cache.store(i, k, v, step)
-            if k_all.dtype != q.dtype:  # a cache kept in another precision than the weights
-                k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.gqa)
-            x += F.linear(y.view(B, -1), *out)  # a parallel block adds the MLP of the same h next: x + attn + mlp
+            y = attend(i, q, k, v)
+            x += out(y.reshape(B, -1))  # a parallel block adds the MLP of the same h next: x + attn + mlp
             if norm2 is not None:
                 h = norm2(x)
             if self.swiglu:
-                gate, h = F.linear(h, *up).chunk(2, dim=-1)
+                gate, h = up(h).chunk(2, dim=-1)
                 h = F.silu(gate) * h
             else:
-                h = F.gelu(F.linear(h, *up), approximate=self.approximate)
-            x += F.linear(h, *down)
-        return F.linear(self.norm_f(x), self.head)
+                h = F.gelu(up(h), approximate=self.approximate)
+            x += down(h)
+        return self.head(self.norm_f(x))
+
+
+def check_compile(device: torch.device | str) -> None:
+    """A user error where `--compile` cannot work: torch.compile on a CPU builds C++ with the compiler in $CXX."""
+    if torch.device(device).type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise GptlabError(
+            f"--compile needs a C++ compiler on a CPU ({os.environ.get('CXX', 'g++')} is not on the PATH)",
+            "install g++ (e.g. apt-get install g++) or set CXX, or leave out --compile",
+        )
+
+
+# inductor's settings while a compiled step runs (and compiles): the weights frozen in, no autotuning tables printed
+INDUCTOR = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+# the settings are the process's: one step at a time sets them (another thread's step would restore them under it,
+# and freezing left on would freeze the weights of any other no-grad compilation, e.g. a compiled model's evaluation)
+_inductor_settings = threading.Lock()
+
+
+class CompiledStep:
+    """The decoder's step through torch.compile: inductor fuses the small ops around the matmuls and generates
+    the matmuls' kernels, with the weights frozen in as constants (laid out for them once).
+
+    On a 2-core AVX-512 CPU this brings the 6-layer, 384-dim model's matmuls from ~10 GB/s through MKL to the
+    memory's ~30 GB/s (benchmarks/generate_speed.py). The graph must not write into the KV cache (functionalized,
+    a write into a graph input copies the whole cache), so attention reads the cache's filled slots as they are and
+    the row's new key and value beside them, and the step writes the new keys and values of every layer into the
+    cache afterwards, in one copy. The batch and the cache length are dynamic: one compilation for batch 1 and
+    one for larger batches, whatever the lengths.
+    """
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.kv_group = decoder.n_head // decoder.n_kv_head
+        self.scale = decoder.head_dim**-0.5  # scaled_dot_product_attention's default, as GPT.forward uses
+        # torch.compile keeps its compilations per code object, at most 8 (`recompile_limit`) whatever instance they
+        # belong to: this step's own copy of `_body` keeps other models' steps from taking its places
+        body = CompiledStep._body
+        own = types.FunctionType(body.__code__.replace(), body.__globals__, body.__name__, body.__defaults__)
+        # autotuned GEMMs on a CPU (seconds); on a GPU, max_autotune's Triton search would take minutes
+        options = {"max_autotune": decoder.tok_emb.device.type == "cpu"}
+        self.body = torch.compile(types.MethodType(own, self), fullgraph=True, options=options)
+
+    def _body(
+        self, ids: torch.Tensor, positions: torch.Tensor, k_prev: torch.Tensor, v_prev: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, and every layer's new keys and values (layers, B, kv_heads, 1, head_dim), for the graph."""
+        new_k, new_v = [], []
+        B, H, D = ids.shape[0], self.decoder.n_kv_head, self.decoder.head_dim
+        # each row sees the slots before its own (its own slot holds an old key until the step writes the new one)
+        earlier = torch.arange(k_prev.shape[3], device=ids.device) < positions[:, None, None, None]
+        bias = torch.zeros(earlier.shape, device=ids.device).masked_fill(~earlier, float("-inf"))
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            new_k.append(k)
+            new_v.append(v)
+            # in fp32 whatever the weights' dtype, as scaled_dot_product_attention computes half precision on a CPU
+            dtype, q = q.dtype, q.float().reshape(B, H, self.kv_group, D)  # a kv head's query heads side by side
+            earlier = q @ k_prev[i].float().transpose(-1, -2) * self.scale + bias  # (B, H, group, slots)
+            own = (q * k.float()).sum(-1, keepdim=True) * self.scale  # the token's own key
+            p = torch.cat([earlier, own], dim=-1).softmax(dim=-1)
+            return (p[..., :-1] @ v_prev[i].float() + p[..., -1:] * v.float()).to(dtype)
+
+        logits = self.decoder.run(ids, positions.clamp(max=self.decoder.max_position), attend)
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+    def __call__(self, ids: torch.Tensor, cache: KVCache, step: CacheStep) -> torch.Tensor:
+        """The step's logits; writes its new keys and values into the cache."""
+        k_prev, v_prev = cache.k.narrow(3, 0, step.end), cache.v.narrow(3, 0, step.end)
+        for t, dims in ((ids, (0,)), (cache.lengths, (0,)), (k_prev, (1, 3)), (v_prev, (1, 3))):
+            for dim in dims:  # no recompilation as the cache fills, nor for each batch size above 1
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+        with _inductor_settings:  # for this graph only (compile's `options` do not reach freezing)
+            before = {name: getattr(inductor_config, name) for name in INDUCTOR}
+            for name, value in INDUCTOR.items():
+                setattr(inductor_config, name, value)
+            try:
+                logits, new_k, new_v = self.body(ids, cache.lengths, k_prev, v_prev)
+            finally:
+                for name, value in before.items():
+                    setattr(inductor_config, name, value)
+        if step.slot is not None:
+            cache.k.narrow(3, step.slot, 1).copy_(new_k)
+            cache.v.narrow(3, step.slot, 1).copy_(new_v)
+        else:
+            if not (cache.k.is_contiguous() and cache.v.is_contiguous()):  # e.g. a cache a caller built itself
+                cache.k, cache.v = cache.k.contiguous(), cache.v.contiguous()
+            L, B, H, S, D = cache.k.shape
+            flat = (torch.arange(B * H, device=ids.device).view(B, H) * S + cache.lengths[:, None]).view(-1)
+            for t, new in ((cache.k, new_k), (cache.v, new_v)):
+                t.view(L, -1, D).index_copy_(1, flat, new.reshape(L, -1, D).to(t.dtype))
+        return logits

@@ -250,7 +250,10 @@ class Engine:
         max_batch: int = 32,
         eos_id: int | Sequence[int] | None = None,
         use_cache: bool = True,
+        compile: bool | Decoder = False,
     ) -> None:
+        """`compile`: decode steps through torch.compile (`decode.CompiledStep`: seconds to compile, then faster
+        steps), or a `Decoder` to reuse, e.g. one already compiled for this model."""
         self.model = model
         self.tokenizer = tokenizer
         self.block_size = model.cfg.block_size
@@ -271,10 +274,18 @@ class Engine:
         self.forward_calls = 0
         self._ids = itertools.count()
         # decode steps (one new token per row) skip the modules; the decoder follows changes to the weights
-        self.decoder = Decoder(model) if use_cache and Decoder.covers(model) else None
+        if isinstance(compile, Decoder):
+            if compile.model is not model:
+                raise ValueError("the Decoder given as `compile` was made for another model")
+            self.decoder: Decoder | None = compile if use_cache else None
+        else:
+            self.decoder = Decoder(model, compile) if use_cache and Decoder.covers(model) else None
         self._finished_early: list[Update] = []
         # torch's CPU threads in the thread that steps (serve's engine thread): --threads N, or timed (threads.py)
-        self.threads = threads.governor(adaptive=self.device.type == "cpu")
+        # (not with a compiled step: torch.compile specialises its code to the thread count, and compiles anew for
+        # each count it meets, seconds a time)
+        compiled = self.decoder is not None and self.decoder.compile
+        self.threads = threads.governor(adaptive=self.device.type == "cpu" and not compiled)
 
     @property
     def device(self) -> torch.device:
@@ -599,9 +610,18 @@ class TextGeneration:
 class Generator(TextGeneration):
     """Generates continuations of prompts with one model: batches of token ids, or streamed text."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, end_ids: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer | None = None,
+        end_ids: Sequence[int] | None = None,
+        compile: bool = False,
+    ) -> None:
+        """`compile`: decode through torch.compile (see `Engine`), compiled once for all of this generator's calls."""
         self.model = model
         self.tokenizer = tokenizer
+        self.compile = compile
+        self._decoder: Decoder | None = None
         self.end_ids = end_ids  # a run's are `chat.end_token_ids(tokenizer, template, cfg.sample.end_tokens)`
         self.block_size = model.cfg.block_size
         if self.block_size < 2:
@@ -610,6 +630,14 @@ class Generator(TextGeneration):
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
+
+    def _compiled(self) -> bool | Decoder:
+        """What the engines get: False, or the one compiled decoder they share."""
+        if not self.compile or not Decoder.covers(self.model):
+            return False
+        if self._decoder is None:
+            self._decoder = Decoder(self.model, compile=True)
+        return self._decoder
 
     def generate(
         self,
@@ -631,7 +659,7 @@ class Generator(TextGeneration):
         """
         if not prompts:
             raise ValueError("give at least one prompt")
-        engine = Engine(self.model, None, max_batch=len(prompts), eos_id=eos_id, use_cache=use_cache)
+        engine = Engine(self.model, None, len(prompts), eos_id, use_cache, self._compiled())
         ids = []
         each = seeded(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed), len(prompts))
         for prompt, params in zip(prompts, each):
@@ -649,7 +677,7 @@ class Generator(TextGeneration):
         stop: Sequence[str],
         truncate: bool,
     ) -> Iterator[list[str]]:
-        engine = Engine(self.model, self._text_tokenizer(), max_batch=len(params), eos_id=self.end_ids)
+        engine = Engine(self.model, self._text_tokenizer(), len(params), self.end_ids, compile=self._compiled())
         ids = self._ids(prompt)
         rows = {engine.submit(ids, max_new_tokens, p, stop=stop, truncate=truncate): b for b, p in enumerate(params)}
         while engine.has_work():

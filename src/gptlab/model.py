@@ -257,7 +257,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab)."""
 
-    mode_switches = 0  # calls of train() and eval() (see `train`)
+    mode_switches = 0  # calls of train() and eval() that changed a mode (see `train`)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -350,10 +350,13 @@ class GPT(nn.Module):
         return x + self.pos_emb(positions) if self.pos_emb is not None else x
 
     def train(self, mode: bool = True) -> GPT:
-        """Switch training mode, counting the call in `mode_switches`: how a `Decoder` learns that the weights it
-        copied may have changed (not every optimizer bumps tensor versions: fused AdamW does not)."""
+        """Switch training mode, counting each change in `mode_switches`: how a `Decoder` learns that the weights
+        it copied may have changed (not every optimizer bumps tensor versions: fused AdamW does not). A call that
+        leaves the mode as it was is not counted: `eval()` on a model in eval mode does not make decoders gather
+        (and compiled ones compile) again."""
+        if mode != self.training or any(m.training != mode for m in self.modules()):
+            self.mode_switches += 1
         super().train(mode)
-        self.mode_switches += 1
         return self
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -373,5 +376,5 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """A KV cache sized for this model (up to its context)."""
-        p = self.lm_head.weight
+        p = self.tok_emb.weight  # (the output head's may be int8: quantize.py)
         return KVCache(self.cfg, batch_size, max_len or self.cfg.block_size, p.device, dtype or p.dtype)

@@ -558,11 +558,13 @@ def create_app(
     max_tokens_cap: int = MAX_TOKENS_CAP,
     checkpoint: dict[str, Any] | None = None,
     end_ids: Sequence[int] | None = None,
+    compile: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving one model: /v1/completions, /v1/chat/completions, /v1/models, /health and /.
 
     `checkpoint` (what `served_checkpoint` gives) is added to the model's card in /v1/models. `end_ids` end a
     reply (default: the tokenizer's end of text and the chat template's end of turn; a run's, `chat.end_token_ids`).
+    `compile`: decode through torch.compile, compiled here for one row and for several (see `warm_up`).
 
     On CPU, call it (and load the model) from a thread that exits before serving starts, as `serve` does:
     the engine thread's matmuls run several times slower while another live thread owns an OpenMP pool.
@@ -573,7 +575,9 @@ def create_app(
     if isinstance(model_or_engine, Engine):
         engine = model_or_engine
     else:
-        engine = Engine(model_or_engine, tokenizer, max_batch, eos_id=ends)
+        engine = Engine(model_or_engine, tokenizer, max_batch, eos_id=ends, compile=compile)
+        if compile:
+            warm_up(engine)
     worker = EngineThread(engine)
     created = int(time.time())
     page = resources.files("gptlab").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -932,6 +936,20 @@ def _describe(run_dir: str | Path, which: str, card: dict[str, Any]) -> str:
     return f"checkpoint {card.get('checkpoint', which)} of {run_dir} ({which}, {how})"
 
 
+def warm_up(engine: Engine) -> None:
+    """Decode a few tokens for two rows at once, then for one, so that a compiled step is compiled for both
+    shapes before the first request (each takes seconds), not while a client waits."""
+    greedy = SamplingParams(temperature=0)
+    if engine.max_batch > 1:
+        for length in (2, 3):  # rows at different lengths: the general step
+            engine.submit([0] * length, 3, greedy, stop_at_eos=False, truncate=True)
+        while engine.has_work():
+            engine.step()
+    engine.submit([0, 0], 3, greedy, stop_at_eos=False)
+    while engine.has_work():
+        engine.step()
+
+
 def run_app(
     run_dir: str | Path,
     name: str,
@@ -939,20 +957,30 @@ def run_app(
     device: str = "auto",
     dtype: str = "auto",
     max_batch: int = 32,
+    compile: bool = False,
+    quantize: str | None = None,
 ) -> tuple[FastAPI, str, dict[str, Any]]:
     """The app serving a run directory's checkpoint (its chat template and end tokens), the pointer it resolved
     and the checkpoint's card."""
+    from gptlab.decode import check_compile
+    from gptlab.quantize import check_quantize, quantize_int8
     from gptlab.train.checkpoint import load_run
     from gptlab.train.trainer import select_device, select_dtype
 
     # resolved once: the pointer a running training moves meanwhile cannot make the label and weights differ
     which, card = served_checkpoint(run_dir, checkpoint)
     torch_device = select_device(device)
+    check_quantize(quantize, torch_device)
+    if compile:
+        check_compile(torch_device)
     cfg, model, tokenizer = load_run(run_dir, card.get("checkpoint", checkpoint), torch_device)
     model = model.to(select_dtype(dtype, torch_device))
+    if quantize:
+        model = quantize_int8(model)
     template = load_chat_template(run_dir, tokenizer)
     ends = end_token_ids(tokenizer, template, cfg.sample.end_tokens)
-    app = create_app(model, tokenizer, name, chat_template=template, max_batch=max_batch, checkpoint=card, end_ids=ends)
+    app = create_app(model, tokenizer, name, chat_template=template, max_batch=max_batch, checkpoint=card,
+                     end_ids=ends, compile=compile)  # fmt: skip
     return app, which, card
 
 
@@ -967,6 +995,8 @@ def serve(
     max_batch: int = 32,
     model_name: str | None = None,
     log_level: str = "info",
+    compile: bool = False,
+    quantize: str | None = None,
 ) -> None:
     """Load a run directory and serve it over HTTP until interrupted."""
     import uvicorn
@@ -978,7 +1008,7 @@ def serve(
     served: list = []
 
     def build() -> FastAPI:
-        app, which, card = run_app(run_dir, name, checkpoint, device, dtype, max_batch)
+        app, which, card = run_app(run_dir, name, checkpoint, device, dtype, max_batch, compile, quantize)
         served.extend([which, card])
         return app
 

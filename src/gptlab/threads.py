@@ -120,7 +120,8 @@ class ThreadGovernor:
         """Before a unit of `kind` (units of one kind take the same time; None: not timed): set and return the
         thread count it runs with."""
         if self.choices is None:
-            self.choices = candidates(available()) if self.adaptive else [self._get_threads()]
+            # (not adaptive: the thread's count as it was before another governor lowered it, if one did)
+            self.choices = candidates(available()) if self.adaptive else [available()]
             self.current = self.choices[0]
         n = self.current
         self.kind = kind
