@@ -25,6 +25,7 @@ import os
 import shutil
 import threading
 import types
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
@@ -301,6 +302,8 @@ class CompiledStep:
 
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
+        # inductor's autotuning reads a tensor's storage the deprecated way: torch's warning, not the user's to act on
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
         self.kv_group = decoder.n_head // decoder.n_kv_head
         self.scale = decoder.head_dim**-0.5  # scaled_dot_product_attention's default, as GPT.forward uses
         # torch.compile keeps its compilations per code object, at most 8 (`recompile_limit`) whatever instance they
