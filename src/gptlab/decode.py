@@ -272,9 +272,14 @@ class Decoder:
         return self.head(self.norm_f(x))
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile builds CPU kernels with ($CXX, else g++), if it is on the PATH."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
 def check_compile(device: torch.device | str) -> None:
     """A user error where `--compile` cannot work: torch.compile on a CPU builds C++ with the compiler in $CXX."""
-    if torch.device(device).type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+    if torch.device(device).type == "cpu" and cpp_compiler() is None:
         raise GptlabError(
             f"--compile needs a C++ compiler on a CPU ({os.environ.get('CXX', 'g++')} is not on the PATH)",
             "install g++ (e.g. apt-get install g++) or set CXX, or leave out --compile",
@@ -359,14 +364,5 @@ class CompiledStep:
             finally:
                 for name, value in before.items():
                     setattr(inductor_config, name, value)
-        if step.slot is not None:
-            cache.k.narrow(3, step.slot, 1).copy_(new_k)
-            cache.v.narrow(3, step.slot, 1).copy_(new_v)
-        else:
-            if not (cache.k.is_contiguous() and cache.v.is_contiguous()):  # e.g. a cache a caller built itself
-                cache.k, cache.v = cache.k.contiguous(), cache.v.contiguous()
-            L, B, H, S, D = cache.k.shape
-            flat = (torch.arange(B * H, device=ids.device).view(B, H) * S + cache.lengths[:, None]).view(-1)
-            for t, new in ((cache.k, new_k), (cache.v, new_v)):
-                t.view(L, -1, D).index_copy_(1, flat, new.reshape(L, -1, D).to(t.dtype))
+        cache.store_layers(new_k, new_v, step)
         return logits

@@ -65,15 +65,31 @@ class KVCache:
             k_at[layer].copy_(k)
             v_at[layer].copy_(v)
             return k_all[layer], v_all[layer]
-        if step.flat is None:  # (row, head, token) -> row of the layer seen as (B * heads * slots, head_dim)
+        flat = self._flat(step)
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):  # one index_copy_ each; it does not cast
+            cache.view(-1, cache.shape[-1]).index_copy_(0, flat, new.reshape(-1, new.shape[-1]).to(cache.dtype))
+        return self.k[layer].narrow(2, 0, step.end), self.v[layer].narrow(2, 0, step.end)
+
+    def store_layers(self, k: torch.Tensor, v: torch.Tensor, step: CacheStep) -> None:
+        """Write every layer's keys/values (layers, B, kv_heads, t, head_dim) into the step's slots at once."""
+        if step.slot is not None:
+            self.k.narrow(3, step.slot, 1).copy_(k)
+            self.v.narrow(3, step.slot, 1).copy_(v)
+            return
+        flat = self._flat(step)
+        for cache, new in ((self.k, k), (self.v, v)):  # each layer seen as (B * heads * slots, head_dim)
+            L, D = cache.shape[0], cache.shape[-1]
+            cache.view(L, -1, D).index_copy_(1, flat, new.reshape(L, -1, D).to(cache.dtype))
+
+    def _flat(self, step: CacheStep) -> torch.Tensor:
+        """(row, head, token) -> the row of a layer seen as (B * heads * slots, head_dim); made once a step."""
+        if step.flat is None:
             if not (self.k.is_contiguous() and self.v.is_contiguous()):  # e.g. a cache a caller built itself
                 self.k, self.v = self.k.contiguous(), self.v.contiguous()
             _, B, H, S, _ = self.k.shape
             rows_heads = torch.arange(B * H, device=step.slots.device).view(B, H, 1)
             step.flat = (rows_heads * S + step.slots[:, None]).view(-1)
-        for cache, new in ((self.k[layer], k), (self.v[layer], v)):  # one index_copy_ each; it does not cast
-            cache.view(-1, cache.shape[-1]).index_copy_(0, step.flat, new.reshape(-1, new.shape[-1]).to(cache.dtype))
-        return self.k[layer].narrow(2, 0, step.end), self.v[layer].narrow(2, 0, step.end)
+        return step.flat
 
     def advance(self, counts: torch.Tensor | int) -> None:
         """Mark `counts` more tokens per row as filled."""

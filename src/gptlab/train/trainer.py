@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import os
 import shutil
 import signal
 import sys
@@ -33,6 +32,7 @@ from gptlab.config import Config, TaskConfig, TrainConfig, read_run_config, to_y
 from gptlab.data.batches import IGNORE_INDEX, Batches, ExampleBatches, load_prepared, prefetch
 from gptlab.data.shards import write_atomic
 from gptlab.data.tasks import TASK_SETTINGS, changed_settings
+from gptlab.decode import cpp_compiler
 from gptlab.errors import GptlabError, Interrupted, is_write_failure, write_error
 from gptlab.model import GPT
 from gptlab.progress import console
@@ -204,8 +204,7 @@ def compile_pays(device: torch.device, total_steps: int | None) -> bool:
     if device.type == "cuda":
         return True
     long_run = total_steps is None or total_steps >= 1000
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    return device.type == "cpu" and long_run and sys.platform == "linux" and cxx is not None
+    return device.type == "cpu" and long_run and sys.platform == "linux" and cpp_compiler() is not None
 
 
 class TrainStep:
