@@ -134,7 +134,7 @@ def test_a_second_ctrl_c_aborts_at_once(workdir):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_prepare_stops_on_a_signal_with_its_workers_and_resumes(tmp_path, sig):
     """Ctrl-C reaches the whole process group (workers too), a scheduler's SIGTERM only the main process."""
-    (tmp_path / "corpus.txt").write_text(make_text(4000) * 100)
+    (tmp_path / "corpus.txt").write_text(make_text(4000) * 300)  # ~57 MB: busy when signalled, even quiet
     args = [sys.executable, "-m", "gptlab", "prepare", *TINY[:2], "--workers=2", "data.chunk_chars=4096"]
     kw = {"cwd": tmp_path, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     proc = subprocess.Popen(args, start_new_session=True, **kw)  # its own process group, as in a terminal
