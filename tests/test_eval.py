@@ -91,7 +91,9 @@ def test_a_text_file_and_the_prepared_folder_agree_on_the_same_tokens(run, tmp_p
     assert from_file.split is None and from_folder.split == default.split == "val"
     assert from_file.tokens == from_folder.tokens == default.tokens == len(val) - 1
     assert from_file.bytes == from_folder.bytes == len(text[1:].replace("<|endoftext|>", "").encode())
-    assert from_file.loss == pytest.approx(from_folder.loss, rel=1e-9) and from_folder.loss == default.loss
+    # the thread governor adapts to the machine's load, and sums over another thread count round differently
+    assert from_file.loss == pytest.approx(from_folder.loss, rel=1e-9)
+    assert from_folder.loss == pytest.approx(default.loss, rel=1e-9)
     train = evaluate_run(run, split="train", max_tokens=500, device="cpu").sections["text"]
     assert train.tokens == 500 and train.loss != default.loss
 
