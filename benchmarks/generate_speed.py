@@ -1,21 +1,22 @@
 """Generation speed: gptlab's engine against Hugging Face `GPT2LMHeadModel.generate` and llama.cpp on the same weights.
 
-A GPT-2-shaped model (6 layers, 6 heads, 384 dims, context 256) with seeded random weights, built in
-gptlab (`model.arch=gpt2`), copied into `transformers.GPT2LMHeadModel` (SDPA attention, KV cache), and written
-as a gptlab run directory exported to GGUF (`gptlab.interop.gguf.export_gguf`, f32 and q8_0) for llama.cpp
-(llama-cpp-python: the model loaded by `llama_cpp.Llama`, prompts decoded through its `llama_decode` with one
-sequence per row, a KV cache of f32 as gptlab's, tokens picked by llama.cpp's greedy sampler). gptlab runs four
-ways: eager fp32 (the default), `--compile` (`Decoder(model, compile=True)`, compiled in each side's first,
-untimed run), `--quantize int8` (`quantize_int8`) and both. All fp32 on the CPU (but the int8 and q8_0 matrices),
-the same thread count on every side. For vocab 65 and 50257 and batch 1 and 8, each side generates 200 new tokens
-greedily after the same 16-token prompts; gptlab's tokens are checked equal to HF's, to compiled gptlab's and to
-llama.cpp f32's (int8's and q8_0's against fp32: how many of the first tokens agree; the random weights'
-near-ties break either way, and compiled int8 rounds differently from eager int8), then all are timed in
-interleaved rounds (the order rotating). Each run is timed whole and split at its first new token: the prompt's
+A GPT-2-shaped model (6 layers, 6 heads, 384 dims, context 256) with seeded random weights, built in gptlab
+(`model.arch=gpt2`), copied into `transformers.GPT2LMHeadModel` (SDPA attention, KV cache), and written as a gptlab
+run directory exported to GGUF (`gptlab.interop.gguf.export_gguf`, f32 and q8_0) for llama.cpp (llama-cpp-python: the
+model loaded by `llama_cpp.Llama`, prompts decoded through its `llama_decode` with one sequence per row, a KV cache of
+f32 as gptlab's, tokens picked by llama.cpp's greedy sampler). gptlab runs four ways: eager fp32 (the default; its
+matmuls through oneDNN over weights packed once, `decode.packs`), `--compile` (`Decoder(model, compile=True)`,
+compiled in each side's first, untimed run), `--quantize int8` (`quantize_int8`) and both. All fp32 on the CPU (but
+the int8 and q8_0 matrices), the same thread count on every side. For vocab 65 and 50257 and batch 1 and 8, each side
+generates 200 new tokens greedily after the same 16-token prompts; gptlab's tokens are checked equal to HF's, to
+compiled gptlab's and to llama.cpp f32's (int8's and q8_0's against fp32: how many of the first tokens agree; the
+random weights' near-ties break either way, and compiled int8 rounds differently from eager int8), then all are timed
+in interleaved rounds (the order rotating). Each run is timed whole and split at its first new token: the prompt's
 forward, then the 199 decode steps (ms a step; a step gives one token per row).
 
 The header prints the CPU, its vector extensions and L3 size, torch's BLAS, and the GB/s of large fp32 GEMVs (a
-50257x384 matrix, and four 4096x4096 ones in turn: torch's in both weight layouts, numpy's BLAS) and of a plain read;
+50257x384 matrix, and four 4096x4096 ones in turn: torch's in both weight layouts and packed for oneDNN, numpy's
+BLAS) and of a plain read;
 the floor of a step is the bytes it must read (every weight once, the head whole, and the KV cache at the run's mean
 length) at the best of those rates. A model that nearly fits the L3 (vocab 65: 42 MB) can beat that floor.
 
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gptlab import decode
 from gptlab.config import ModelConfig
 from gptlab.decode import Decoder
 from gptlab.generate import Engine, Generator, SamplingParams
@@ -241,6 +243,10 @@ def stream_rates() -> dict[str, float]:
         rates[f"{name} F.linear (out,in)"] = rate(mats, lambda w: F.linear(x[:, : w.shape[1]], w))
         rates[f"{name} x @ W.T (in,out)"] = rate(transposed, lambda w: F.linear(x[:, : w.shape[1]], w))
         del transposed
+        if decode.packs(mats[0]):  # the eager decoder's matmuls
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in mats]
+            rates[f"{name} oneDNN packed"] = rate(packed, lambda w: decode._packed_linear(x[:, : w.shape[1]], w, None))
+            del packed
     xn = x[0].numpy()
     rates["GEMV 4096x4096 numpy W @ x"] = rate(big, lambda w: w.numpy() @ xn)
     rates["read 4096x4096 amax"] = rate(big, torch.amax)

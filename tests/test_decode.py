@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import scaled_model
 
-from gptlab.decode import Decoder
+from gptlab.decode import Decoder, _packed_linear
 from gptlab.generate import Engine, Generator, SamplingParams
 from gptlab.lora import add_lora, merge_lora
 from gptlab.model import GPT
@@ -61,6 +62,31 @@ def test_compiled_decoder_equals_the_model_forward_within_1e_5(switches):
         forward, decoded, (k0, k1, v0, v1) = decode_both(model, lengths, decoder)
         assert torch.allclose(forward, decoded, atol=1e-5, rtol=0)
         assert torch.allclose(k0, k1, atol=1e-5, rtol=0) and torch.allclose(v0, v1, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("part", ["blocks.0.mlp.fc", "blocks.1.attn.out", "lm_head", "blocks.0.attn.k"])
+def test_a_packed_decoder_sees_an_in_place_change_to_any_weight(part):
+    model = scaled_model(block_size=16, arch="gpt2", tie_embeddings=False)
+    decoder = Decoder(model)
+    layer = decoder.layers[0]
+    assert all(f.func is _packed_linear for f in (decoder.head, layer.qkv, layer.out, layer.up, layer.down))
+    before, decoded, _ = decode_both(model, [5], decoder)
+    assert torch.allclose(before, decoded, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the packed copy is stale: the decoder must gather (and pack) afresh
+        model.get_submodule(part).weight.mul_(3)
+    after, decoded, _ = decode_both(model, [5], decoder)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert torch.allclose(after, decoded, atol=1e-5, rtol=0)
+
+
+def test_without_onednn_the_decoder_computes_over_the_model_own_weights(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model = scaled_model(block_size=16, tie_embeddings=False)
+    decoder = Decoder(model)
+    assert decoder.head.func is F.linear and decoder.head.keywords["weight"] is model.lm_head.weight
+    assert decoder.layers[0].out.keywords["weight"] is model.blocks[0].attn.out.weight
+    forward, decoded, _ = decode_both(model, [3, 11, 1], decoder)
+    assert torch.allclose(forward, decoded, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

@@ -3,9 +3,9 @@
 A decoding step is small: on a 2-core CPU the 6-layer, 384-dim benchmark model spends ~0.9 ms of a step in
 its matmuls and, through `GPT.forward`, ~0.4 ms more in calling modules (`nn.Module.__call__`, attribute
 lookups, per-call checks). `Decoder` gathers each block's parameters once and runs the same math as
-`model.Block` for (B, 1) tokens as a flat sequence of tensor ops. It holds the model's own Parameter objects,
-so it computes with the weights as they are now, except for one copy: q/k/v (and SwiGLU's gate/up) stacked
-into one matrix each, which saves two matmul calls a layer (~3% of a step).
+`model.Block` for (B, 1) tokens as a flat sequence of tensor ops. It holds the model's own Parameter objects
+where it can; copies: q/k/v (and SwiGLU's gate/up) stacked into one matrix each, which saves two matmul calls a
+layer (~3% of a step), and on a CPU every fp32 matmul weight reordered for oneDNN (`packs`).
 
 Before each step `Decoder.current` checks, cheaply, whether the model may have changed since it gathered
 it: the copied tensors' versions (PyTorch bumps `_version` on every in-place change) and pointers, the
@@ -86,14 +86,43 @@ def _norm(module: nn.Module) -> Norm:
     )
 
 
-def _linear(layer: nn.Linear | Int8Linear) -> Linear:
-    """The function the layer computes, over its own parameters."""
+def packs(weight: torch.Tensor) -> bool:
+    """Whether the decoder computes with a copy of this weight in oneDNN's blocked layout: fp32 on a CPU.
+
+    MKL's SGEMM, which `F.linear` runs on a CPU, streams a one-row product's weight at ~8-10 GB/s on a 2-core AMD
+    EPYC; oneDNN's inner product over a weight reordered once for it reaches ~20 GB/s, 1.3-3x faster decode steps
+    (benchmarks/RESULTS.md). It costs a second copy of the weights while the decoder lives.
+    """
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear` over a weight `torch.ops.mkldnn._reorder_linear_weight` made."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> Linear:
+    """`F.linear` over this weight and bias, through a packed copy of the weight where `pack` (see `packs`)."""
+    if pack and packs(weight):
+        # reordered for any batch: a batch-size hint of 1 or 8 gave no faster step at either size, 1 a slower one
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        return partial(_packed_linear, weight=packed, bias=None if bias is None else bias.detach())
+    return partial(F.linear, weight=weight, bias=bias)
+
+
+def _linear(layer: nn.Linear | Int8Linear, pack: bool) -> Linear:
+    """The function the layer computes, over its own parameters (or a packed copy of its weight)."""
     if isinstance(layer, Int8Linear):
         return partial(int8_linear, weight=layer.weight, scales=layer.scales, bias=layer.bias)
-    return partial(F.linear, weight=layer.weight, bias=layer.bias)
+    return _dense(layer.weight, layer.bias, pack)
 
 
-def _stack(layers: tuple[nn.Linear | Int8Linear, ...]) -> Linear:
+def _stack(layers: tuple[nn.Linear | Int8Linear, ...], pack: bool) -> Linear:
     """The layers as one: their weights (and int8 scales) as one matrix, their biases as one vector (copies).
 
     Parameters (without grad), not plain tensors: torch.compile's freezing folds in only parameters as constants.
@@ -106,7 +135,7 @@ def _stack(layers: tuple[nn.Linear | Int8Linear, ...]) -> Linear:
 
     if isinstance(layers[0], Int8Linear):
         return partial(int8_linear, weight=cat("weight"), scales=cat("scales"), bias=cat("bias"))
-    return partial(F.linear, weight=cat("weight"), bias=cat("bias"))
+    return _dense(cat("weight"), cat("bias"), pack)
 
 
 class Decoder:
@@ -138,7 +167,8 @@ class Decoder:
         self.tok_emb = model.tok_emb.weight
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight
         self.rope = None if model.pos_emb is not None else (model.rope_cos, model.rope_sin)
-        self.norm_f, self.head = _norm(model.norm_f), _linear(model.lm_head)
+        pack = not self.compile  # inductor lays out the weights it freezes in for its own kernels
+        self.norm_f, self.head = _norm(model.norm_f), _linear(model.lm_head, pack)
         self.dtype = model.tok_emb.weight.dtype
         self.layers = []
         self.sources = []  # what the stacks are copied from
@@ -150,16 +180,16 @@ class Decoder:
                 self.layers.append(
                     _Layer(
                         _norm(block.norm1),
-                        _stack(qkv),
+                        _stack(qkv, pack),
                         _norm(attn.q_norm) if attn.qk_norm else None,
                         _norm(attn.k_norm) if attn.qk_norm else None,
-                        _linear(attn.out),
+                        _linear(attn.out, pack),
                         None if block.parallel else _norm(block.norm2),
-                        _stack(gate_up) if self.swiglu else _linear(mlp.fc),
-                        _linear(mlp.down),
+                        _stack(gate_up, pack) if self.swiglu else _linear(mlp.fc, pack),
+                        _linear(mlp.down, pack),
                     )
                 )
-        if self.compile:  # a compiled step holds every weight frozen in, not only the stacks: all are watched
+        if self.compile or packs(self.tok_emb):  # every weight frozen in or packed, not only the stacks: all watched
             self.sources = [*model.parameters(), *model.buffers()]
         # inference tensors keep no version counter (and cannot be changed in place outside inference mode)
         self.versioned = [p for p in self.sources if not p.is_inference()]
