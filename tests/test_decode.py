@@ -17,6 +17,8 @@ SWITCHES = {
     "swiglu+learned+layernorm": dict(position="learned", norm="layernorm"),
     "parallel": dict(parallel_block=True),
     "gpt2+parallel+gqa": dict(arch="gpt2", parallel_block=True, n_head=4, n_kv_head=2),
+    "relu2+softcap": dict(mlp="relu2", logit_softcap=15.0),
+    "gpt2+relu2+softcap+zero_init_out": dict(arch="gpt2", mlp="relu2", logit_softcap=30.0, zero_init_out=True),
 }
 
 
@@ -54,7 +56,7 @@ def test_decoder_equals_the_model_forward_within_1e_5(switches, lengths):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("switches", ["gpt2+parallel+gqa", "gqa+qk_norm", "gelu_exact+untied+bias"])
+@pytest.mark.parametrize("switches", ["gpt2+parallel+gqa", "gqa+qk_norm", "gelu_exact+untied+bias", "relu2+softcap"])
 def test_compiled_decoder_equals_the_model_forward_within_1e_5(switches):
     model = scaled_model(block_size=16, **SWITCHES[switches])
     decoder = Decoder(model, compile=True)  # one compilation for one row, one for several at any lengths

@@ -222,8 +222,9 @@ def random_model(vocab_size: int, **switches: object) -> GPT:
     [
         {"arch": "gpt2", "bias": False, "tie_embeddings": False, "n_kv_head": 1},
         {"arch": "modern", "bias": True, "tie_embeddings": True, "n_kv_head": 2, "rope_theta": 500000.0},
+        {"arch": "modern", "mlp": "relu2", "n_kv_head": 2},  # llama.cpp's arcee
     ],
-    ids=["gpt2-untied-nobias-gqa", "modern-bias-tied-gqa-theta"],
+    ids=["gpt2-untied-nobias-gqa", "modern-bias-tied-gqa-theta", "modern-relu2-gqa"],
 )
 def test_switches_export_with_equal_logits(switches, bpe, tmp_path, capsys):
     model = random_model(bpe.vocab_size, **switches)
@@ -330,8 +331,18 @@ def refused(argv: list[str], message: str, capsys: pytest.CaptureFixture, root: 
             "model.position=rope (llama.cpp's llama needs model.norm=rmsnorm; export models whose switches match GPT-2 "
             "or Llama)",
         ),
+        (
+            {"arch": "gpt2", "mlp": "relu2"},
+            "model.mlp=relu2 has no llama.cpp architecture with model.position=learned (llama.cpp's gpt2 needs "
+            "model.mlp=gelu; export models whose switches match GPT-2 or Llama)",
+        ),
+        (
+            {"arch": "modern", "logit_softcap": 15.0},
+            "model.logit_softcap=15.0 has no form in llama.cpp's gpt2, llama or arcee architecture (train with "
+            "model.logit_softcap=0)",
+        ),
     ],  # fmt: skip
-    ids=["parallel_block", "qk_norm", "gelu_exact", "layernorm+rope"],
+    ids=["parallel_block", "qk_norm", "gelu_exact", "layernorm+rope", "gpt2+relu2", "logit_softcap"],
 )
 def test_switches_llama_cpp_cannot_represent_are_refused(switches, message, bpe, tmp_path, capsys):
     run = write_run(tmp_path / "run", random_model(bpe.vocab_size, **switches), bpe)

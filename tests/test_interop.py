@@ -44,12 +44,22 @@ def exported_alike(cfg: ModelConfig) -> tuple[GPT, torch.nn.Module]:
 
 
 @pytest.mark.parametrize(
-    "arch, extra", [("gpt2", {}), ("gpt2", {"mlp": "gelu_exact"}), ("modern", {}), ("modern", {"n_kv_head": 1})]
+    "arch, extra",
+    [
+        ("gpt2", {}),
+        ("gpt2", {"mlp": "gelu_exact"}),
+        ("gpt2", {"mlp": "relu2"}),
+        ("modern", {}),
+        ("modern", {"n_kv_head": 1}),
+        ("modern", {"mlp": "relu2", "n_kv_head": 1}),  # Arcee: Llama's block with relu(x)^2 and no gate
+    ],
 )
 def test_random_models_convert_with_equal_logits_and_greedy_tokens(arch, extra):
     model, hf = exported_alike(
         ModelConfig(arch=arch, vocab_size=50, block_size=48, n_layer=2, n_head=2, n_embd=32, **extra)
     )
+    llama = "ArceeForCausalLM" if extra.get("mlp") == "relu2" else "LlamaForCausalLM"
+    assert type(hf).__name__ == ("GPT2LMHeadModel" if arch == "gpt2" else llama)
     assert from_hf(hf).cfg == model.cfg
 
 
@@ -150,12 +160,17 @@ def test_switches_without_a_hugging_face_architecture_are_user_errors(tmp_path, 
     assert capsys.readouterr().err == (
         "error: model.qk_norm=true has no Hugging Face architecture here (train with model.qk_norm=false)\n"
     )
+    assert not (tmp_path / "hf").exists()
     cases = {
         ("position=learned", "norm=rmsnorm"): "error: model.norm=rmsnorm has no Hugging Face architecture with "
         "model.position=learned (GPT2LMHeadModel needs model.norm=layernorm; export models whose switches match "
         "GPT-2 or Llama)",
         ("arch=gpt2", "n_kv_head=1"): "error: model.n_kv_head=1 (grouped-query attention) has no GPT-2 form "
         "(use model.n_kv_head=null)",
+        ("arch=gpt2", "logit_softcap=15"): "error: model.logit_softcap=15 has no Hugging Face architecture here "
+        "(train with model.logit_softcap=0)",
+        ("mlp=relu2", "logit_softcap=30"): "error: model.logit_softcap=30 has no Hugging Face architecture here "
+        "(train with model.logit_softcap=0)",
     }
     from gptlab.errors import GptlabError
     from gptlab.interop.hf import hf_architecture
@@ -170,7 +185,7 @@ def test_switches_without_a_hugging_face_architecture_are_user_errors(tmp_path, 
 
 def save_hf(tmp: Path, kind: str, tokenizer) -> Path:  # noqa: ANN001
     """A random-weight transformers model of `kind` with `tokenizer`, saved as a local folder (no download)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import ArceeConfig, ArceeForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from gptlab.interop.hf import hf_tokenizer
 
@@ -179,10 +194,11 @@ def save_hf(tmp: Path, kind: str, tokenizer) -> Path:  # noqa: ANN001
     if kind == "gpt2":
         hf = GPT2LMHeadModel(GPT2Config(vocab_size=v, n_positions=64, n_embd=32, n_layer=2, n_head=2,
                                         bos_token_id=None, eos_token_id=None))  # fmt: skip
-    else:
-        hf = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                          rope_theta=500.0, bos_token_id=None, eos_token_id=None))  # fmt: skip
+    else:  # Arcee: Llama's block with relu(up(x))^2 and no gate
+        config, model = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (ArceeConfig, ArceeForCausalLM)
+        hf = model(config(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          rope_theta=500.0, bos_token_id=None, eos_token_id=None))  # fmt: skip
     with torch.no_grad():
         for p in hf.parameters():
             p.mul_(4 if p.dim() == 2 else 1)
@@ -192,7 +208,7 @@ def save_hf(tmp: Path, kind: str, tokenizer) -> Path:  # noqa: ANN001
     return folder
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "arcee"])
 def test_hugging_face_models_import_with_equal_logits_and_greedy_tokens(kind, tmp_path, capsys):
     from gptlab.tokenizers import Tokenizer
 
@@ -203,6 +219,7 @@ def test_hugging_face_models_import_with_equal_logits_and_greedy_tokens(kind, tm
     assert capsys.readouterr().out == f"imported {folder} into {tmp_path / 'run'} (gptlab sample {tmp_path / 'run'})\n"
     cfg, model, tok = load_run(tmp_path / "run")
     assert cfg.model.arch == ("gpt2" if kind == "gpt2" else "modern")
+    assert cfg.model.mlp == {"gpt2": "gelu", "llama": "swiglu", "arcee": "relu2"}[kind]
     ids = tok.encode("ROMEO:\nthe king")
     assert ids == tokenizer.encode("ROMEO:\nthe king")
     with torch.no_grad():

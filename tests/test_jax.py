@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ VARIANTS = {
     "gpt2+qk_norm": {"arch": "gpt2", "qk_norm": True},  # qk_norm is an RMSNorm under LayerNorm blocks too
     "parallel": {"arch": "modern", "parallel_block": True},
     "gpt2+parallel+gqa": {"arch": "gpt2", "parallel_block": True, "n_kv_head": 1},
+    "relu2+softcap": {"arch": "modern", "mlp": "relu2", "logit_softcap": 15.0},
+    "gpt2+relu2+softcap": {"arch": "gpt2", "mlp": "relu2", "logit_softcap": 30.0},
 }
 
 
@@ -99,6 +102,15 @@ def test_parameters_convert_both_ways_exactly():
     assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)
     again = GPT(model.cfg)
     again.load_state_dict(to_torch(fresh, model.cfg))  # JAX's own init loads into PyTorch
+
+
+def test_zero_init_out_initialises_as_pytorch_does():
+    cfg = replace(torch_model().cfg, zero_init_out=True)
+    fresh = init_params(jax.random.key(0), cfg)["blocks"]
+    assert not np.asarray(fresh["attn.out.weight"]).any() and not np.asarray(fresh["mlp.down.weight"]).any()
+    assert np.asarray(fresh["attn.q.weight"]).std() > 0.01
+    ours = GPT(cfg)
+    assert not ours.blocks[1].attn.out.weight.any() and not ours.blocks[1].mlp.down.weight.any()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "modern"])

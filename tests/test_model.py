@@ -10,6 +10,7 @@ ARCHES = [
     dict(arch="modern", n_kv_head=1, qk_norm=True),
     dict(arch="modern", parallel_block=True),
     dict(arch="gpt2", parallel_block=True),
+    dict(arch="modern", mlp="relu2", logit_softcap=15.0, zero_init_out=True),
 ]
 
 
@@ -96,3 +97,55 @@ def test_a_parallel_block_adds_attention_and_mlp_of_one_shared_norm(arch):
 def test_too_long_input_is_refused():
     with pytest.raises(ValueError, match="longer than the context of 24"):
         tiny()(torch.zeros(1, 25, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["modern", "gpt2"])
+def test_a_relu2_mlp_is_down_of_relu_squared_without_a_gate(arch):
+    model = tiny(arch=arch, mlp="relu2")
+    mlp = model.blocks[0].mlp
+    assert not hasattr(mlp, "gate") and mlp.fc.weight.shape == (128, 32)  # no gate, 4 * n_embd wide as gelu's
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    expected = mlp.down(torch.relu(mlp.fc(x)) ** 2)
+    assert torch.equal(mlp(x), expected)
+    mlp(x).sum().backward()
+    assert x.grad.abs().sum() > 0 and mlp.fc.weight.grad.abs().sum() > 0
+    assert model.num_params() == tiny(arch=arch, mlp="gelu").num_params()  # equal parameters and FLOPs
+
+
+def test_logit_softcap_squashes_logits_smoothly_into_the_cap():
+    capped, plain = tiny(logit_softcap=2.0), tiny()
+    capped.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # weights large enough that some logits pass the cap
+        for m in (capped, plain):
+            m.lm_head.weight.mul_(20)
+    x = torch.randint(0, 50, (2, 12))
+    raw, got = plain(x), capped(x)
+    assert raw.abs().max() > 4 and got.abs().max() <= 2  # (tanh rounds to 1 in fp32 far out)
+    torch.testing.assert_close(got, 2.0 * torch.tanh(raw / 2.0))
+    capped.train()
+    torch.nn.functional.cross_entropy(capped(x).flatten(0, 1), x.flatten()).backward()
+    assert capped.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_zero_init_out_starts_every_block_as_the_identity():
+    model = tiny(zero_init_out=True)
+    for block in model.blocks:
+        assert not block.attn.out.weight.any() and not block.mlp.down.weight.any()
+        assert block.attn.q.weight.std() > 0.01 and block.mlp.up.weight.std() > 0.01
+    x = torch.randn(2, 5, 32)
+    rope = (model.rope_cos[:5, None], model.rope_sin[:5, None])
+    with torch.no_grad():
+        assert torch.equal(model.blocks[0](x, rope, None, None, 0), x)
+    model.train()
+    idx = torch.randint(0, 50, (2, 12))
+    torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    assert model.blocks[0].mlp.down.weight.grad.abs().sum() > 0  # zero weights still learn
+
+
+def test_bad_new_switches_are_user_errors():
+    from gptlab.errors import GptlabError
+
+    with pytest.raises(GptlabError, match=r"model.logit_softcap must be positive or 0 \(off\), got -1.0"):
+        tiny(logit_softcap=-1.0)
+    with pytest.raises(GptlabError, match="relu2"):  # the choices listed
+        tiny(mlp="relu3")

@@ -46,7 +46,7 @@ with warnings.catch_warnings(record=True) as caught:
 print(json.dumps({
     "version": transformers.__version__, "tokenizer": type(tok).__name__, "ids": ids, "decoded": tok.decode(ids),
     "logits": logits.tolist(), "rope_theta": getattr(model.config, "rope_theta", None),
-    "generated": out[0, len(ids):].tolist(), "eos": tok.eos_token,
+    "generated": out[0, len(ids):].tolist(), "eos": tok.eos_token, "class": type(model).__name__,
     "warnings": [str(w.message) for w in caught] + [line for line in log.getvalue().splitlines() if line],
 }))
 """
@@ -91,9 +91,12 @@ def imported_llama_run(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", ["modern-theta500k-bpe", "gpt2-char"])
+@pytest.mark.parametrize("block", ["modern-theta500k-bpe", "gpt2-char", "modern-relu2-char"])
 def test_exports_load_in_transformers_4_with_equal_logits_and_tokens(block, tmp_path):
-    run = imported_llama_run(tmp_path) if block.startswith("modern") else trained_run(tmp_path, "model.arch=gpt2")
+    if block == "modern-theta500k-bpe":
+        run = imported_llama_run(tmp_path)
+    else:  # relu2: exported as ArceeForCausalLM
+        run = trained_run(tmp_path, "model.arch=gpt2" if block == "gpt2-char" else "model.mlp=relu2")
     assert main(["export", str(run), str(tmp_path / "hf")]) == 0
     _, model, tokenizer = load_run(run)
     if not TF4_PYTHON.is_file():  # `make test` makes it; only an explicit opt-out skips the check
@@ -104,6 +107,9 @@ def test_exports_load_in_transformers_4_with_equal_logits_and_tokens(block, tmp_
         )
     theirs = load_in(TF4_PYTHON, tmp_path / "hf", TEXT)
     assert theirs["version"].startswith("4.57.")
+    assert theirs["class"] == {"gpt2-char": "GPT2LMHeadModel", "modern-relu2-char": "ArceeForCausalLM"}.get(
+        block, "LlamaForCausalLM"
+    )
     assert theirs["ids"] == tokenizer.encode(TEXT) and theirs["decoded"] == TEXT
     assert theirs["tokenizer"] == "PreTrainedTokenizerFast" and theirs["eos"] == "<|endoftext|>"
     ids = torch.tensor([theirs["ids"]])
@@ -111,7 +117,7 @@ def test_exports_load_in_transformers_4_with_equal_logits_and_tokens(block, tmp_
         ours = model(ids)[0]
     assert torch.allclose(torch.tensor(theirs["logits"]), ours, atol=1e-4, rtol=0)
     assert theirs["warnings"] == []  # loading and generate(**tokenizer(text)) warn about nothing
-    if model.cfg.position == "rope":  # the flat rope_theta is what 4.x reads: 10000 would give other logits
+    if block == "modern-theta500k-bpe":  # the flat rope_theta is what 4.x reads: 10000 would give other logits
         assert theirs["rope_theta"] == 500000.0
         wrong = type(model)(replace(model.cfg, rope_theta=10000.0)).eval()
         wrong.load_state_dict(model.state_dict())

@@ -44,13 +44,20 @@ class ModelConfig:
     dropout: float = 0.0  # on embeddings, attention weights and residual branches while training
     position: str | None = None  # "rope" or "learned"
     norm: str | None = None  # "rmsnorm" or "layernorm"
-    mlp: str | None = None  # "swiglu", "gelu" (tanh approximation: GPT-2) or "gelu_exact" (erf: nanoGPT)
+    # "swiglu", "gelu" (tanh approximation: GPT-2), "gelu_exact" (erf: nanoGPT) or "relu2" (relu(x)^2, no gate:
+    # modded-nanogpt, nanochat; as wide as gelu's, 4*n_embd)
+    mlp: str | None = None
     bias: bool | None = None  # biases in linear layers and norms
     tie_embeddings: bool | None = None  # share the token embedding with the output head
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
     # attention and MLP side by side, GPT-J style: x + attn(norm(x)) + mlp(norm(x)); one norm shared by both as in
     # GPT-J, PaLM and Phi (GPT-NeoX's two norms are the rarer form); false: x + attn(norm1(x)), then + mlp(norm2(.))
     parallel_block: bool = False
+    # initialise the projections back into the residual stream (attn.out, mlp.down) to zero, so each block starts as
+    # the identity (modded-nanogpt, nanochat); false: GPT-2's N(0, 0.02/sqrt(2*n_layer))
+    zero_init_out: bool = False
+    # cap the logits smoothly at +-c: c * tanh(logits / c) (Gemma 2, modded-nanogpt, nanochat: c 15-30); 0 = off
+    logit_softcap: float = 0.0
     rope_theta: float = 10000.0  # rotary base frequency
     norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
 
@@ -85,7 +92,7 @@ class ModelConfig:
         for key, choices in (
             ("position", ("rope", "learned")),
             ("norm", ("rmsnorm", "layernorm")),
-            ("mlp", ("swiglu", "gelu", "gelu_exact")),
+            ("mlp", ("swiglu", "gelu", "gelu_exact", "relu2")),
         ):
             if getattr(self, key) not in choices:
                 raise _choice_error(f"model.{key}", getattr(self, key), choices)
@@ -109,6 +116,11 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise GptlabError(f"model.dropout must be in [0, 1), got {self.dropout}", "set e.g. model.dropout=0.1")
+        if self.logit_softcap < 0:
+            raise GptlabError(
+                f"model.logit_softcap must be positive or 0 (off), got {self.logit_softcap}",
+                "e.g. model.logit_softcap=15",
+            )
 
     @property
     def head_dim(self) -> int:
@@ -186,6 +198,10 @@ class TrainConfig:
     schedule_unit: str = "step"
     decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
+    # exponential moving average of the weights, the decay per optimizer step (e.g. 0.999); 0 = off. The average is
+    # what evaluation measures and what model.safetensors holds (best, latest: sample, eval, export read it); the
+    # raw weights stay in train_state/ for resuming. Warmed up: the k-th update decays by min(ema, (1+k)/(10+k))
+    ema: float = 0.0
     # steps between evaluations, each followed by a checkpoint; null: 250 in random mode (where an epoch is this
     # many steps), only at each epoch's end in epoch mode; set in epoch mode: every N steps into each epoch too
     eval_interval: int | None = None
@@ -484,6 +500,8 @@ def validate(cfg: Config) -> None:
         raise GptlabError("train.lora_rank is set but there is no base model to adapt", "set model.init_from")
     if t.dist_timeout <= 0:
         raise GptlabError(f"train.dist_timeout must be positive, got {t.dist_timeout}", "e.g. train.dist_timeout=600")
+    if not 0.0 <= t.ema < 1.0:
+        raise GptlabError(f"train.ema={t.ema} is out of range [0, 1)", "use 0 (off) or a decay such as train.ema=0.999")
     if t.keep_last < 1:
         raise GptlabError("train.keep_last must be at least 1", "keep at least the latest checkpoint")
     decay_kinds(t.decay_groups)

@@ -37,7 +37,7 @@ from torch._inductor import config as inductor_config
 from torch.nn.modules import module as module_hooks
 
 from gptlab.errors import GptlabError
-from gptlab.model import GPT, MLP, Attention, Block, CacheStep, KVCache, rotate_half
+from gptlab.model import GPT, MLP, Attention, Block, CacheStep, KVCache, rotate_half, softcap
 from gptlab.quantize import Int8Linear, int8_linear
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
@@ -154,8 +154,9 @@ class Decoder:
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.max_position = cfg.block_size - 1
         self.gqa = cfg.n_kv_head != cfg.n_head
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.relu2 = cfg.mlp == "swiglu", cfg.mlp == "relu2"
         self.approximate = "none" if cfg.mlp == "gelu_exact" else "tanh"
+        self.logit_softcap = cfg.logit_softcap
         self.usable = True
         self.compile = compile
         self.compiled: CompiledStep | None = None
@@ -296,10 +297,12 @@ class Decoder:
             if self.swiglu:
                 gate, h = up(h).chunk(2, dim=-1)
                 h = F.silu(gate) * h
+            elif self.relu2:
+                h = F.relu(up(h)).square()
             else:
                 h = F.gelu(up(h), approximate=self.approximate)
             x += down(h)
-        return self.head(self.norm_f(x))
+        return softcap(self.head(self.norm_f(x)), self.logit_softcap)
 
 
 def cpp_compiler() -> str | None:

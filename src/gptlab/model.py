@@ -144,6 +144,11 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return angles.cos(), angles.sin()
 
 
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """`cap * tanh(logits / cap)`: logits squashed smoothly into (-cap, cap); `cap` 0 leaves them as they are."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -208,11 +213,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU (silu(gate) * up, separate matrices for Muon as in Attention) or the GPT-2 GELU MLP."""
+    """SwiGLU (silu(gate) * up, separate matrices for Muon as in Attention), the GPT-2 GELU MLP, or relu(x)^2."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.relu2 = cfg.mlp == "swiglu", cfg.mlp == "relu2"
         self.approximate = "none" if cfg.mlp == "gelu_exact" else "tanh"
         if self.swiglu:
             self.gate = nn.Linear(cfg.n_embd, cfg.d_ff, bias=cfg.bias)
@@ -226,7 +231,9 @@ class MLP(nn.Module):
         if self.swiglu:
             return self._drop(self.down(F.silu(self.gate(x)) * self.up(x)))
         h = self.fc(x)
-        if self.approximate == "none":  # nanoGPT's nn.GELU()
+        if self.relu2:
+            h = F.relu(h).square()
+        elif self.approximate == "none":  # nanoGPT's nn.GELU()
             h = F.gelu(h)
         elif torch.compiler.is_compiling() and h.device.type == "cpu":
             # the same tanh GELU, since (1 + tanh(z)) / 2 = sigmoid(2z): inductor's CPU tanh is slow,
@@ -297,13 +304,16 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer).
+        """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer) (zero with
+        `zero_init_out`).
 
         Each block adds two projections to the residual stream; scaling them keeps its variance
         from growing with depth.
         """
         for name, p in self.named_parameters():
-            if name.endswith(("attn.out.weight", "mlp.down.weight")):
+            if name.endswith(("attn.out.weight", "mlp.down.weight")) and self.cfg.zero_init_out:
+                nn.init.zeros_(p)
+            elif name.endswith(("attn.out.weight", "mlp.down.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
             elif p.dim() >= 2:
                 nn.init.normal_(p, std=0.02)
@@ -356,7 +366,7 @@ class GPT(nn.Module):
             x = x[:, -1:]
         elif logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at][:, None]
-        return self.lm_head(self.norm_f(x))
+        return softcap(self.lm_head(self.norm_f(x)), self.cfg.logit_softcap)
 
     @torch.compiler.disable
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Runs out to llama.cpp, Ollama and LM Studio: `export_gguf` writes a run as a GGUF file (with the `gguf` package,
 llama.cpp's own writer) and an Ollama Modelfile.
 
-The GPT-2 block becomes llama.cpp's `gpt2` architecture and the modern block its `llama` architecture, whose rotary
+The GPT-2 block becomes llama.cpp's `gpt2` architecture and the modern block its `llama` architecture (`arcee` with
+`model.mlp=relu2`: Llama's block with a relu(x)^2 MLP without a gate), whose rotary
 positions pair neighbouring dimensions (GGML's layout), where gptlab pairs dimension j with j + head_dim/2 (HF
 Llama's rotate-half): the rows of q and k are permuted as llama.cpp's own `convert_hf_to_gguf.py` does for Llama.
 Tokenizers are written as llama.cpp's byte-level BPE ("gpt2" model, GPT-2's split): gpt2 and bpe as they are, a
@@ -23,7 +24,7 @@ import torch
 from gptlab.chat import end_of_turn, end_token_ids, load_chat_template
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.errors import GptlabError
-from gptlab.interop.names import GPT2_BLOCK, GPT2_OUTSIDE, GPT2_QKV, LLAMA_BLOCK, LLAMA_OUTSIDE, LLAMA_SWITCHES
+from gptlab.interop.names import GPT2_BLOCK, GPT2_OUTSIDE, GPT2_QKV, LLAMA_OUTSIDE, LLAMA_SWITCHES, llama_block
 from gptlab.interop.runs import building, check_new_folder
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer, byte_table
@@ -104,8 +105,8 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "bes
 
 
 def gguf_architecture(cfg: ModelConfig) -> str:
-    """llama.cpp's architecture for a model with these switches ("gpt2" or "llama"), or a user error naming the
-    switch it cannot represent."""
+    """llama.cpp's architecture for a model with these switches ("gpt2", "llama" or "arcee"), or a user error naming
+    the switch it cannot represent."""
     cfg = cfg.resolved()
     if cfg.parallel_block:
         raise GptlabError(
@@ -117,10 +118,16 @@ def gguf_architecture(cfg: ModelConfig) -> str:
             "model.qk_norm=true has no form in llama.cpp's gpt2 or llama architecture",
             "train with model.qk_norm=false, or export it with --format hf",
         )
+    if cfg.logit_softcap:  # llama.cpp caps logits only in its Gemma graphs, whose blocks differ from these
+        raise GptlabError(
+            f"model.logit_softcap={cfg.logit_softcap} has no form in llama.cpp's gpt2, llama or arcee architecture",
+            "train with model.logit_softcap=0",
+        )
     gpt2 = cfg.position == "learned"
-    arch, family = ("gpt2", GPT2_SWITCHES) if gpt2 else ("llama", LLAMA_SWITCHES)
+    arch, family = ("gpt2", GPT2_SWITCHES) if gpt2 else ("arcee" if cfg.mlp == "relu2" else "llama", LLAMA_SWITCHES)
     for key, want in family.items():
-        if getattr(cfg, key) != want:
+        allowed = want if isinstance(want, tuple) else (want,)
+        if getattr(cfg, key) not in allowed:
             value = getattr(cfg, key)
             if key == "mlp" and value == "gelu_exact":  # ggml's GELU is the tanh one; llama.cpp has no erf one here
                 raise GptlabError(
@@ -130,7 +137,8 @@ def gguf_architecture(cfg: ModelConfig) -> str:
                 )
             raise GptlabError(
                 f"model.{key}={value} has no llama.cpp architecture with model.position={cfg.position}",
-                f"llama.cpp's {arch} needs model.{key}={want}; export models whose switches match GPT-2 or Llama",
+                f"llama.cpp's {arch} needs model.{key}={' or '.join(allowed)}; export models whose switches match "
+                "GPT-2 or Llama",
             )
     return arch
 
@@ -160,6 +168,7 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
             biases = [sd.get(b + f"attn.{x}.bias", torch.zeros(len(sd[b + f"attn.{x}.weight"]))) for x in "qkv"]
             out[f"blk.{i}.{GPT2_QKV.gguf}.bias"] = torch.cat(biases)
     else:
+        block = llama_block(cfg.mlp)
         for key, value in sd.items():
             module, param = key.rsplit(".", 1)
             if not key.startswith("blocks."):
@@ -169,7 +178,7 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
             _, i, module = module.split(".", 2)
             if module in ("attn.q", "attn.k"):
                 value = permute_rotary(value, cfg.n_head if module == "attn.q" else cfg.n_kv_head)
-            out[f"blk.{i}.{LLAMA_BLOCK[module].gguf}.{param}"] = value
+            out[f"blk.{i}.{block[module].gguf}.{param}"] = value
     return {k: v.contiguous().numpy() for k, v in out.items()}
 
 

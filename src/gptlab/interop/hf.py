@@ -1,5 +1,6 @@
 """gptlab models to and from Hugging Face `transformers` models: `GPT2LMHeadModel` is the GPT-2 block,
-`LlamaForCausalLM` the default block, `PhiForCausalLM` (out only) a parallel block with RoPE, LayerNorm and GELU.
+`LlamaForCausalLM` the default block, `ArceeForCausalLM` the default block with `model.mlp=relu2`, `PhiForCausalLM`
+(out only) a parallel block with RoPE, LayerNorm and GELU.
 Conversions only; `interop/runs.py` writes them as folders and run directories.
 """
 
@@ -21,22 +22,23 @@ from gptlab.interop.names import (
     GPT2_BLOCK,
     GPT2_OUTSIDE,
     GPT2_QKV,
-    LLAMA_BLOCK,
     LLAMA_OUTSIDE,
     LLAMA_SWITCHES,
     PHI_BLOCK,
     PHI_OUTSIDE,
+    llama_block,
 )
 from gptlab.model import GPT
 from gptlab.safe_pickle import weights_only_refusal
 from gptlab.tokenizers import Tokenizer
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")  # the special-token names templates use
-GPT2_SWITCHES = {"position": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu_exact"), "bias": True}
-GPT2_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu"}  # gptlab's mlp -> GPT2Config.activation_function
+GPT2_SWITCHES = {"position": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu_exact", "relu2"), "bias": True}
+# gptlab's mlp -> GPT2Config.activation_function (and Phi's, Arcee's hidden_act): transformers' ACT2FN names
+GPT2_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu2": "relu2"}
 # model.parallel_block: Phi's block is x + attn(ln(x)) + mlp(ln(x)) with one shared LayerNorm, rotate-half rotary
 # (over the whole head with partial_rotary_factor=1) and biases everywhere (gptlab's missing ones export as zeros)
-PHI_SWITCHES = {"position": "rope", "norm": "layernorm", "mlp": ("gelu", "gelu_exact")}
+PHI_SWITCHES = {"position": "rope", "norm": "layernorm", "mlp": ("gelu", "gelu_exact", "relu2")}
 
 
 def require_transformers() -> Any:
@@ -58,6 +60,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
     else:
         family = GPT2_SWITCHES if cfg.position == "learned" else LLAMA_SWITCHES
         name = "GPT2LMHeadModel" if family is GPT2_SWITCHES else "LlamaForCausalLM"
+        if family is LLAMA_SWITCHES and cfg.mlp == "relu2":
+            name = "ArceeForCausalLM"
         given, instead = f"model.position={cfg.position}", "export models whose switches match GPT-2 or Llama"
     for key, want in family.items():
         allowed = want if isinstance(want, tuple) else (want,)
@@ -68,6 +72,11 @@ def hf_architecture(cfg: ModelConfig) -> str:
             )
     if cfg.qk_norm:
         raise GptlabError("model.qk_norm=true has no Hugging Face architecture here", "train with model.qk_norm=false")
+    if cfg.logit_softcap:  # Gemma 2 caps its logits, but its block differs from these in other ways
+        raise GptlabError(
+            f"model.logit_softcap={cfg.logit_softcap} has no Hugging Face architecture here",
+            "train with model.logit_softcap=0",
+        )
     if name == "GPT2LMHeadModel" and cfg.n_kv_head != cfg.n_head:
         raise GptlabError(
             f"model.n_kv_head={cfg.n_kv_head} (grouped-query attention) has no GPT-2 form", "use model.n_kv_head=null"
@@ -102,16 +111,23 @@ def to_hf(model: GPT) -> Any:
         tensors = _phi_tensors(sd, cfg)
         hf = transformers.PhiForCausalLM(hf_cfg)
     else:
-        hf_cfg = transformers.LlamaConfig(
+        family = "Llama" if name == "LlamaForCausalLM" else "Arcee"
+        if not hasattr(transformers, f"{family}ForCausalLM"):  # Arcee came in transformers 4.53
+            raise GptlabError(
+                f"exporting model.mlp={cfg.mlp} needs {name}, which transformers {transformers.__version__} lacks",
+                'pip install -U "transformers>=4.53"',
+            )
+        act = {} if family == "Llama" else {"hidden_act": GPT2_ACTIVATIONS[cfg.mlp]}
+        hf_cfg = getattr(transformers, f"{family}Config")(
             vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.d_ff,
             num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
             head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
             rope_theta=cfg.rope_theta, attention_bias=cfg.bias, mlp_bias=cfg.bias,
             tie_word_embeddings=cfg.tie_embeddings, attention_dropout=0.0,
-            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None, **act,
         )  # fmt: skip
         tensors = _llama_tensors(sd, cfg)
-        hf = transformers.LlamaForCausalLM(hf_cfg)
+        hf = getattr(transformers, f"{family}ForCausalLM")(hf_cfg)
     load_all(hf, tensors, cfg.tie_embeddings)
     hf.tie_weights()
     return hf.eval()
@@ -142,13 +158,14 @@ def _gpt2_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
 
 
 def _llama_tensors(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Llama's names; gptlab's rotary layout is already Llama's rotate-half one, so nothing is permuted."""
-    out = {}
+    """Llama's (and Arcee's) names; gptlab's rotary layout is already Llama's rotate-half one, so nothing is
+    permuted."""
+    out, block = {}, llama_block(cfg.mlp)
     for key, value in sd.items():
         module, param = key.rsplit(".", 1)
         if key.startswith("blocks."):
             _, i, module = module.split(".", 2)
-            out[f"model.layers.{i}.{LLAMA_BLOCK[module].hf}.{param}"] = value
+            out[f"model.layers.{i}.{block[module].hf}.{param}"] = value
         elif module != "lm_head" or not cfg.tie_embeddings:
             out[f"{LLAMA_OUTSIDE[module].hf}.{param}"] = value
     return out
@@ -186,14 +203,16 @@ def hf_tokenizer(tokenizer: Tokenizer, chat_template: ChatTemplate | None = None
 
 # ----- in ----------------------------------------------------------------------------------------------------------
 def model_config_of(hf_config: Any) -> ModelConfig:
-    """The gptlab `ModelConfig` of a `transformers` GPT-2 or Llama config, or a user error saying what differs."""
+    """The gptlab `ModelConfig` of a `transformers` GPT-2, Llama or Arcee config, or a user error saying what
+    differs."""
     kind = getattr(hf_config, "model_type", None)
     if kind == "gpt2":
-        mlp = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}.get(hf_config.activation_function)
+        activations = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu2": "relu2"}
+        mlp = activations.get(hf_config.activation_function)
         if mlp is None:
             raise GptlabError(
-                f"GPT-2 activation '{hf_config.activation_function}' is neither GELU gptlab has",
-                "import GPT-2 checkpoints with activation_function gelu_new or gelu",
+                f"GPT-2 activation '{hf_config.activation_function}' is none gptlab's MLPs have",
+                "import GPT-2 checkpoints with activation_function gelu_new, gelu or relu2",
             )
         if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False) or not getattr(
             hf_config, "scale_attn_weights", True
@@ -208,16 +227,19 @@ def model_config_of(hf_config: Any) -> ModelConfig:
             n_head=hf_config.n_head, n_embd=hf_config.n_embd, d_ff=hf_config.n_inner or 4 * hf_config.n_embd, mlp=mlp,
             norm_eps=hf_config.layer_norm_epsilon, tie_embeddings=hf_config.tie_word_embeddings,
         ).resolved()  # fmt: skip
-    if kind == "llama":
+    if kind in ("llama", "arcee"):  # Arcee: Llama's block, its MLP relu(up(x))^2 without a gate
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         rope = getattr(hf_config, "rope_scaling", None) or {}
         scaled = rope.get("rope_type", rope.get("type", "default")) not in ("default", None)
         if head_dim * hf_config.num_attention_heads != hf_config.hidden_size or scaled:
             what = "a head size other than hidden_size / heads" if not scaled else f"rope scaling {rope}"
             raise GptlabError(f"this Llama checkpoint uses {what}, which gptlab's block does not have", "pick another")
-        if hf_config.hidden_act not in ("silu", "swish"):
+        mlp, name, ours, acts = ("swiglu", "Llama", "SwiGLU uses silu", ("silu", "swish"))
+        if kind == "arcee":
+            mlp, name, ours, acts = ("relu2", "Arcee", "relu2 MLP uses relu2", ("relu2",))
+        if hf_config.hidden_act not in acts:
             raise GptlabError(
-                f"this Llama checkpoint's MLP uses {hf_config.hidden_act}, gptlab's SwiGLU uses silu", "pick another"
+                f"this {name} checkpoint's MLP uses {hf_config.hidden_act}, gptlab's {ours}", "pick another"
             )
         if getattr(hf_config, "mlp_bias", False) != getattr(hf_config, "attention_bias", False):
             raise GptlabError("this Llama checkpoint has biases in attention or MLP only", "pick another")
@@ -227,9 +249,11 @@ def model_config_of(hf_config: Any) -> ModelConfig:
             n_layer=hf_config.num_hidden_layers, n_head=hf_config.num_attention_heads,
             n_kv_head=hf_config.num_key_value_heads, n_embd=hf_config.hidden_size, d_ff=hf_config.intermediate_size,
             norm_eps=hf_config.rms_norm_eps, rope_theta=float(theta), bias=bool(hf_config.attention_bias),
-            tie_embeddings=hf_config.tie_word_embeddings,
+            tie_embeddings=hf_config.tie_word_embeddings, mlp=mlp,
         ).resolved()  # fmt: skip
-    raise GptlabError(f"model type '{kind}' cannot be imported", "import a GPT-2 or Llama-architecture checkpoint")
+    raise GptlabError(
+        f"model type '{kind}' cannot be imported", "import a GPT-2, Llama or Arcee-architecture checkpoint"
+    )
 
 
 def from_hf(hf: Any) -> GPT:
@@ -264,7 +288,7 @@ def _from_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torc
     outside = {k: n.hf for k, n in LLAMA_OUTSIDE.items()}
     out = {"tok_emb.weight": sd[f"{outside['tok_emb']}.weight"], "norm_f.weight": sd[f"{outside['norm_f']}.weight"]}
     for i in range(cfg.n_layer):
-        for ours, n in LLAMA_BLOCK.items():
+        for ours, n in llama_block(cfg.mlp).items():
             for param in ("weight", "bias") if cfg.bias and not ours.startswith("norm") else ("weight",):
                 out[f"blocks.{i}.{ours}.{param}"] = sd[f"model.layers.{i}.{n.hf}.{param}"]
     if not cfg.tie_embeddings:

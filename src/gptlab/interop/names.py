@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# the switches of the Llama-shaped block, which both exports write as Llama (`LlamaForCausalLM`, GGUF's `llama`)
-LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+# the switches of the Llama-shaped block, which both exports write as Llama (`LlamaForCausalLM`, GGUF's `llama`); with
+# model.mlp=relu2 (no gate) as Arcee (`ArceeForCausalLM`, GGUF's `arcee`): Llama's block with relu(x)^2 on up_proj
+LLAMA_SWITCHES = {"position": "rope", "norm": "rmsnorm", "mlp": ("swiglu", "relu2")}
 
 
 class Name(NamedTuple):
@@ -47,7 +48,7 @@ LLAMA_BLOCK = {
     "attn.q": Name("self_attn.q_proj", "attn_q"), "attn.k": Name("self_attn.k_proj", "attn_k"),
     "attn.v": Name("self_attn.v_proj", "attn_v"), "attn.out": Name("self_attn.o_proj", "attn_output"),
     "mlp.gate": Name("mlp.gate_proj", "ffn_gate"), "mlp.up": Name("mlp.up_proj", "ffn_up"),
-    "mlp.down": Name("mlp.down_proj", "ffn_down"),
+    "mlp.fc": Name("mlp.up_proj", "ffn_up"), "mlp.down": Name("mlp.down_proj", "ffn_down"),
 }  # fmt: skip
 LLAMA_OUTSIDE = {
     "tok_emb": Name("model.embed_tokens", "token_embd"),
@@ -66,3 +67,9 @@ PHI_OUTSIDE = {
     "norm_f": Name("model.final_layernorm", "output_norm"),
     "lm_head": Name("lm_head", "output"),
 }
+
+
+def llama_block(mlp: str) -> dict[str, Name]:
+    """LLAMA_BLOCK for a model's MLP: SwiGLU's gate and up, or relu2's one fc (Arcee's up_proj)."""
+    drop = ("mlp.fc",) if mlp == "swiglu" else ("mlp.gate", "mlp.up")
+    return {ours: n for ours, n in LLAMA_BLOCK.items() if ours not in drop}

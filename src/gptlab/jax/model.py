@@ -65,7 +65,9 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
     leaves = []
     for (path, shape), k in zip(flat, keys):
         name = path[-1].key
-        if name.endswith(("attn.out.weight", "mlp.down.weight")):
+        if name.endswith(("attn.out.weight", "mlp.down.weight")) and cfg.zero_init_out:
+            leaves.append(jnp.zeros(shape))
+        elif name.endswith(("attn.out.weight", "mlp.down.weight")):
             leaves.append(jax.random.normal(k, shape) * (0.02 / math.sqrt(2 * cfg.n_layer)))
         elif name.endswith("bias"):
             leaves.append(jnp.zeros(shape))
@@ -185,6 +187,8 @@ def _attention(
 def _mlp(cfg: ModelConfig, p: Params, x: jax.Array, key: jax.Array | None) -> jax.Array:
     if cfg.mlp == "swiglu":
         h = jax.nn.silu(_linear(p, "mlp.gate", x)) * _linear(p, "mlp.up", x)
+    elif cfg.mlp == "relu2":
+        h = jnp.square(jax.nn.relu(_linear(p, "mlp.fc", x)))
     else:  # "gelu": GPT-2's tanh approximation; "gelu_exact": erf, as nanoGPT's nn.GELU()
         h = jax.nn.gelu(_linear(p, "mlp.fc", x), approximate=cfg.mlp == "gelu")
     return _dropout(_linear(p, "mlp.down", h), cfg.dropout, key)
@@ -238,6 +242,8 @@ def _run(
     x = _norm(cfg, params["norm_f.weight"], params.get("norm_f.bias"), x)
     head = params.get("lm_head.weight", params["tok_emb.weight"])
     logits = jnp.einsum("btc,vc->btv", x.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
+    if cfg.logit_softcap:  # as GPT's: c * tanh(logits / c)
+        logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
     return logits, cache
 
 

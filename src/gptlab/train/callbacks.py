@@ -214,7 +214,7 @@ def _ppl(loss: float) -> float:
 
 class Evaluator(Callback):
     """At each epoch end (and every train.eval_interval steps into an epoch in epoch mode): validation loss and
-    perplexity, a task's exact match, then the `eval` event.
+    perplexity, a task's exact match (of the weights' moving average with train.ema), then the `eval` event.
 
     When a task run finishes, its best checkpoint is loaded and scored on the test split (the `test` event).
     The loss is computed by every rank on its rows; a task's generations on rank 0, whose numbers all ranks take.
@@ -229,13 +229,15 @@ class Evaluator(Callback):
         self._evaluate(trainer, metrics)  # a history row of its own, marked mid_epoch
 
     def _evaluate(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        val_loss = trainer.evaluate()
-        record = {**metrics, "train_ppl": _ppl(metrics["train_loss"]), "val_loss": val_loss, "val_ppl": _ppl(val_loss)}
-        if trainer.cfg.task.name != "none":
-            model = trainer.inference_model()
-            if model is not None:
-                examples, limit = trainer.data.examples["val"], trainer.cfg.task.eval_examples
-                record["val_exact_match"] = task_exact_match(model, examples, trainer.data.meta["eot_id"], limit)
+        with trainer.averaged():  # train.ema: every number of the evaluation is the moving average's
+            val_loss = trainer.evaluate()
+            record = {**metrics, "train_ppl": _ppl(metrics["train_loss"]), "val_loss": val_loss,
+                      "val_ppl": _ppl(val_loss)}  # fmt: skip
+            if trainer.cfg.task.name != "none":
+                model = trainer.inference_model()
+                if model is not None:
+                    examples, limit = trainer.data.examples["val"], trainer.cfg.task.eval_examples
+                    record["val_exact_match"] = task_exact_match(model, examples, trainer.data.meta["eot_id"], limit)
         record = trainer.dist.broadcast(record)  # every rank keeps the same history and takes the same decisions
         trainer.history.append(record)
         trainer.fire("on_eval", {"step": trainer.step, **record})

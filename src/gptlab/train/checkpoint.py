@@ -254,19 +254,30 @@ def _refused(path: Path, file: str, reason: str) -> GptlabError:
     )
 
 
-def training_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+def training_state(
+    model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], ema: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
     """What a resume needs of the model and optimizers, keyed by parameter name (not by rank or position), so any
-    number of ranks, with DDP or FSDP, can read it; a LoRA run's frozen base is left out."""
+    number of ranks, with DDP or FSDP, can read it; a LoRA run's frozen base is left out. `ema`: the weights' moving
+    average by parameter name (train.ema, `EMA.state_dict()`), stored as "ema" beside them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizers, options=StateDictOptions(ignore_frozen_params=True))
-    return {"model": model_state, "optim": optim_state}
+    state = {"model": model_state, "optim": optim_state}
+    if ema is not None:
+        state["ema"] = ema
+    return state
 
 
 def load_training_state(
-    path: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], d: Dist = SINGLE
+    path: Path,
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    d: Dist = SINGLE,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Load a checkpoint's train_state into `model` and `optimizers`, resharded for this run's ranks."""
+    """Load a checkpoint's train_state into `model` and `optimizers`, resharded for this run's ranks; with `ema`
+    (the tensors of `EMA.state_dict()`, a checkpoint that holds them: meta.json's "ema"), the average in place too."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     if not (path / TRAIN_STATE).is_dir():
@@ -275,7 +286,7 @@ def load_training_state(
             "or written by gptlab before format 2)",
             f"start a new run from its weights with model.init_from={path.parent.parent}",
         )
-    state = training_state(model, optimizers)
+    state = training_state(model, optimizers, ema)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

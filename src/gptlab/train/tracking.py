@@ -237,10 +237,11 @@ class Sampler(Callback):
         step = metrics["step"]
         if step % self.interval:
             return
-        model = trainer.inference_model()
-        if model is None:  # not rank 0
+        with trainer.averaged():  # train.ema: the weights the run would save now
+            model = trainer.inference_model()
+            text = None if model is None else sample_text(model, self.tokenizer, self.prompt, self.s)
+        if text is None:  # not rank 0
             return
-        text = sample_text(model, self.tokenizer, self.prompt, self.s)
         if not self.quiet:
             console.print(f"[bold]sample at step {step}:[/]")
             console.print(self.prompt + text, markup=False, highlight=False)

@@ -50,6 +50,7 @@ from gptlab.train.callbacks import (
     improves,
     metrics_lines,
 )
+from gptlab.train.ema import EMA
 from gptlab.train.muon import Muon
 from gptlab.train.optim import build_optimizers, set_lr
 from gptlab.train.schedules import lr_factor
@@ -242,6 +243,8 @@ class TrainStep:
         self.forward = torch.compile(self.module, options=options) if use_compile else self.module
         self.optimizers = build_optimizers(model, t, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        # train.ema: the weights' moving average, updated after each optimizer step (the same on every rank)
+        self.ema = EMA(model, t.ema) if t.ema > 0 else None
 
     def set_lr(self, factor: float) -> None:
         """Set every group's learning rate to its peak times the schedule's factor."""
@@ -296,6 +299,8 @@ class TrainStep:
         self.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
         return total, grad_norm
 
 
@@ -336,6 +341,11 @@ class Trainer:
             raise GptlabError(
                 f"train.backend={cfg.train.backend} is not trained by {type(self).__name__}",
                 "use `gptlab train`, or gptlab.jax.train.JaxTrainer for train.backend=jax",
+            )
+        if cfg.train.ema and self.backend != "torch":  # the average lives in the PyTorch step (train/ema.py)
+            raise GptlabError(
+                f"train.ema is not supported with train.backend={self.backend} yet",
+                "set train.ema=0, or train.backend=torch",
             )
         self.dist, self._owns_group = distributed.SINGLE, False
         self.device = self._device(cfg.train.device)
@@ -684,16 +694,38 @@ class Trainer:
         self._plain.load_state_dict(state, strict=False)
         return self._plain
 
+    @property
+    def ema(self) -> EMA | None:
+        """The weights' moving average (train.ema), or None when it is off (or the backend keeps none)."""
+        return getattr(self.stepper, "ema", None)
+
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """Within it the model holds the weights' moving average (train.ema), what evaluations and samples measure
+        and checkpoints save as the model; a no-op when train.ema is off. Every rank must enter it (FSDP)."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """The whole state dict model.safetensors is written from (the moving average's with train.ema): on rank 0,
+        gathered from the shards under FSDP (a collective); {} on the other ranks unless sharded."""
+        if self.stepper.sharded:
+            with self.averaged():
+                return distributed.full_state(self.model)
+        if not self.dist.is_main:
+            return {}
+        if self.ema is None:
+            return distributed.full_state(self.model)
+        return self.ema.weights(self.model.state_dict())
+
     # ----- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, best: bool = False) -> Path:
         """Write the full training state at the current step (atomically; with `best`, as the best so far).
 
         A collective: rank 0 writes the whole weights and the run's state, every rank its training state."""
         t = self.cfg.train
-        # gathered from the shards under FSDP (a collective); otherwise only rank 0 needs a copy
-        full = distributed.full_state(self.model) if self.stepper.sharded or self.dist.is_main else {}
+        full = self._model_state()  # the moving average's weights with train.ema; the raw ones go to train_state
         rngs = self.dist.gather(ckpt.rng_state())
-        train_state = ckpt.training_state(self.model, self.optimizers)
+        ema = self.ema
+        train_state = ckpt.training_state(self.model, self.optimizers, None if ema is None else ema.state_dict())
         weights = state = meta = None
         if self.dist.is_main:
             weights = ckpt.model_tensors(self.model, full)
@@ -712,6 +744,8 @@ class Trainer:
             }
             if self.base_fingerprint is not None:  # a LoRA checkpoint names the base its adapters belong to
                 meta["base_fingerprint"] = self.base_fingerprint
+            if ema is not None:  # model.safetensors holds the average; train_state/ the raw weights and "ema"
+                meta["ema"] = {"decay": ema.decay, "updates": ema.updates}
         root = self.run_dir / "checkpoints"
         return ckpt.save_checkpoint(root, self.step, weights, state, meta, train_state, self.dist, best)
 
@@ -734,7 +768,20 @@ class Trainer:
         settings = [
             [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers
         ]
-        ckpt.load_training_state(path, self.model, self.optimizers, self.dist)
+        ema = self.ema
+        saved_ema = meta.get("ema")  # a checkpoint of a run with train.ema on holds the average
+        if saved_ema is not None and not (isinstance(saved_ema, dict) and type(saved_ema.get("updates")) is int):
+            raise GptlabError(
+                f"checkpoint '{path}' is corrupted: meta.json's ema is unreadable", "pick an older checkpoint"
+            )
+        averages = ema.state_dict() if ema is not None and saved_ema else None
+        ckpt.load_training_state(path, self.model, self.optimizers, self.dist, averages)
+        if averages is not None:
+            ema.load_state_dict(averages, saved_ema["updates"])
+        elif ema is not None:  # train.ema newly on: the average starts from the resumed weights
+            ema.reset()
+            if self.dist.is_main and not self.quiet:
+                console.print(f"train.ema: '{path}' holds no moving average; it starts from the resumed weights")
         for opt, groups in zip(self.optimizers, settings):
             for group, mine in zip(opt.param_groups, groups):
                 group.update(mine)
@@ -758,14 +805,17 @@ class Trainer:
     # ----- the loop ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per target token over the fixed validation batches (sft rows hold different numbers of them)."""
+        """Mean loss per target token over the fixed validation batches (sft rows hold different numbers of them),
+        of the weights' moving average when train.ema is on."""
         self.model.eval()
         s, n = 0.0, 0
-        for k in range(self.cfg.train.eval_iters):
-            x, y = self.val_batches.batch(k)  # this rank's rows
-            for i in range(0, len(x), self.micro_batch_size):
-                loss, count = self.stepper.eval_loss(x[i : i + self.micro_batch_size], y[i : i + self.micro_batch_size])
-                s, n = s + loss, n + count
+        with self.averaged():
+            for k in range(self.cfg.train.eval_iters):
+                x, y = self.val_batches.batch(k)  # this rank's rows
+                for i in range(0, len(x), self.micro_batch_size):
+                    xb, yb = x[i : i + self.micro_batch_size], y[i : i + self.micro_batch_size]
+                    loss, count = self.stepper.eval_loss(xb, yb)
+                    s, n = s + loss, n + count
         self.model.train()
         if self.dist.world > 1:
             s, n = self.dist.all_sum(torch.tensor([s, n], dtype=torch.float64, device=self.device)).tolist()
