@@ -53,7 +53,7 @@ SWITCHES = {
     "softcap15": ["model.logit_softcap=15"],
     "softcap30": ["model.logit_softcap=30"],
     "ema0.99": ["train.ema=0.99"],
-    "wsd0.4,no-warmup": ["train.schedule=wsd", "train.decay_fraction=0.4", "train.warmup_iters=0"],
+    "wsd0.4-no-warmup": ["train.schedule=wsd", "train.decay_fraction=0.4", "train.warmup_iters=0"],
 }
 
 
