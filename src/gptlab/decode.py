@@ -190,7 +190,8 @@ class Decoder:
                         _linear(mlp.down, pack),
                     )
                 )
-        if self.compile or packs(self.tok_emb):  # every weight frozen in or packed, not only the stacks: all watched
+        linears = [self.head, *(f for layer in self.layers for f in (layer.qkv, layer.out, layer.up, layer.down))]
+        if self.compile or any(f.func is _packed_linear for f in linears):  # weights frozen in or packed: watch all
             self.sources = [*model.parameters(), *model.buffers()]
         # inference tensors keep no version counter (and cannot be changed in place outside inference mode)
         self.versioned = [p for p in self.sources if not p.is_inference()]

@@ -311,10 +311,11 @@ class GPT(nn.Module):
         from growing with depth.
         """
         for name, p in self.named_parameters():
-            if name.endswith(("attn.out.weight", "mlp.down.weight")) and self.cfg.zero_init_out:
-                nn.init.zeros_(p)
-            elif name.endswith(("attn.out.weight", "mlp.down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+            if name.endswith(("attn.out.weight", "mlp.down.weight")):
+                if self.cfg.zero_init_out:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
             elif p.dim() >= 2:
                 nn.init.normal_(p, std=0.02)
             elif name.endswith("bias"):

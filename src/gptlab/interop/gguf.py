@@ -24,7 +24,7 @@ import torch
 from gptlab.chat import end_of_turn, end_token_ids, load_chat_template
 from gptlab.config import ModelConfig, SampleConfig
 from gptlab.errors import GptlabError
-from gptlab.interop.names import GPT2_BLOCK, GPT2_OUTSIDE, GPT2_QKV, LLAMA_OUTSIDE, LLAMA_SWITCHES, llama_block
+from gptlab.interop.names import GPT2_BLOCK, GPT2_OUTSIDE, GPT2_QKV, LLAMA_OUTSIDE, LLAMA_SWITCHES, allowed, llama_block
 from gptlab.interop.runs import building, check_new_folder
 from gptlab.model import GPT
 from gptlab.tokenizers import Tokenizer, byte_table
@@ -126,8 +126,7 @@ def gguf_architecture(cfg: ModelConfig) -> str:
     gpt2 = cfg.position == "learned"
     arch, family = ("gpt2", GPT2_SWITCHES) if gpt2 else ("arcee" if cfg.mlp == "relu2" else "llama", LLAMA_SWITCHES)
     for key, want in family.items():
-        allowed = want if isinstance(want, tuple) else (want,)
-        if getattr(cfg, key) not in allowed:
+        if getattr(cfg, key) not in allowed(want):
             value = getattr(cfg, key)
             if key == "mlp" and value == "gelu_exact":  # ggml's GELU is the tanh one; llama.cpp has no erf one here
                 raise GptlabError(
@@ -137,8 +136,8 @@ def gguf_architecture(cfg: ModelConfig) -> str:
                 )
             raise GptlabError(
                 f"model.{key}={value} has no llama.cpp architecture with model.position={cfg.position}",
-                f"llama.cpp's {arch} needs model.{key}={' or '.join(allowed)}; export models whose switches match "
-                "GPT-2 or Llama",
+                f"llama.cpp's {arch} needs model.{key}={' or '.join(allowed(want))}; export models whose switches "
+                "match GPT-2 or Llama",
             )
     return arch
 

@@ -26,6 +26,7 @@ from gptlab.interop.names import (
     LLAMA_SWITCHES,
     PHI_BLOCK,
     PHI_OUTSIDE,
+    allowed,
     llama_block,
 )
 from gptlab.model import GPT
@@ -64,11 +65,10 @@ def hf_architecture(cfg: ModelConfig) -> str:
             name = "ArceeForCausalLM"
         given, instead = f"model.position={cfg.position}", "export models whose switches match GPT-2 or Llama"
     for key, want in family.items():
-        allowed = want if isinstance(want, tuple) else (want,)
-        if getattr(cfg, key) not in allowed:
+        if getattr(cfg, key) not in allowed(want):
             raise GptlabError(
                 f"model.{key}={getattr(cfg, key)} has no Hugging Face architecture with {given}",
-                f"{name} needs model.{key}={' or '.join(map(str, allowed))}; {instead}",
+                f"{name} needs model.{key}={' or '.join(map(str, allowed(want)))}; {instead}",
             )
     if cfg.qk_norm:
         raise GptlabError("model.qk_norm=true has no Hugging Face architecture here", "train with model.qk_norm=false")

@@ -69,6 +69,11 @@ PHI_OUTSIDE = {
 }
 
 
+def allowed(want: object) -> tuple:
+    """The values a switch table's entry allows: its tuple, or its one value."""
+    return want if isinstance(want, tuple) else (want,)
+
+
 def llama_block(mlp: str) -> dict[str, Name]:
     """LLAMA_BLOCK for a model's MLP: SwiGLU's gate and up, or relu2's one fc (Arcee's up_proj)."""
     drop = ("mlp.fc",) if mlp == "swiglu" else ("mlp.gate", "mlp.up")

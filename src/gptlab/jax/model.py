@@ -65,10 +65,11 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
     leaves = []
     for (path, shape), k in zip(flat, keys):
         name = path[-1].key
-        if name.endswith(("attn.out.weight", "mlp.down.weight")) and cfg.zero_init_out:
-            leaves.append(jnp.zeros(shape))
-        elif name.endswith(("attn.out.weight", "mlp.down.weight")):
-            leaves.append(jax.random.normal(k, shape) * (0.02 / math.sqrt(2 * cfg.n_layer)))
+        if name.endswith(("attn.out.weight", "mlp.down.weight")):
+            if cfg.zero_init_out:
+                leaves.append(jnp.zeros(shape))
+            else:
+                leaves.append(jax.random.normal(k, shape) * (0.02 / math.sqrt(2 * cfg.n_layer)))
         elif name.endswith("bias"):
             leaves.append(jnp.zeros(shape))
         elif "norm" in name:
