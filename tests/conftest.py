@@ -14,6 +14,18 @@ from gptlab.model import GPT
 
 torch.set_num_threads(2)
 
+
+@pytest.fixture
+def steady_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every thread governor at its first count even when other work loads the machine (CI's neighbours).
+
+    Some kernels give other bits at another thread count, so a run whose governor lowered its count under load is
+    not bit-identical to one that did not: tests that compare two runs' bits use this (module `pytestmark`)."""
+    from gptlab import threads
+
+    monkeypatch.setattr(threads, "LOADED", 0.0)
+
+
 WORDS = "the king queen lord good night day love death sword crown heart blood sweet fair".split()
 
 

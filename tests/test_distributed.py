@@ -32,6 +32,9 @@ from gptlab.model import GPT
 from gptlab.train import checkpoint as ckpt
 from gptlab.train.trainer import Trainer
 
+# two runs' bits are compared: the thread count must not change under load (conftest.py)
+pytestmark = pytest.mark.usefixtures("steady_threads")
+
 SETTINGS = {
     "model": {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.0},
     "train": {

@@ -24,6 +24,9 @@ from gptlab.train import checkpoint as ckpt
 from gptlab.train.callbacks import Callback
 from gptlab.train.trainer import Trainer, lm_loss
 
+# two runs' bits are compared: the thread count must not change under load (conftest.py)
+pytestmark = pytest.mark.usefixtures("steady_threads")
+
 
 def with_train(cfg: Config, **train: object) -> Config:
     return replace(cfg, train=replace(cfg.train, **train))

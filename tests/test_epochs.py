@@ -16,6 +16,9 @@ from gptlab.train import checkpoint as ckpt
 from gptlab.train.callbacks import Callback, check_monitor
 from gptlab.train.trainer import Trainer
 
+# two runs' bits are compared: the thread count must not change under load (conftest.py)
+pytestmark = pytest.mark.usefixtures("steady_threads")
+
 EPOCHS = ["train.data_mode=epoch", "train.max_iters=null", "model.dropout=0.1"]
 
 

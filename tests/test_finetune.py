@@ -22,6 +22,9 @@ from gptlab.tokenizers import Tokenizer
 from gptlab.train.checkpoint import find_checkpoint, load_run
 from gptlab.train.trainer import Trainer
 
+# two runs' bits are compared: the thread count must not change under load (conftest.py)
+pytestmark = pytest.mark.usefixtures("steady_threads")
+
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 
 

@@ -35,6 +35,9 @@ from gptlab.train.lr_finder import find_lr  # noqa: E402
 from gptlab.train.muon import Muon as GptlabMuon  # noqa: E402
 from gptlab.train.trainer import Trainer, check_world  # noqa: E402
 
+# two runs' bits are compared: the thread count must not change under load (conftest.py)
+pytestmark = pytest.mark.usefixtures("steady_threads")
+
 VARIANTS = {
     "gpt2": {"arch": "gpt2"},
     "modern": {"arch": "modern"},

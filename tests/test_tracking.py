@@ -18,6 +18,9 @@ from gptlab.train.checkpoint import load_run
 from gptlab.train.tracking import git_state
 from gptlab.train.trainer import Trainer
 
+# two runs' bits are compared: the thread count must not change under load (conftest.py)
+pytestmark = pytest.mark.usefixtures("steady_threads")
+
 
 def with_train(cfg: Config, **changes) -> Config:
     return replace(cfg, train=replace(cfg.train, **changes))

@@ -12,6 +12,9 @@ from gptlab.train import checkpoint as ckpt
 from gptlab.train.callbacks import Callback
 from gptlab.train.trainer import Trainer
 
+# two runs' bits are compared: the thread count must not change under load (conftest.py)
+pytestmark = pytest.mark.usefixtures("steady_threads")
+
 
 def step_losses(run_dir: Path) -> list[tuple[int, float]]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -26,6 +26,9 @@ from gptlab.train.optim import build_optimizers, param_kind
 from gptlab.train.schedules import SCHEDULES, lr_factor
 from gptlab.train.trainer import Trainer
 
+# two runs' bits are compared: the thread count must not change under load (conftest.py)
+pytestmark = pytest.mark.usefixtures("steady_threads")
+
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
