@@ -54,6 +54,18 @@ SWITCHES = {
     "softcap30": ["model.logit_softcap=30"],
     "ema0.99": ["train.ema=0.99"],
     "wsd0.4-no-warmup": ["train.schedule=wsd", "train.decay_fraction=0.4", "train.warmup_iters=0"],
+    # the second round: the moving average with the learning rates and the schedule's end around it
+    "ema0.995": ["train.ema=0.995"],
+    "ema0.99+lr4e-3": ["train.ema=0.99", "train.lr=4e-3"],
+    "ema0.99+lr6e-3": ["train.ema=0.99", "train.lr=6e-3"],
+    "ema0.99+lr8e-3": ["train.ema=0.99", "train.lr=8e-3"],
+    "ema0.99+lr1.6e-2": ["train.ema=0.99", "train.lr=1.6e-2"],
+    "ema0.99+lr3.2e-2": ["train.ema=0.99", "train.lr=3.2e-2"],
+    # the speedrun's architecture switches on top of that
+    "ema0.99+lr1.6e-2+x0_lambdas": ["train.ema=0.99", "train.lr=1.6e-2", "model.x0_lambdas=true"],
+    "ema0.99+lr1.6e-2+value_embeds": ["train.ema=0.99", "train.lr=1.6e-2", "model.value_embeds=true"],
+    "ema0.99+muon0.02": ["train.ema=0.99", "train.muon_lr=0.02"],
+    "ema0.99+to0": ["train.ema=0.99", "train.min_lr_ratio=0"],
 }
 
 

@@ -12,7 +12,7 @@ def test_preset_and_dotted_overrides():
     cfg = load_config(ROOT / "configs/shakespeare-char.yaml", ["train.max_iters=30", "model.n_layer=2"])
     assert cfg.train.max_iters == 30 and cfg.model.n_layer == 2
     assert cfg.model.block_size == 64  # from the preset
-    assert cfg.train.lr == 2e-3
+    assert cfg.train.lr == 1.6e-2 and cfg.train.ema == 0.99
 
 
 def test_nanogpt_style_flat_overrides():

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import scaled_model
+from test_model import randomized
 
 from gptlab.decode import Decoder, _packed_linear
 from gptlab.generate import Engine, Generator, SamplingParams
@@ -19,7 +20,15 @@ SWITCHES = {
     "gpt2+parallel+gqa": dict(arch="gpt2", parallel_block=True, n_head=4, n_kv_head=2),
     "relu2+softcap": dict(mlp="relu2", logit_softcap=15.0),
     "gpt2+relu2+softcap+zero_init_out": dict(arch="gpt2", mlp="relu2", logit_softcap=30.0, zero_init_out=True),
+    "x0_lambdas": dict(x0_lambdas=True),
+    "gqa+value_embeds": dict(n_head=4, n_kv_head=2, value_embeds=True),
+    "gpt2+x0_lambdas+value_embeds": dict(arch="gpt2", x0_lambdas=True, value_embeds=True),
 }
+
+
+def switched(**switches: object) -> GPT:
+    """conftest's scaled model, its x0/residual lambdas and value embeddings (if any) random, not their init."""
+    return randomized(scaled_model(block_size=16, **switches))
 
 
 def decode_both(
@@ -48,7 +57,7 @@ def decode_both(
 @pytest.mark.parametrize("switches", SWITCHES.values(), ids=SWITCHES.keys())
 @pytest.mark.parametrize("lengths", [[5], [7, 7, 7], [3, 11, 1]], ids=["one row", "rows alike", "rows apart"])
 def test_decoder_equals_the_model_forward_within_1e_5(switches, lengths):
-    model = scaled_model(block_size=16, **switches)
+    model = switched(**switches)
     forward, decoded, (k0, k1, v0, v1) = decode_both(model, lengths)
     assert forward.shape == decoded.shape == (len(lengths), model.cfg.vocab_size)
     assert torch.allclose(forward, decoded, atol=1e-5, rtol=0)
@@ -56,9 +65,12 @@ def test_decoder_equals_the_model_forward_within_1e_5(switches, lengths):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("switches", ["gpt2+parallel+gqa", "gqa+qk_norm", "gelu_exact+untied+bias", "relu2+softcap"])
+@pytest.mark.parametrize(
+    "switches",
+    ["gpt2+parallel+gqa", "gqa+qk_norm", "gelu_exact+untied+bias", "relu2+softcap", "gpt2+x0_lambdas+value_embeds"],
+)
 def test_compiled_decoder_equals_the_model_forward_within_1e_5(switches):
-    model = scaled_model(block_size=16, **SWITCHES[switches])
+    model = switched(**SWITCHES[switches])
     decoder = Decoder(model, compile=True)  # one compilation for one row, one for several at any lengths
     for lengths in [5], [7, 7, 7], [3, 11, 1], [4, 9]:
         forward, decoded, (k0, k1, v0, v1) = decode_both(model, lengths, decoder)
@@ -77,6 +89,23 @@ def test_a_packed_decoder_sees_an_in_place_change_to_any_weight(part):
     with torch.no_grad():  # the packed copy is stale: the decoder must gather (and pack) afresh
         model.get_submodule(part).weight.mul_(3)
     after, decoded, _ = decode_both(model, [5], decoder)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert torch.allclose(after, decoded, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_a_decoder_sees_in_place_changes_to_lambdas_and_value_embeds(packed, monkeypatch):
+    if not packed:  # the decoder computes over the model's own tensors
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model = switched(x0_lambdas=True, value_embeds=True)
+    decoder = Decoder(model)
+    assert (decoder.head.func is _packed_linear) == (packed and torch.backends.mkldnn.is_available())
+    before, decoded, _ = decode_both(model, [3, 11, 1], decoder)
+    assert torch.allclose(before, decoded, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        model.x0_lambdas.add_(1.0)
+        model.blocks[1].attn.value_embed.weight.mul_(-2.0)
+    after, decoded, _ = decode_both(model, [3, 11, 1], decoder)
     assert not torch.allclose(before, after, atol=1e-3)
     assert torch.allclose(after, decoded, atol=1e-5, rtol=0)
 

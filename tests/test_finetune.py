@@ -74,8 +74,10 @@ def test_init_from_a_hugging_face_folder_takes_its_shape_crops_the_context_and_l
     assert saved.model.init_from == str(hf_folder) and saved.model.block_size == 32
 
 
-def test_new_special_tokens_grow_the_vocabulary_of_a_run_directory_base(tmp_path):
-    base_cfg = tiny_config(tmp_path / "base", tmp_path / "corpus.txt", "train.max_iters=5")
+@pytest.mark.parametrize("value_embeds", [False, True])
+def test_new_special_tokens_grow_the_vocabulary_of_a_run_directory_base(tmp_path, value_embeds):
+    base_cfg = tiny_config(tmp_path / "base", tmp_path / "corpus.txt", "train.max_iters=5",
+                           f"model.value_embeds={str(value_embeds).lower()}")  # fmt: skip
     (tmp_path / "corpus.txt").write_text(make_text())
     prepare(base_cfg.data, quiet=True)
     Trainer(base_cfg, quiet=True).fit()
@@ -93,6 +95,9 @@ def test_new_special_tokens_grow_the_vocabulary_of_a_run_directory_base(tmp_path
     for name in ("tok_emb", "lm_head"):  # the default block has an untied head: both grow
         grown, old = getattr(trainer.model, name).weight.detach(), getattr(base, name).weight.detach()
         assert torch.equal(grown[:-1], old) and torch.allclose(grown[-1], old.mean(0))
+    for new, old in zip(trainer.model.blocks, base.blocks, strict=True) if value_embeds else ():
+        grown, trained = new.attn.value_embed.weight.detach(), old.attn.value_embed.weight.detach()
+        assert torch.equal(grown[:-1], trained) and not grown[-1].any()  # a new token's value rows start at zero
     trainer.fit()
     argv = ["sample", cfg.train.out_dir, "--start", "ROMEO:<|user|>", "--max-new-tokens", "5", "--allow-special"]
     assert main(argv) == 0  # the new special token's text is its id only when allowed

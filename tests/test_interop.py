@@ -171,13 +171,17 @@ def test_switches_without_a_hugging_face_architecture_are_user_errors(tmp_path, 
         "(train with model.logit_softcap=0)",
         ("mlp=relu2", "logit_softcap=30"): "error: model.logit_softcap=30 has no Hugging Face architecture here "
         "(train with model.logit_softcap=0)",
+        ("x0_lambdas=true",): "error: model.x0_lambdas=true has no Hugging Face architecture here "
+        "(train with model.x0_lambdas=false)",
+        ("arch=gpt2", "value_embeds=true"): "error: model.value_embeds=true has no Hugging Face architecture here "
+        "(train with model.value_embeds=false)",
     }
     from gptlab.errors import GptlabError
     from gptlab.interop.hf import hf_architecture
 
     for switches, message in cases.items():
         kwargs = dict(s.split("=") for s in switches)
-        kwargs = {k: (int(v) if v.isdigit() else v) for k, v in kwargs.items()}
+        kwargs = {k: (True if v == "true" else int(v) if v.isdigit() else v) for k, v in kwargs.items()}
         with pytest.raises(GptlabError) as e:
             hf_architecture(ModelConfig(vocab_size=10, n_head=2, n_embd=16, **kwargs))
         assert "error: " + str(e.value) == message

@@ -17,6 +17,7 @@ jax = pytest.importorskip("jax")  # CI installs it (make test); an install witho
 import jax.numpy as jnp  # noqa: E402
 from conftest import scaled_model, tiny_config  # noqa: E402
 from jax import monitoring  # noqa: E402
+from test_model import randomized  # noqa: E402
 from test_trainer import StopAt  # noqa: E402
 
 from gptlab.config import ModelConfig, TrainConfig, load_config  # noqa: E402
@@ -48,6 +49,9 @@ VARIANTS = {
     "gpt2+parallel+gqa": {"arch": "gpt2", "parallel_block": True, "n_kv_head": 1},
     "relu2+softcap": {"arch": "modern", "mlp": "relu2", "logit_softcap": 15.0},
     "gpt2+relu2+softcap": {"arch": "gpt2", "mlp": "relu2", "logit_softcap": 30.0},
+    # (their parameters random, not at init: see test_logits_equal_pytorch)
+    "x0_lambdas+value_embeds+gqa": {"arch": "modern", "x0_lambdas": True, "value_embeds": True, "n_kv_head": 1},
+    "gpt2+x0_lambdas+value_embeds": {"arch": "gpt2", "x0_lambdas": True, "value_embeds": True},
 }
 
 
@@ -66,7 +70,7 @@ def torch_model(block_size: int = 32, vocab_size: int = 50, **switches) -> GPT:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_equal_pytorch(variant):
-    model = torch_model(**VARIANTS[variant])
+    model = randomized(torch_model(**VARIANTS[variant]))  # x0/residual lambdas and value embeddings nonzero
     idx = torch.randint(0, 50, (3, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(idx).numpy()
@@ -114,6 +118,29 @@ def test_zero_init_out_initialises_as_pytorch_does():
     assert np.asarray(fresh["attn.q.weight"]).std() > 0.01
     ours = GPT(cfg)
     assert not ours.blocks[1].attn.out.weight.any() and not ours.blocks[1].mlp.down.weight.any()
+
+
+def test_x0_lambdas_and_value_embeds_convert_initialise_and_generate_as_pytorch_s():
+    model = randomized(torch_model(block_size=16, x0_lambdas=True, value_embeds=True, n_kv_head=1))
+    params = from_torch(model)
+    # value embeddings are tables, stacked by layer as PyTorch's rows (not transposed as a linear's weight)
+    assert params["blocks"]["attn.value_embed.weight"].shape == (2, 50, 16) and params["x0_lambdas"].shape == (2,)
+    assert np.array_equal(
+        params["blocks"]["attn.value_embed.weight"][1], model.blocks[1].attn.value_embed.weight.detach()
+    )
+    back, state = to_torch(params, model.cfg), model.state_dict()
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    fresh = init_params(jax.random.key(0), model.cfg)
+    assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)
+    assert (
+        not np.asarray(fresh["blocks"]["attn.value_embed.weight"]).any() and not np.asarray(fresh["x0_lambdas"]).any()
+    )
+    assert np.array_equal(fresh["resid_lambdas"], np.ones(2))  # as PyTorch's init: the model without the switches
+    GPT(model.cfg).load_state_dict(to_torch(fresh, model.cfg))
+    # the cached forward (prefill, then one token a step) adds each new token's value embedding before caching
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [5]]
+    expected = Generator(model).generate(prompts, 30, temperature=0)
+    assert JaxGenerator(params, model.cfg).generate(prompts, 30, temperature=0) == expected
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "modern"])
@@ -221,11 +248,20 @@ def test_text_streams_and_stops_as_pytorch_s():
     assert len(gen.generate([[1] * 33], 5, temperature=0, truncate=True)[0]) == 5
 
 
-@pytest.mark.parametrize("arch,optimizer", [("gpt2", "adamw"), ("modern", "adamw"), ("modern", "muon")])
-def test_training_steps_track_pytorch(prepared, tmp_path, arch, optimizer):
+@pytest.mark.parametrize(
+    "arch,optimizer,switches",
+    [
+        ("gpt2", "adamw", []),
+        ("modern", "adamw", []),
+        ("modern", "muon", []),
+        # the value embeddings stay on AdamW (as embeddings), the lambdas undecayed, in both
+        ("modern", "muon", ["model.value_embeds=true", "model.x0_lambdas=true"]),
+    ],
+)
+def test_training_steps_track_pytorch(prepared, tmp_path, arch, optimizer, switches):
     # the same initial weights and batches: 2 micro-batches per step, clipping on, the cosine schedule's warmup
     common = [f"model.arch={arch}", "train.micro_batch_size=2", "train.log_interval=1", "train.max_iters=10"]
-    common.append(f"train.optimizer={optimizer}")
+    common += [f"train.optimizer={optimizer}", *switches]
     # Muon orthogonalises in bf16 in both (as torch.optim.Muon does), whose matmuls round differently in XLA and
     # oneDNN: its losses agree to that rounding (measured up to 2e-4 over 20 steps, 4e-5 over the first 5)
     tolerance = 1e-4 if optimizer == "adamw" else 5e-4

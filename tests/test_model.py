@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptlab.config import ModelConfig
 from gptlab.model import GPT
@@ -140,6 +141,127 @@ def test_zero_init_out_starts_every_block_as_the_identity():
     idx = torch.randint(0, 50, (2, 12))
     torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
     assert model.blocks[0].mlp.down.weight.grad.abs().sum() > 0  # zero weights still learn
+
+
+def randomized(model: GPT) -> GPT:
+    """`model` with its x0/residual lambdas and value embeddings (where it has them) set to random nonzero values."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("resid_lambdas", "x0_lambdas")):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("value_embed.weight"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("switch", ["x0_lambdas", "value_embeds"])
+def test_x0_lambdas_and_value_embeds_change_nothing_at_init(switch):
+    model, plain = tiny(n_kv_head=2, **{switch: True}), tiny(n_kv_head=2)  # the same seed
+    state, new = model.state_dict(), set(model.state_dict()) - set(plain.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())  # they draw nothing from the RNG
+    added = {"x0_lambdas": {"resid_lambdas", "x0_lambdas"}, "value_embeds": {"blocks.0.attn.value_embed.weight",
+             "blocks.1.attn.value_embed.weight"}}  # fmt: skip
+    assert new == added[switch]
+    x = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+
+
+def test_x0_lambdas_mix_the_embedding_into_each_block_s_input():
+    model = tiny(x0_lambdas=True)
+    assert torch.equal(model.resid_lambdas, torch.ones(2)) and torch.equal(model.x0_lambdas, torch.zeros(2))
+    randomized(model)
+    idx = torch.randint(0, 50, (2, 12))
+    rope = (model.rope_cos[:12, None], model.rope_sin[:12, None])
+    with torch.no_grad():
+        x = x0 = model.tok_emb(idx)
+        for i, block in enumerate(model.blocks):
+            x = block(model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0, rope, None, None, i)
+        torch.testing.assert_close(model(idx), model.lm_head(model.norm_f(x)), rtol=0, atol=0)
+    model.train()
+    torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    for p in (model.resid_lambdas, model.x0_lambdas):
+        assert p.grad.shape == (2,) and p.grad.isfinite().all() and p.grad.ne(0).all()
+    model.reset_parameters()
+    assert torch.equal(model.resid_lambdas, torch.ones(2)) and torch.equal(model.x0_lambdas, torch.zeros(2))
+
+
+def test_value_embeds_add_each_layer_s_own_token_rows_to_the_values():
+    model = tiny(value_embeds=True, n_kv_head=2)  # 4 query heads share 2 value heads of 8
+    attn = model.blocks[1].attn
+    assert attn.value_embed.weight.shape == (50, 16) and not attn.value_embed.weight.any()
+    randomized(model)
+    idx, x = torch.randint(0, 50, (2, 12)), torch.randn(2, 12, 32)
+    rope = (model.rope_cos[:12, None], model.rope_sin[:12, None])
+    with torch.no_grad():
+        q, k = attn.q(x).view(2, 12, 4, 8), attn.k(x).view(2, 12, 2, 8)
+        q, k = (t * rope[0] + torch.cat((-t[..., 4:], t[..., :4]), -1) * rope[1] for t in (q, k))
+        v = attn.v(x).view(2, 12, 2, 8) + attn.value_embed.weight[idx].view(2, 12, 2, 8)
+        y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(attn(x, rope, None, None, 1, idx), attn.out(y.transpose(1, 2).reshape(2, 12, 32)))
+    # value embeddings are lookups: counted with the embeddings, as the position table is
+    plain = tiny(n_kv_head=2)
+    assert model.num_params() == plain.num_params()
+    assert model.num_params(non_embedding=False) == plain.num_params(non_embedding=False) + 2 * 50 * 16
+    model.train()
+    torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    used = torch.zeros(50, dtype=torch.bool)
+    used[idx.flatten()] = True
+    for block in model.blocks:
+        grad = block.attn.value_embed.weight.grad
+        assert grad.isfinite().all() and grad[used].abs().sum(1).gt(0).all() and not grad[~used].any()
+    model.reset_parameters()
+    assert not any(block.attn.value_embed.weight.any() for block in model.blocks)
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(x0_lambdas=True),
+        dict(value_embeds=True, n_kv_head=1),
+        dict(arch="gpt2", x0_lambdas=True, value_embeds=True),
+    ],
+)
+def test_cached_forward_matches_full_forward_with_x0_lambdas_and_value_embeds(switches):
+    model = randomized(tiny(**switches))
+    x = torch.randint(0, 50, (3, 20))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(3)
+        parts = [model(x[:, :9], cache=cache)]
+        cache.advance(9)
+        for t in range(9, 20):
+            parts.append(model(x[:, t : t + 1], cache=cache))
+            cache.advance(1)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_lambdas_and_value_embeds_train_on_adamw_in_their_kinds_groups(optimizer):
+    from gptlab.config import TrainConfig
+    from gptlab.train.optim import build_optimizers, param_kind
+
+    model = tiny(x0_lambdas=True, value_embeds=True)
+    assert param_kind("blocks.0.attn.value_embed.weight", 2) == "embeddings"  # decayed as tok_emb is
+    assert param_kind("resid_lambdas", 1) is None and param_kind("x0_lambdas", 1) is None  # never decayed
+    optimizers = build_optimizers(model, TrainConfig(optimizer=optimizer), torch.device("cpu"))
+    adam = optimizers[-1]
+    assert isinstance(adam, torch.optim.AdamW)
+    decayed, plain = ({id(p) for p in g["params"]} for g in adam.param_groups)
+    assert [g["weight_decay"] for g in adam.param_groups] == [0.1, 0.0]
+    assert {id(b.attn.value_embed.weight) for b in model.blocks} <= decayed
+    assert {id(model.resid_lambdas), id(model.x0_lambdas)} <= plain
+    if optimizer == "muon":  # the blocks' linear weights only: not their value embeddings
+        muon = {id(p) for g in optimizers[0].param_groups for p in g["params"]}
+        assert muon == {
+            id(p)
+            for n, p in model.named_parameters()
+            if n.startswith("blocks.")
+            and n.endswith(
+                ("q.weight", "k.weight", "v.weight", "out.weight", "gate.weight", "up.weight", "down.weight")
+            )
+        }
 
 
 def test_bad_new_switches_are_user_errors():

@@ -143,3 +143,32 @@ def test_serve_quantized_and_compiled_answers_as_the_quantized_generator(runs):
     finally:
         app.state.worker.close()
     assert [[choice["text"] for choice in reply] for reply in replies] == [[tokenizer.decode(expected)] * 2] * 2
+
+
+COMPILED_INT8 = """
+import sys, torch
+from gptlab.config import ModelConfig
+from gptlab.decode import Decoder
+from gptlab.model import GPT
+from gptlab.quantize import quantize_int8
+torch.manual_seed(int(sys.argv[1]))
+cfg = ModelConfig(arch="gpt2", vocab_size=65, n_layer=2, n_head=2, n_embd=64, block_size=32, dropout=0.0)
+model = quantize_int8(GPT(cfg).eval())
+ids, caches = torch.tensor([3]), [model.new_cache(1, 33) for _ in range(2)]
+print((Decoder(model, compile=True)(ids, caches[0]) - Decoder(model)(ids, caches[1])).abs().max().item())
+"""
+
+
+@pytest.mark.slow
+def test_a_compiled_int8_step_is_not_taken_from_another_models_cached_graph(tmp_path):
+    """Two processes compile int8 models of the same shapes with one inductor cache: each computes its own weights."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    for seed in (1, 2):
+        out = subprocess.run(
+            [sys.executable, "-c", COMPILED_INT8, str(seed)], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        assert float(out.split()[-1]) < 1e-2, (seed, out)  # int8's rounding apart; another model's weights: ~0.8

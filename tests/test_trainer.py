@@ -37,11 +37,21 @@ class StopAt(Callback):
             trainer._stop_requested = True
 
 
-@pytest.mark.parametrize("mode,shard_tokens", [("random", None), ("epoch", None), ("random", 300), ("epoch", 300)])
-def test_resume_is_bit_identical(tmp_path, mode, shard_tokens):
+@pytest.mark.parametrize(
+    "mode,shard_tokens,switches",
+    [
+        ("random", None, []),
+        ("epoch", None, []),
+        ("random", 300, []),
+        ("epoch", 300, []),
+        ("random", None, ["model.x0_lambdas=true", "model.value_embeds=true"]),  # their parameters on AdamW
+    ],
+    ids=["random", "epoch", "random-shards", "epoch-shards", "random-x0_lambdas+value_embeds"],
+)
+def test_resume_is_bit_identical(tmp_path, mode, shard_tokens, switches):
     text = tmp_path / "small.txt"
     text.write_text(make_text(30))  # small, so epoch mode crosses epoch boundaries within the run
-    over = [f"train.data_mode={mode}", "train.max_iters=30", "model.dropout=0.1", "train.optimizer=muon"]
+    over = [f"train.data_mode={mode}", "train.max_iters=30", "model.dropout=0.1", "train.optimizer=muon", *switches]
     if shard_tokens:
         over.append(f"data.shard_tokens={shard_tokens}")
     full_cfg = tiny_config(tmp_path / "a", text, *over)

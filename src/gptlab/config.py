@@ -58,6 +58,12 @@ class ModelConfig:
     zero_init_out: bool = False
     # cap the logits smoothly at +-c: c * tanh(logits / c) (Gemma 2, modded-nanogpt, nanochat: c 15-30); 0 = off
     logit_softcap: float = 0.0
+    # learnable per-layer mixes of the residual stream and the embedding x0 (modded-nanogpt, nanochat): block i reads
+    # resid_lambdas[i] * x + x0_lambdas[i] * x0, starting at 1 and 0 (the plain stream)
+    x0_lambdas: bool = False
+    # a token embedding per layer added to the attention's values, zero at init (value embeddings: modded-nanogpt,
+    # nanochat)
+    value_embeds: bool = False
     rope_theta: float = 10000.0  # rotary base frequency
     norm_eps: float = 1e-5  # epsilon of RMSNorm/LayerNorm
 

@@ -62,6 +62,7 @@ class _Layer(NamedTuple):
 
     norm1: Norm
     qkv: Linear  # q, k and v stacked (a copy)
+    value_embed: torch.Tensor | None  # model.value_embeds: the layer's table, its rows added to the values
     q_norm: Norm | None
     k_norm: Norm | None
     out: Linear
@@ -168,6 +169,8 @@ class Decoder:
         self.tok_emb = model.tok_emb.weight
         self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight
         self.rope = None if model.pos_emb is not None else (model.rope_cos, model.rope_sin)
+        # model.x0_lambdas: (resid_lambdas, x0_lambdas), each (n_layer,)
+        self.lambdas = (model.resid_lambdas, model.x0_lambdas) if model.cfg.x0_lambdas else None
         pack = not self.compile  # inductor lays out the weights it freezes in for its own kernels
         self.norm_f, self.head = _norm(model.norm_f), _linear(model.lm_head, pack)
         self.dtype = model.tok_emb.weight.dtype
@@ -182,6 +185,7 @@ class Decoder:
                     _Layer(
                         _norm(block.norm1),
                         _stack(qkv, pack),
+                        attn.value_embed.weight if attn.value_embeds else None,
                         _norm(attn.q_norm) if attn.qk_norm else None,
                         _norm(attn.k_norm) if attn.qk_norm else None,
                         _linear(attn.out, pack),
@@ -283,10 +287,15 @@ class Decoder:
         if self.rope is not None:  # (B, 1, 1, D) against (B, heads, 1, D)
             cos, sin = self.rope[0][positions][:, None, None], self.rope[1][positions][:, None, None]
         heads = [self.n_head, self.n_kv_head, self.n_kv_head]
-        for i, (norm1, qkv, q_norm, k_norm, out, norm2, up, down) in enumerate(self.layers):
+        x0 = x
+        for i, (norm1, qkv, value_embed, q_norm, k_norm, out, norm2, up, down) in enumerate(self.layers):
+            if self.lambdas is not None:  # a new tensor: x0 is never written in place
+                x = self.lambdas[0][i] * x + self.lambdas[1][i] * x0
             # with one token, (B, heads, 1, D) is attention's layout as it is: no transposes
             h = norm1(x)
             q, k, v = qkv(h).view(B, -1, 1, D).split_with_sizes(heads, dim=1)
+            if value_embed is not None:
+                v = v + value_embed[ids].view(B, -1, 1, D)
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
             if self.rope is not None:
@@ -320,8 +329,13 @@ def check_compile(device: torch.device | str) -> None:
         )
 
 
-# inductor's settings while a compiled step runs (and compiles): the weights frozen in, no autotuning tables printed
-INDUCTOR = {"freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+# inductor's settings while a compiled step runs (and compiles): the weights frozen in, no autotuning tables printed,
+# and no graph from the disk cache: its key leaves out the values of frozen int8 weights, so a later process compiling
+# another model of the same shapes got the first one's weights back (logits 0.76 off, measured)
+INDUCTOR = {
+    "freezing": True, "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False,
+    "fx_graph_cache": False,
+}  # fmt: skip
 # the settings are the process's: one step at a time sets them (another thread's step would restore them under it,
 # and freezing left on would freeze the weights of any other no-grad compilation, e.g. a compiled model's evaluation)
 _inductor_settings = threading.Lock()

@@ -149,6 +149,12 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
+@torch.compiler.disable
+def _lookup(embedding: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """`embedding(idx)` run eagerly under torch.compile, as `GPT.embed` and for its reason: a backward that repeats."""
+    return embedding(idx)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -170,6 +176,11 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.value_embeds = cfg.value_embeds
+        if cfg.value_embeds:  # this layer's own token embedding, added to the values; made as zeros (its init) so
+            # that it draws nothing from the RNG: the other weights are those of the same seed without the switch
+            table = torch.zeros(cfg.vocab_size, cfg.n_kv_head * cfg.head_dim)
+            self.value_embed = nn.Embedding.from_pretrained(table, freeze=False)
         self.dropout = cfg.dropout
 
     def forward(
@@ -179,11 +190,15 @@ class Attention(nn.Module):
         step: CacheStep | None,
         cache: KVCache | None,
         layer: int,
+        idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The attention branch for x (B, T, C); `idx` (B, T): the tokens' ids, which value embeddings look up."""
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.value_embeds:
+            v = v + _lookup(self.value_embed, idx).view(B, T, self.n_kv_head, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -269,11 +284,11 @@ class Block(nn.Module):
             self.norm2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, step, cache, layer):  # noqa: ANN001, ANN201 - internal
+    def forward(self, x, rope, step, cache, layer, idx=None):  # noqa: ANN001, ANN201 - internal
         if self.parallel:
             h = self.norm1(x)
-            return x + self.attn(h, rope, step, cache, layer) + self.mlp(h)
-        x = x + self.attn(self.norm1(x), rope, step, cache, layer)
+            return x + self.attn(h, rope, step, cache, layer, idx) + self.mlp(h)
+        x = x + self.attn(self.norm1(x), rope, step, cache, layer, idx)
         return x + self.mlp(self.norm2(x))
 
 
@@ -294,6 +309,9 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg, cfg.n_embd)
+        if cfg.x0_lambdas:  # block i reads resid_lambdas[i] * x + x0_lambdas[i] * x0 (set in reset_parameters)
+            self.resid_lambdas = nn.Parameter(torch.empty(cfg.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.empty(cfg.n_layer))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -305,7 +323,7 @@ class GPT(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer) (zero with
-        `zero_init_out`).
+        `zero_init_out`); value embeddings and x0_lambdas zero, resid_lambdas one: at init both switches change nothing.
 
         Each block adds two projections to the residual stream; scaling them keeps its variance
         from growing with depth.
@@ -316,6 +334,8 @@ class GPT(nn.Module):
                     nn.init.zeros_(p)
                 else:
                     nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+            elif name.endswith("value_embed.weight") or name == "x0_lambdas":
+                nn.init.zeros_(p)
             elif p.dim() >= 2:
                 nn.init.normal_(p, std=0.02)
             elif name.endswith("bias"):
@@ -357,12 +377,15 @@ class GPT(nn.Module):
             rope = (self.rope_cos[positions][:, :, None].to(dtype), self.rope_sin[positions][:, :, None].to(dtype))
         if self.training and self.cfg.dropout:
             x = F.dropout(x, self.cfg.dropout, True)
+        x0 = x
         recompute = self.checkpoint_blocks and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
+            if self.cfg.x0_lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             if recompute:  # dropout's RNG state is kept, so the recomputed block is the same one
-                x = checkpoint(block, x, rope, None, None, i, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, None, i, idx, use_reentrant=False)
             else:
-                x = block(x, rope, step, cache, i)
+                x = block(x, rope, step, cache, i, idx)
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:
@@ -387,13 +410,16 @@ class GPT(nn.Module):
         return self
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; without the position embedding (and untied token embedding) by default."""
+        """Parameter count; without the position embedding, value embeddings (and untied token embedding) by
+        default: lookups, no FLOPs."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
             if not self.cfg.tie_embeddings:
                 n -= self.tok_emb.weight.numel()
+            if self.cfg.value_embeds:
+                n -= sum(block.attn.value_embed.weight.numel() for block in self.blocks)
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:

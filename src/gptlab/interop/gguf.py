@@ -123,6 +123,12 @@ def gguf_architecture(cfg: ModelConfig) -> str:
             f"model.logit_softcap={cfg.logit_softcap} has no form in llama.cpp's gpt2, llama or arcee architecture",
             "train with model.logit_softcap=0",
         )
+    for switch in ("x0_lambdas", "value_embeds"):  # the speedrun's extra parameters: no llama.cpp graph reads them
+        if getattr(cfg, switch):
+            raise GptlabError(
+                f"model.{switch}=true has no form in llama.cpp's gpt2, llama or arcee architecture",
+                f"train with model.{switch}=false",
+            )
     gpt2 = cfg.position == "learned"
     arch, family = ("gpt2", GPT2_SWITCHES) if gpt2 else ("arcee" if cfg.mlp == "relu2" else "llama", LLAMA_SWITCHES)
     for key, want in family.items():

@@ -77,6 +77,11 @@ def hf_architecture(cfg: ModelConfig) -> str:
             f"model.logit_softcap={cfg.logit_softcap} has no Hugging Face architecture here",
             "train with model.logit_softcap=0",
         )
+    for switch in ("x0_lambdas", "value_embeds"):  # the speedrun's extra parameters: no transformers block has them
+        if getattr(cfg, switch):
+            raise GptlabError(
+                f"model.{switch}=true has no Hugging Face architecture here", f"train with model.{switch}=false"
+            )
     if name == "GPT2LMHeadModel" and cfg.n_kv_head != cfg.n_head:
         raise GptlabError(
             f"model.n_kv_head={cfg.n_kv_head} (grouped-query attention) has no GPT-2 form", "use model.n_kv_head=null"

@@ -46,7 +46,11 @@ def param_shapes(cfg: ModelConfig) -> Params:
             block[f"{name}.bias"] = (L, n_out)
     if cfg.qk_norm:
         block |= {"attn.q_norm.weight": (L, cfg.head_dim), "attn.k_norm.weight": (L, cfg.head_dim)}
+    if cfg.value_embeds:  # a table (V, kv_out) per layer, as PyTorch's: rows, not a linear's (in, out)
+        block["attn.value_embed.weight"] = (L, V, kv_out)
     shapes: Params = {"tok_emb.weight": (V, C), "blocks": block, "norm_f.weight": (C,)}
+    if cfg.x0_lambdas:
+        shapes |= {"resid_lambdas": (L,), "x0_lambdas": (L,)}
     if cfg.position == "learned":
         shapes["pos_emb.weight"] = (cfg.block_size, C)
     if cfg.bias and cfg.norm == "layernorm":
@@ -57,7 +61,8 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 
 def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
-    """Fresh parameters with `GPT.reset_parameters`' init: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+    """Fresh parameters with `GPT.reset_parameters`' init: N(0, 0.02), residual projections scaled by 1/sqrt(2L),
+    value embeddings and x0_lambdas zero, resid_lambdas one."""
     cfg = cfg.resolved()
     shapes = param_shapes(cfg)
     flat, tree = jax.tree.flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
@@ -70,9 +75,9 @@ def init_params(key: jax.Array, cfg: ModelConfig) -> Params:
                 leaves.append(jnp.zeros(shape))
             else:
                 leaves.append(jax.random.normal(k, shape) * (0.02 / math.sqrt(2 * cfg.n_layer)))
-        elif name.endswith("bias"):
+        elif name.endswith("bias") or name in ("attn.value_embed.weight", "x0_lambdas"):
             leaves.append(jnp.zeros(shape))
-        elif "norm" in name:
+        elif "norm" in name or name == "resid_lambdas":
             leaves.append(jnp.ones(shape))
         else:
             leaves.append(jax.random.normal(k, shape) * 0.02)
@@ -154,15 +159,18 @@ def _attention(
     layer: jax.Array,
     slots: jax.Array | None,
     keys: jax.Array | None,
+    idx: jax.Array,
 ) -> tuple[jax.Array, Cache | None]:
     """Causal self-attention; with a `cache`, the new keys and values are written into `slots` (B, T) of its
     `layer` first (in place: the cache is carried through the layers, never copied) and the queries read every
-    slot `visible` (B or 1, T, S) shows them."""
+    slot `visible` (B or 1, T, S) shows them. `idx` (B, T): the tokens, whose value embeddings are added to v."""
     B, T, C = x.shape
     H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     q = _linear(p, "attn.q", x).reshape(B, T, H, D)
     k = _linear(p, "attn.k", x).reshape(B, T, KV, D)
     v = _linear(p, "attn.v", x).reshape(B, T, KV, D)
+    if cfg.value_embeds:
+        v = v + p["attn.value_embed.weight"][idx].astype(v.dtype).reshape(B, T, KV, D)
     if cfg.qk_norm:
         q = _norm(cfg, p["attn.q_norm.weight"], None, q, rms=True)  # RMSNorm whatever model.norm is, as GPT's
         k = _norm(cfg, p["attn.k_norm.weight"], None, k, rms=True)
@@ -224,12 +232,17 @@ def _run(
         key, first = jax.random.split(key)
         x = _dropout(x, cfg.dropout, first)
     layer_keys = jax.random.split(key, (cfg.n_layer, 3)) if train else None
+    x0 = x
+    # model.x0_lambdas: each block's (resid_lambdas[i], x0_lambdas[i]), scanned with its parameters
+    lambdas = (params["resid_lambdas"], params["x0_lambdas"]) if cfg.x0_lambdas else None
 
     def block(carry: tuple, layer: tuple) -> tuple[tuple, None]:
         x, cache = carry
-        p, i, keys = layer
+        p, i, keys, mix = layer
+        if mix is not None:
+            x = mix[0] * x + mix[1] * x0
         h = _norm(cfg, p["norm1.weight"], p.get("norm1.bias"), x).astype(dtype)
-        a, cache = _attention(cfg, p, h, rope, visible, cache, i, slots, keys)
+        a, cache = _attention(cfg, p, h, rope, visible, cache, i, slots, keys, idx)
         x = x + a
         if not cfg.parallel_block:  # else the MLP reads the attention's input, as GPT's parallel block
             h = _norm(cfg, p["norm2.weight"], p.get("norm2.bias"), x).astype(dtype)
@@ -237,7 +250,8 @@ def _run(
 
     if remat:  # train.activation_checkpointing: keep each block's input only, recompute the rest in backward
         block = jax.checkpoint(block)
-    (x, cache), _ = jax.lax.scan(block, (x, cache), (params["blocks"], jnp.arange(cfg.n_layer), layer_keys))
+    layers = (params["blocks"], jnp.arange(cfg.n_layer), layer_keys, lambdas)
+    (x, cache), _ = jax.lax.scan(block, (x, cache), layers)
     if logits_at is not None:
         x = x[jnp.arange(x.shape[0]), logits_at][:, None]
     x = _norm(cfg, params["norm_f.weight"], params.get("norm_f.bias"), x)
@@ -309,11 +323,17 @@ def from_state(state: dict[str, torch.Tensor], cfg: ModelConfig, partial: bool =
         if partial and f"blocks.0.{name}" not in state:
             continue
         layers = [_checked(state, f"blocks.{i}.{name}", None) for i in range(cfg.n_layer)]
-        stacked = np.stack([a.T for a in layers] if len(shape) == 3 else layers)  # linears: (out, in) -> (in, out)
+        stacked = np.stack([a.T for a in layers] if _linear_weight(name, len(shape)) else layers)  # (in, out)
         if stacked.shape != shape:
             raise ValueError(f"{name}: shape {stacked.shape}, expected {shape}")
         params["blocks"][name] = stacked
     return jax.tree.map(jnp.asarray, params)
+
+
+def _linear_weight(name: str, ndim: int) -> bool:
+    """Whether a block entry of `ndim` axes (the layer axis counted) is a linear weight, stored transposed here;
+    value embeddings are tables, kept as PyTorch's rows."""
+    return ndim == 3 and not name.endswith("value_embed.weight")
 
 
 def _checked(state: dict[str, np.ndarray], name: str, shape: tuple[int, ...] | None) -> np.ndarray:
@@ -331,7 +351,8 @@ def to_torch(params: Params, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     for name, a in params["blocks"].items():
         a = np.array(a, dtype=np.float32)
         for i in range(cfg.n_layer):
-            state[f"blocks.{i}.{name}"] = torch.from_numpy(np.ascontiguousarray(a[i].T if a.ndim == 3 else a[i]))
+            layer = a[i].T if _linear_weight(name, a.ndim) else a[i]
+            state[f"blocks.{i}.{name}"] = torch.from_numpy(np.ascontiguousarray(layer))
     if cfg.tie_embeddings and "tok_emb.weight" in state:
         state["lm_head.weight"] = state["tok_emb.weight"]
     return state

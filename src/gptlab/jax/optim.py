@@ -43,9 +43,10 @@ def decay_mask(params: Params, decay_groups: str) -> Params:
 
 
 def muon_mask(params: Params) -> Params:
-    """The matrices Muon takes: the blocks' linear weights (as build_optimizers: 2-D and under "blocks.")."""
+    """The matrices Muon takes: the blocks' linear weights (as build_optimizers: of kind "matrices" under "blocks.",
+    so not a block's value embeddings)."""
     return {n: False for n in params if n != "blocks"} | {
-        "blocks": {n: a.ndim == 3 for n, a in params["blocks"].items()}
+        "blocks": {n: param_kind(f"blocks.0.{n}", a.ndim - 1) == "matrices" for n, a in params["blocks"].items()}
     }
 
 

@@ -506,6 +506,9 @@ def init_tensors(base: GPT, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if name in tensors and len(tensors[name]) < cfg.vocab_size:
             w = tensors[name]
             tensors[name] = torch.cat([w, w.mean(0, keepdim=True).expand(cfg.vocab_size - len(w), -1)])
+    for name in [n for n in tensors if n.endswith(".value_embed.weight")]:  # model.value_embeds: new rows as at init
+        w = tensors[name]
+        tensors[name] = torch.cat([w, w.new_zeros(cfg.vocab_size - len(w), w.shape[1])])
     return {k: v.contiguous() for k, v in tensors.items()}
 
 

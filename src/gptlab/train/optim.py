@@ -16,7 +16,7 @@ def _adamw(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-EMBEDDINGS = ("tok_emb.weight", "pos_emb.weight")
+EMBEDDINGS = ("tok_emb.weight", "pos_emb.weight")  # and each block's attn.value_embed.weight (model.value_embeds)
 
 
 def param_kind(name: str, ndim: int) -> str | None:
@@ -28,11 +28,11 @@ def param_kind(name: str, ndim: int) -> str | None:
         return "norms"
     if name.endswith(".bias"):
         return "biases"
-    if name in EMBEDDINGS:
+    if name in EMBEDDINGS or name.endswith(".value_embed.weight"):
         return "embeddings"
     if name.startswith("lm_head."):
         return "head"
-    return "matrices" if ndim >= 2 else None
+    return "matrices" if ndim >= 2 else None  # 1-D: model.x0_lambdas' resid_lambdas and x0_lambdas, never decayed
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -44,8 +44,9 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     decay = [p for n, p in params if param_kind(n, p.dim()) in kinds]
     no_decay = [p for n, p in params if param_kind(n, p.dim()) not in kinds]
     if cfg.optimizer == "muon":
-        # Muon orthogonalises updates of 2-D hidden matrices; embeddings, the head and rank-r adapters stay on AdamW
-        hidden = [p for n, p in params if p.dim() == 2 and n.startswith("blocks.") and not is_adapter(n)]
+        # Muon orthogonalises updates of 2-D hidden matrices; embeddings (value embeddings under blocks. too), the
+        # head and rank-r adapters (of no kind) stay on AdamW
+        hidden = [p for n, p in params if n.startswith("blocks.") and param_kind(n, p.dim()) == "matrices"]
         hidden_ids = {id(p) for p in hidden}
         decay = [p for p in decay if id(p) not in hidden_ids]
         no_decay = [p for p in no_decay if id(p) not in hidden_ids]  # there when matrices are not decayed
