@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def test_kill_9_of_prepare_takes_its_workers_with_it(tmp_path):
     args = ["prepare", *TINY[:2], "--workers=2", "data.chunk_chars=4096"]
     proc = start(*args, cwd=tmp_path)
     try:
-        assert wait_for(lambda: len(children(proc.pid)) >= 2), proc.communicate(timeout=60)
+        assert wait_for(lambda p=proc: len(children(p.pid)) >= 2), proc.communicate(timeout=60)
         workers = children(proc.pid)
         time.sleep(0.3)  # encoding
         assert proc.poll() is None, "prepare finished before it could be killed: give it more text"
@@ -134,19 +135,23 @@ def test_a_second_ctrl_c_aborts_at_once(workdir):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_prepare_stops_on_a_signal_with_its_workers_and_resumes(tmp_path, sig):
     """Ctrl-C reaches the whole process group (workers too), a scheduler's SIGTERM only the main process."""
-    (tmp_path / "corpus.txt").write_text(make_text(4000) * 300)  # ~57 MB: busy when signalled, even quiet
     args = [sys.executable, "-m", "gptlab", "prepare", *TINY[:2], "--workers=2", "data.chunk_chars=4096"]
     kw = {"cwd": tmp_path, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    proc = subprocess.Popen(args, start_new_session=True, **kw)  # its own process group, as in a terminal
-    try:
-        assert wait_for(lambda: len(children(proc.pid)) >= 2), proc.communicate(timeout=60)
-        workers = children(proc.pid)
-        time.sleep(0.3)
-        assert proc.poll() is None, "prepare finished before the signal: give it more text"
-        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    for copies in (300, 900, 2700):  # ~57 MB, then more where a quiet machine finished before the signal landed
+        (tmp_path / "corpus.txt").write_text(make_text(4000) * copies)
+        shutil.rmtree(tmp_path / "data", ignore_errors=True)
+        proc = subprocess.Popen(args, start_new_session=True, **kw)  # its own process group, as in a terminal
+        try:
+            assert wait_for(lambda p=proc: len(children(p.pid)) >= 2), proc.communicate(timeout=60)
+            workers = children(proc.pid)
+            time.sleep(0.3)
+            assert proc.poll() is None, "prepare finished before the signal: give it more text"
+            os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        if not (proc.returncode == 0 and out.startswith("prepared: ")):  # done before the signal took effect: again
+            break
     assert (proc.returncode, out, err.splitlines()[-1:]) == (128 + sig, "", ["interrupted"]), err
     assert "Traceback" not in err and not any(alive(pid) for pid in workers)
     assert not json.loads((tmp_path / "data" / "meta.json").read_text()).get("complete")
